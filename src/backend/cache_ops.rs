@@ -1,0 +1,106 @@
+//! Cache ops: gather, in-place compaction, weighted merge.
+
+use super::Backend;
+use crate::dtype::Element;
+use crate::error::Result;
+use crate::layout::{IndexList, Ragged, Segments};
+
+/// `dst[i] = src[indices[i]]` for rows of `width` elements.
+#[derive(Clone, Debug)]
+pub struct GatherMeta {
+    pub(crate) width: usize,
+    pub(crate) indices: Vec<u32>,
+}
+
+impl GatherMeta {
+    /// Row width in elements.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    /// Source row of each destination row.
+    pub fn indices(&self) -> &[u32] {
+        &self.indices
+    }
+}
+
+/// In-place compaction of KV segments: for each segment `s`, row
+/// `offset(s) + i` becomes row `offset(s) + keep_s[i]`.
+#[derive(Clone, Debug)]
+pub struct CompactMeta {
+    pub(crate) width: usize,
+    pub(crate) segs: Segments,
+    pub(crate) keep: IndexList,
+    pub(crate) new_segs: Segments,
+}
+
+impl CompactMeta {
+    /// Row width in elements.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    /// Segments before compaction.
+    pub fn segments(&self) -> &Segments {
+        &self.segs
+    }
+    /// Rows kept per segment (scope `KvHead`, sorted unique, in range).
+    pub fn keep(&self) -> &IndexList {
+        &self.keep
+    }
+    /// Segments after compaction (same offsets, new lengths).
+    pub fn new_segments(&self) -> &Segments {
+        &self.new_segs
+    }
+}
+
+/// `dst[g] = Σ_{i ∈ group g} w_i · src[member_i]`.
+#[derive(Clone, Debug)]
+pub struct MergeMeta {
+    pub(crate) width: usize,
+    pub(crate) groups: Ragged,
+    pub(crate) members: Vec<u32>,
+    pub(crate) weights: Vec<f32>,
+}
+
+impl MergeMeta {
+    /// Row width in elements.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    /// Members of each group (CSR over `members` / `weights`).
+    pub fn groups(&self) -> &Ragged {
+        &self.groups
+    }
+    /// Source rows.
+    pub fn members(&self) -> &[u32] {
+        &self.members
+    }
+    /// Weights (finite).
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+}
+
+/// Cache ops.
+pub trait CacheOps: Backend {
+    /// Gathers rows: `dst[i, :] = src[indices[i], :]`.
+    fn gather_rows<T: Element>(
+        &self,
+        meta: &GatherMeta,
+        src: &Self::Buffer<T>,
+        dst: &mut Self::Buffer<T>,
+    ) -> Result<()>;
+
+    /// Compacts every segment in place (safe because kept lists are sorted,
+    /// so `keep[i] >= i`). Rows past the new length are left as they were.
+    fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut Self::Buffer<T>)
+    -> Result<()>;
+
+    /// Weighted merge of groups of rows; an empty group writes zeros.
+    /// Accumulates in f32 (f64 in the reference), rounds once.
+    fn merge_rows<T: Element>(
+        &self,
+        meta: &MergeMeta,
+        src: &Self::Buffer<T>,
+        dst: &mut Self::Buffer<T>,
+    ) -> Result<()>;
+}

@@ -1,0 +1,576 @@
+//! Validated entry points for every backend op.
+//!
+//! This is the only way user code reaches a backend: each function checks
+//! shapes, indices, α and buffer lengths, builds the op's descriptor and
+//! calls the backend. Backends may therefore assume valid input.
+//!
+//! Buffer orders are described in `docs/layouts.md`.
+
+use crate::backend::*;
+use crate::dtype::Element;
+use crate::error::{Error, Result, budget, shape};
+use crate::layout::{HeadGeometry, IndexList, MaskList, Ragged, Scope, Segments};
+
+/// Checks that α is finite and `> 1`.
+pub fn check_alpha(op: &'static str, alpha: f32) -> Result<()> {
+    if !alpha.is_finite() {
+        return Err(Error::Alpha {
+            op,
+            alpha: f64::from(alpha),
+            reason: "alpha must be finite",
+        });
+    }
+    if alpha == 1.0 {
+        return Err(Error::Alpha {
+            op,
+            alpha: 1.0,
+            reason: "alpha = 1 is softmax: use softmax (Normalizer::Softmax) instead",
+        });
+    }
+    if alpha < 1.0 {
+        return Err(Error::Alpha {
+            op,
+            alpha: f64::from(alpha),
+            reason: "alpha-entmax needs alpha > 1",
+        });
+    }
+    Ok(())
+}
+
+fn check_len<B: Backend, T: Element>(
+    b: &B,
+    op: &'static str,
+    name: &str,
+    buf: &B::Buffer<T>,
+    want: usize,
+) -> Result<()> {
+    let got = b.buffer_len(buf);
+    if got != want {
+        return Err(shape(
+            op,
+            format!("{name} has {got} elements, expected {want}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_kv<B: Backend, T: Element>(
+    b: &B,
+    op: &'static str,
+    name: &str,
+    buf: &B::Buffer<T>,
+    segs: &Segments,
+    d: usize,
+) -> Result<()> {
+    let got = b.buffer_len(buf);
+    if got % d != 0 || got / d < segs.rows_needed() {
+        return Err(shape(
+            op,
+            format!(
+                "{name} has {got} elements; it must be [rows, {d}] with rows >= {} (the segments' extent)",
+                segs.rows_needed()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_geom_segs(op: &'static str, geom: &HeadGeometry, segs: &Segments) -> Result<()> {
+    if segs.num_kv_heads() != geom.num_kv_heads() {
+        return Err(shape(
+            op,
+            format!(
+                "segments describe {} KV heads, the geometry has {}",
+                segs.num_kv_heads(),
+                geom.num_kv_heads()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn resolve_scale(op: &'static str, scale: Option<f32>, geom: &HeadGeometry) -> Result<f32> {
+    match scale {
+        None => Ok(geom.default_scale()),
+        Some(s) if s.is_finite() => Ok(s),
+        Some(s) => Err(shape(op, format!("scale must be finite, got {s}"))),
+    }
+}
+
+/// Checks the query-row partition against the segments (one entry per
+/// sequence) and, when `causal`, that each KV segment holds at least as many
+/// tokens as its sequence has queries.
+fn check_q_rows(op: &'static str, q_rows: &Ragged, segs: &Segments, causal: bool) -> Result<()> {
+    if q_rows.num_segments() != segs.batch() {
+        return Err(shape(
+            op,
+            format!(
+                "q_rows has {} sequences, segments have {}",
+                q_rows.num_segments(),
+                segs.batch()
+            ),
+        ));
+    }
+    if causal {
+        for b in 0..segs.batch() {
+            for g in 0..segs.num_kv_heads() {
+                let kv = segs.len_of(segs.index(b, g));
+                if kv < q_rows.len_of(b) {
+                    return Err(shape(
+                        op,
+                        format!(
+                            "causal: sequence {b}, KV head {g} holds {kv} tokens but has {} queries \
+                             (the chunk's own tokens must already be in the cache)",
+                            q_rows.len_of(b)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- normalisers
+
+fn check_rows<B: Backend>(
+    b: &B,
+    op: &'static str,
+    rows: &Ragged,
+    x: &B::Buffer<f32>,
+    out: &B::Buffer<f32>,
+) -> Result<()> {
+    check_len(b, op, "x", x, rows.total())?;
+    check_len(b, op, "out", out, rows.total())
+}
+
+/// Row softmax over ragged rows (see [`NormOps::softmax_rows`]).
+pub fn softmax_rows<B: NormOps>(
+    b: &B,
+    rows: &Ragged,
+    x: &B::Buffer<f32>,
+    out: &mut B::Buffer<f32>,
+) -> Result<()> {
+    check_rows(b, "softmax_rows", rows, x, out)?;
+    b.softmax_rows(&RowsMeta { rows: rows.clone() }, x, out)
+}
+
+/// Row α-entmax over ragged rows (see [`NormOps::entmax_rows`]). `alphas`
+/// holds one α for all rows or one per row.
+pub fn entmax_rows<B: NormOps>(
+    b: &B,
+    rows: &Ragged,
+    alphas: &[f32],
+    x: &B::Buffer<f32>,
+    out: &mut B::Buffer<f32>,
+) -> Result<()> {
+    const OP: &str = "entmax_rows";
+    check_rows(b, OP, rows, x, out)?;
+    let n = rows.num_segments();
+    let alphas = match alphas.len() {
+        1 => vec![alphas[0]; n],
+        l if l == n => alphas.to_vec(),
+        l => {
+            return Err(shape(
+                OP,
+                format!("{l} alphas for {n} rows (give 1 or one per row)"),
+            ));
+        }
+    };
+    alphas.iter().try_for_each(|&a| check_alpha(OP, a))?;
+    b.entmax_rows(
+        &EntmaxRowsMeta {
+            rows: rows.clone(),
+            alphas,
+        },
+        x,
+        out,
+    )
+}
+
+// -------------------------------------------------------------------- scoring
+
+/// Parameters of [`qk_logits`].
+#[derive(Clone, Copy, Debug)]
+pub struct QkParams<'a> {
+    /// Head geometry.
+    pub geom: HeadGeometry,
+    /// Query rows per sequence (`[0, 1, 2, ..]` for one decode query each).
+    pub q_rows: &'a Ragged,
+    /// KV segments.
+    pub segments: &'a Segments,
+    /// Mask keys after each query's position (bottom-right aligned).
+    pub causal: bool,
+    /// Logit scale; `None` means `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+}
+
+/// Where [`qk_logits`] writes: one block per (sequence, query head), and one
+/// row per (sequence, query head, query).
+#[derive(Clone, Debug)]
+pub struct QkLayout {
+    /// Block of each (sequence `b`, query head `h`), index `b * Hq + h`.
+    pub blocks: Ragged,
+    /// Rows (one per query of each block), ready for the row normalisers.
+    pub rows: Ragged,
+}
+
+/// The output layout of [`qk_logits`] for these parameters (to size `out`).
+pub fn qk_layout(p: &QkParams<'_>) -> Result<QkLayout> {
+    let m = qk_meta(p)?;
+    Ok(QkLayout {
+        blocks: m.blocks,
+        rows: m.logit_rows,
+    })
+}
+
+fn qk_meta(p: &QkParams<'_>) -> Result<QkMeta> {
+    const OP: &str = "qk_logits";
+    check_geom_segs(OP, &p.geom, p.segments)?;
+    check_q_rows(OP, p.q_rows, p.segments, p.causal)?;
+    let scale = resolve_scale(OP, p.scale, &p.geom)?;
+    let hq = p.geom.num_q_heads();
+    let mut block_lens = Vec::with_capacity(p.segments.batch() * hq);
+    let mut row_lens = Vec::new();
+    for b in 0..p.segments.batch() {
+        let nq = p.q_rows.len_of(b);
+        for h in 0..hq {
+            let kv = p.segments.len_of(p.segments.index(b, p.geom.kv_head(h)));
+            let n = u32::try_from(nq * kv).map_err(|_| shape(OP, "logit block overflows u32"))?;
+            block_lens.push(n);
+            row_lens.extend(std::iter::repeat_n(kv as u32, nq));
+        }
+    }
+    Ok(QkMeta {
+        geom: p.geom,
+        q_rows: p.q_rows.clone(),
+        segs: p.segments.clone(),
+        causal: p.causal,
+        scale,
+        blocks: Ragged::from_lens(&block_lens)?,
+        logit_rows: Ragged::from_lens(&row_lens)?,
+    })
+}
+
+/// Q·K logits (see [`ScoreOps::qk_logits`]); returns the output layout.
+pub fn qk_logits<B: ScoreOps, T: Element>(
+    b: &B,
+    p: &QkParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    out: &mut B::Buffer<f32>,
+) -> Result<QkLayout> {
+    const OP: &str = "qk_logits";
+    let meta = qk_meta(p)?;
+    let d = p.geom.head_dim();
+    check_len(b, OP, "q", q, p.q_rows.total() * p.geom.num_q_heads() * d)?;
+    check_kv(b, OP, "k", k, p.segments, d)?;
+    check_len(b, OP, "out", out, meta.blocks.total())?;
+    b.qk_logits(&meta, q, k, out)?;
+    Ok(QkLayout {
+        blocks: meta.blocks,
+        rows: meta.logit_rows,
+    })
+}
+
+// ------------------------------------------------------------------ selection
+
+/// Per-row top-k (see [`SelectOps::topk_rows`]). `scope` only tags the
+/// resulting list. `k = 0` is an error.
+pub fn topk_rows<B: SelectOps>(
+    b: &B,
+    rows: &Ragged,
+    k: usize,
+    scope: Scope,
+    x: &B::Buffer<f32>,
+) -> Result<IndexList> {
+    const OP: &str = "topk_rows";
+    if k == 0 {
+        return Err(budget(OP, "k must be at least 1"));
+    }
+    check_len(b, OP, "x", x, rows.total())?;
+    b.topk_rows(
+        &TopkMeta {
+            rows: rows.clone(),
+            k,
+            scope,
+        },
+        x,
+    )
+}
+
+/// Per-row count of entries `> threshold` (see [`SelectOps::count_above`]).
+pub fn count_above<B: SelectOps>(
+    b: &B,
+    rows: &Ragged,
+    x: &B::Buffer<f32>,
+    threshold: f32,
+) -> Result<Vec<u32>> {
+    const OP: &str = "count_above";
+    check_len(b, OP, "x", x, rows.total())?;
+    if threshold.is_nan() {
+        return Err(Error::NonFinite {
+            op: OP,
+            what: "threshold is NaN".into(),
+        });
+    }
+    b.count_above(&RowsMeta { rows: rows.clone() }, x, threshold)
+}
+
+// ------------------------------------------------------------------ cache ops
+
+fn check_width<B: Backend, T: Element>(
+    b: &B,
+    op: &'static str,
+    width: usize,
+    src: &B::Buffer<T>,
+) -> Result<usize> {
+    if width == 0 {
+        return Err(shape(op, "row width must be positive"));
+    }
+    let len = b.buffer_len(src);
+    if len % width != 0 {
+        return Err(shape(
+            op,
+            format!("src has {len} elements, not a multiple of the row width {width}"),
+        ));
+    }
+    Ok(len / width)
+}
+
+/// `dst[i] = src[indices[i]]` for rows of `width` elements.
+pub fn gather_rows<B: CacheOps, T: Element>(
+    b: &B,
+    width: usize,
+    indices: &[u32],
+    src: &B::Buffer<T>,
+    dst: &mut B::Buffer<T>,
+) -> Result<()> {
+    const OP: &str = "gather_rows";
+    let rows = check_width(b, OP, width, src)?;
+    if let Some(&i) = indices.iter().find(|&&i| i as usize >= rows) {
+        return Err(shape(
+            OP,
+            format!("index {i} out of range for {rows} source rows"),
+        ));
+    }
+    check_len(b, OP, "dst", dst, indices.len() * width)?;
+    b.gather_rows(
+        &GatherMeta {
+            width,
+            indices: indices.to_vec(),
+        },
+        src,
+        dst,
+    )
+}
+
+/// Compacts every segment of `buf` in place to the rows in `keep` (scope
+/// `KvHead`, one list per segment) and returns the new segments.
+pub fn compact_rows<B: CacheOps, T: Element>(
+    b: &B,
+    width: usize,
+    segs: &Segments,
+    keep: &IndexList,
+    buf: &mut B::Buffer<T>,
+) -> Result<Segments> {
+    const OP: &str = "compact_rows";
+    let rows = check_width(b, OP, width, buf)?;
+    if rows < segs.rows_needed() {
+        return Err(shape(
+            OP,
+            format!(
+                "buffer has {rows} rows, segments need {}",
+                segs.rows_needed()
+            ),
+        ));
+    }
+    if keep.scope() != Scope::KvHead || keep.num_lists() != segs.num_segments() {
+        return Err(shape(
+            OP,
+            format!(
+                "keep must hold one KvHead-scoped list per segment ({}), got {} {:?} lists",
+                segs.num_segments(),
+                keep.num_lists(),
+                keep.scope()
+            ),
+        ));
+    }
+    for s in 0..segs.num_segments() {
+        if let Some(&last) = keep.list(s).last()
+            && last as usize >= segs.len_of(s)
+        {
+            return Err(shape(
+                OP,
+                format!("segment {s}: index {last} >= length {}", segs.len_of(s)),
+            ));
+        }
+    }
+    let new_segs = segs.shrink_to(keep.indptr().lens().map(|l| l as u32).collect())?;
+    b.compact_rows(
+        &CompactMeta {
+            width,
+            segs: segs.clone(),
+            keep: keep.clone(),
+            new_segs: new_segs.clone(),
+        },
+        buf,
+    )?;
+    Ok(new_segs)
+}
+
+/// `dst[g] = Σ_{i ∈ groups.range(g)} weights[i] · src[members[i]]`.
+pub fn merge_rows<B: CacheOps, T: Element>(
+    b: &B,
+    width: usize,
+    groups: &Ragged,
+    members: &[u32],
+    weights: &[f32],
+    src: &B::Buffer<T>,
+    dst: &mut B::Buffer<T>,
+) -> Result<()> {
+    const OP: &str = "merge_rows";
+    let rows = check_width(b, OP, width, src)?;
+    if members.len() != groups.total() || weights.len() != groups.total() {
+        return Err(shape(
+            OP,
+            format!(
+                "groups cover {} members, got {} members and {} weights",
+                groups.total(),
+                members.len(),
+                weights.len()
+            ),
+        ));
+    }
+    if let Some(&i) = members.iter().find(|&&i| i as usize >= rows) {
+        return Err(shape(
+            OP,
+            format!("member {i} out of range for {rows} source rows"),
+        ));
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        return Err(Error::NonFinite {
+            op: OP,
+            what: format!("weight {w}"),
+        });
+    }
+    check_len(b, OP, "dst", dst, groups.num_segments() * width)?;
+    b.merge_rows(
+        &MergeMeta {
+            width,
+            groups: groups.clone(),
+            members: members.to_vec(),
+            weights: weights.to_vec(),
+        },
+        src,
+        dst,
+    )
+}
+
+// ------------------------------------------------------------------ attention
+
+/// Parameters of [`decode_attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeParams<'a> {
+    /// Head geometry.
+    pub geom: HeadGeometry,
+    /// KV segments, one per (sequence, KV head).
+    pub segments: &'a Segments,
+    /// Logit scale; `None` means `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Softmax or entmax.
+    pub normalizer: &'a Normalizer,
+    /// Dense, index list, or bit mask.
+    pub restrict: Restrict<'a>,
+}
+
+/// Decode attention, one query per sequence (see [`AttnOps::decode_attention`]).
+pub fn decode_attention<B: AttnOps, T: Element>(
+    b: &B,
+    p: &DecodeParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+) -> Result<()> {
+    const OP: &str = "decode_attention";
+    check_geom_segs(OP, &p.geom, p.segments)?;
+    p.normalizer.validate(OP, &p.geom)?;
+    let scale = resolve_scale(OP, p.scale, &p.geom)?;
+    match p.restrict {
+        Restrict::Dense => {}
+        Restrict::Indices(list) => list.check_against(OP, &p.geom, p.segments)?,
+        Restrict::Mask(mask) => {
+            mask.check_against(OP, &p.geom, p.segments, &vec![1; p.segments.batch()])?
+        }
+    }
+    let d = p.geom.head_dim();
+    let qn = p.segments.batch() * p.geom.num_q_heads() * d;
+    check_len(b, OP, "q", q, qn)?;
+    check_kv(b, OP, "k", k, p.segments, d)?;
+    check_kv(b, OP, "v", v, p.segments, d)?;
+    check_len(b, OP, "out", out, qn)?;
+    let meta = DecodeMeta {
+        geom: p.geom,
+        segs: p.segments,
+        scale,
+        normalizer: p.normalizer,
+        restrict: p.restrict,
+    };
+    b.decode_attention(&meta, q, k, v, out)
+}
+
+/// Parameters of [`prefill_attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillParams<'a> {
+    /// Head geometry.
+    pub geom: HeadGeometry,
+    /// Query rows per sequence.
+    pub q_rows: &'a Ragged,
+    /// KV segments (already holding the chunk's own tokens).
+    pub segments: &'a Segments,
+    /// Causal masking (bottom-right aligned).
+    pub causal: bool,
+    /// Optional per-(sequence, head) masks of `q_len x kv_len` bits.
+    pub mask: Option<&'a MaskList>,
+    /// Logit scale; `None` means `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Softmax or entmax.
+    pub normalizer: &'a Normalizer,
+}
+
+/// Prefill attention (see [`AttnOps::prefill_attention`]).
+pub fn prefill_attention<B: AttnOps, T: Element>(
+    b: &B,
+    p: &PrefillParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+) -> Result<()> {
+    const OP: &str = "prefill_attention";
+    check_geom_segs(OP, &p.geom, p.segments)?;
+    check_q_rows(OP, p.q_rows, p.segments, p.causal)?;
+    p.normalizer.validate(OP, &p.geom)?;
+    let scale = resolve_scale(OP, p.scale, &p.geom)?;
+    if let Some(mask) = p.mask {
+        let q_rows: Vec<usize> = p.q_rows.lens().collect();
+        mask.check_against(OP, &p.geom, p.segments, &q_rows)?;
+    }
+    let d = p.geom.head_dim();
+    let qn = p.q_rows.total() * p.geom.num_q_heads() * d;
+    check_len(b, OP, "q", q, qn)?;
+    check_kv(b, OP, "k", k, p.segments, d)?;
+    check_kv(b, OP, "v", v, p.segments, d)?;
+    check_len(b, OP, "out", out, qn)?;
+    let meta = PrefillMeta {
+        geom: p.geom,
+        q_rows: p.q_rows,
+        segs: p.segments,
+        causal: p.causal,
+        mask: p.mask,
+        scale,
+        normalizer: p.normalizer,
+    };
+    b.prefill_attention(&meta, q, k, v, out)
+}
