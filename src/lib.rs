@@ -36,6 +36,7 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
+pub mod cpu;
 pub mod dtype;
 pub mod entmax;
 pub mod error;

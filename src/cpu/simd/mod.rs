@@ -1,0 +1,805 @@
+//! Run-time dispatched SIMD primitives for the CPU backend.
+//!
+//! Every hot loop is written **once**, as an `#[inline(always)]` generic body
+//! over the small internal vector trait `Simd` (module `body`). Each ISA
+//! provides a zero-sized token implementing `Simd` (scalar: one `f32` lane;
+//! AVX2: `__m256`; AVX-512: `__m512`; NEON: `float32x4_t`) and instantiates
+//! the bodies inside `#[target_feature]` entry functions (`isa_entries!`), so
+//! the intrinsics are inlined with the right features enabled. The public
+//! functions here are safe, take an [`Isa`] (a proof that its features were
+//! detected) and dispatch on it.
+//!
+//! Storage is generic over [`Element`] (`f32`, `f16`, `bf16`), converted to
+//! `f32` in registers; all accumulation is in `f32`.
+//!
+//! # Conventions
+//!
+//! * `d` is a head dimension, `g` a number of query heads sharing one KV row
+//!   (GQA group), `n` a number of KV rows. Matrices are row-major.
+//! * Any length works (tails are handled by zero/-inf padded partial vectors),
+//!   including `d` that is not a multiple of the vector width.
+//! * Preconditions on slice lengths are stated per function and checked with
+//!   `debug_assert!`; inputs that are *longer* than needed are fine (only the
+//!   prefix is used). Violating them never causes UB; it may panic on a slice
+//!   index or leave outputs partially written.
+//! * Results are bitwise deterministic for a given [`Isa`] (fixed reduction
+//!   order, no threading). Different ISAs differ in the last bits (vector
+//!   width changes the summation order; the scalar path does not fuse
+//!   multiply-adds).
+//! * Accuracy: sums/dots carry the usual f32 error, bounded in tests by
+//!   `1e-5 * sum |terms|` against an f64 reference (see the tests).
+
+use crate::cpu::isa::Isa;
+use crate::dtype::Element;
+
+/// Internal vector abstraction (pulp-style). Implemented by zero-sized tokens
+/// whose existence proves the ISA is available. All methods are
+/// `#[inline(always)]` so they are inlined into `#[target_feature]` entries.
+pub(crate) trait Simd: Copy {
+    /// Vector of `L` `f32` lanes.
+    type V: Copy;
+    /// Lanes per vector (at most 16).
+    const L: usize;
+
+    fn splat(self, x: f32) -> Self::V;
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    fn sub(self, a: Self::V, b: Self::V) -> Self::V;
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c` (fused on vector ISAs, unfused on scalar).
+    fn fma(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Lane-wise `if a > b { a } else { b }` (so a NaN in `b` propagates).
+    fn max(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise `if a < b { a } else { b }` (so a NaN in `b` propagates).
+    fn min(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Round to nearest, ties to even. Domain: |a| < 2^22.
+    fn round(self, a: Self::V) -> Self::V;
+    /// `2^n` for integral `n` in `[-126, 127]`.
+    fn pow2i(self, n: Self::V) -> Self::V;
+    /// Lane-wise `if a > b { 1.0 } else { 0.0 }`.
+    fn gt_ones(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Load the first `L` values of `s` (panics if `s.len() < L`).
+    fn load(self, s: &[f32]) -> Self::V;
+    /// Store into the first `L` values of `s` (panics if `s.len() < L`).
+    fn store(self, s: &mut [f32], v: Self::V);
+    /// Load and widen the first `L` elements of `s` (panics if shorter).
+    fn load_t<T: Element>(self, s: &[T]) -> Self::V;
+    /// Narrow (round to nearest even) into the first `L` elements of `s`.
+    fn store_t<T: Element>(self, s: &mut [T], v: Self::V);
+    /// Horizontal sum in a fixed order.
+    fn reduce_add(self, v: Self::V) -> f32;
+    /// Four horizontal sums; lane order must equal `reduce_add`'s for each.
+    #[inline(always)]
+    fn reduce_add4(self, v: [Self::V; 4]) -> [f32; 4] {
+        [
+            self.reduce_add(v[0]),
+            self.reduce_add(v[1]),
+            self.reduce_add(v[2]),
+            self.reduce_add(v[3]),
+        ]
+    }
+    /// Horizontal max in a fixed order.
+    fn reduce_max(self, v: Self::V) -> f32;
+
+    /// Load `s.len() < L` elements, padding the other lanes with `fill`.
+    #[inline(always)]
+    fn load_part<T: Element>(self, s: &[T], fill: f32) -> Self::V {
+        let mut buf = [T::from_f32(fill); 16];
+        buf[..s.len()].copy_from_slice(s);
+        self.load_t(&buf[..Self::L])
+    }
+    /// Store the first `s.len() < L` lanes of `v` into `s`.
+    #[inline(always)]
+    fn store_part<T: Element>(self, s: &mut [T], v: Self::V) {
+        let mut buf = [T::default(); 16];
+        self.store_t(&mut buf[..Self::L], v);
+        let n = s.len();
+        s.copy_from_slice(&buf[..n]);
+    }
+    /// Zero the lanes `k..L` of `v`.
+    #[inline(always)]
+    fn keep_first(self, v: Self::V, k: usize) -> Self::V {
+        let mut buf = [0.0f32; 16];
+        self.store(&mut buf[..Self::L], v);
+        buf[k..Self::L].fill(0.0);
+        self.load(&buf[..Self::L])
+    }
+    /// Apply a scalar function lane by lane (slow path).
+    #[inline(always)]
+    fn map_lanes(self, v: Self::V, f: impl Fn(f32) -> f32) -> Self::V {
+        let mut buf = [0.0f32; 16];
+        self.store(&mut buf[..Self::L], v);
+        for x in &mut buf[..Self::L] {
+            *x = f(*x);
+        }
+        self.load(&buf[..Self::L])
+    }
+}
+
+/// Instantiate every body for one ISA token inside `#[target_feature]`
+/// functions. The generated functions are safe to *define*; calling them
+/// requires the features, which the caller guarantees by holding the token.
+macro_rules! isa_entries {
+    ($tok:ty $(, $feat:literal)?) => {
+        #[allow(unused_imports)]
+        use $crate::cpu::simd::{PowMode, body};
+        #[allow(unused_imports)]
+        use $crate::dtype::Element;
+
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn dot_multi<T: Element>(
+            s: $tok,
+            qs: &[f32],
+            g: usize,
+            row: &[T],
+            out: &mut [f32],
+        ) {
+            body::dot_multi(s, qs, g, row, out)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn scores_rows<T: Element>(
+            s: $tok,
+            qs: &[f32],
+            g: usize,
+            rows: &[T],
+            d: usize,
+            scale: f32,
+            out: &mut [f32],
+        ) {
+            body::scores_rows(s, qs, g, rows, d, scale, out)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn axpy_multi<T: Element>(
+            s: $tok,
+            acc: &mut [f32],
+            g: usize,
+            ps: &[f32],
+            row: &[T],
+        ) {
+            body::axpy_multi(s, acc, g, ps, row)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn weighted_rows<T: Element>(
+            s: $tok,
+            acc: &mut [f32],
+            g: usize,
+            p: &[f32],
+            rows: &[T],
+            d: usize,
+        ) {
+            body::weighted_rows(s, acc, g, p, rows, d)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn max_f32(s: $tok, x: &[f32]) -> f32 {
+            body::max_f32(s, x)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn exp_sum(s: $tok, x: &mut [f32], shift: f32) -> f32 {
+            body::exp_sum(s, x, shift)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn scale_f32(s: $tok, x: &mut [f32], a: f32) {
+            body::scale_f32(s, x, a)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn count_above(s: $tok, x: &[f32], tau: f32) -> usize {
+            body::count_above(s, x, tau)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn pow_relu_sum(s: $tok, x: &[f32], tau: f32, mode: PowMode) -> (f32, f32, f32) {
+            body::pow_relu_sum(s, x, tau, mode)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn to_f32_slice<T: Element>(s: $tok, src: &[T], dst: &mut [f32]) {
+            body::to_f32_slice(s, src, dst)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn from_f32_slice<T: Element>(s: $tok, src: &[f32], dst: &mut [T]) {
+            body::from_f32_slice(s, src, dst)
+        }
+        #[cfg(test)]
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn exp_slice(s: $tok, x: &mut [f32]) {
+            body::exp_slice(s, x)
+        }
+    };
+}
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Scalar entry points (no target features needed).
+mod scalar_entries {
+    use super::scalar::Scalar;
+    isa_entries!(Scalar);
+}
+
+/// Call `$f` for the ISA `$isa`: the `#[target_feature]` entry of the vector
+/// ISAs, the scalar body otherwise.
+macro_rules! dispatch {
+    ($isa:expr, $f:ident($($a:expr),* $(,)?)) => {{
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512(_) => {
+                // SAFETY: an `Isa::Avx512` carries a `Detected` witness, which
+                // `isa` mints only after `is_x86_feature_detected!` confirmed
+                // avx512f, avx2, fma and f16c: exactly the features the entry
+                // function enables and the `V512` token asserts.
+                unsafe { x86::avx512::$f(x86::V512::new_unchecked(), $($a),*) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(_) => {
+                // SAFETY: an `Isa::Avx2` carries a `Detected` witness, which
+                // `isa` mints only after `is_x86_feature_detected!` confirmed
+                // avx2, fma and f16c: exactly the features the entry function
+                // enables and the `V256` token asserts.
+                unsafe { x86::avx2::$f(x86::V256::new_unchecked(), $($a),*) }
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon(_) => {
+                // SAFETY: an `Isa::Neon` carries a `Detected` witness, which
+                // `isa` mints only after `is_aarch64_feature_detected!("neon")`
+                // returned true: the feature the entry function enables.
+                unsafe { aarch64::neon::$f(aarch64::V128::new_unchecked(), $($a),*) }
+            }
+            // `Scalar`, and variants of other architectures (which cannot be
+            // constructed here, as their witness is never minted).
+            _ => scalar_entries::$f(scalar::Scalar, $($a),*),
+        }
+    }};
+}
+
+/// Exponent selection for [`pow_relu_sum`] (alpha-entmax threshold search).
+///
+/// With `z_i = max(x_i - tau, 0)` and `e = 1 / (alpha - 1)`, the sums are
+/// `(Σ z^e, Σ z^(e-1), #{z > 0})`, every sum taken over `z_i > 0` only.
+/// Callers pre-scale `x` by `alpha - 1` (entmax: `p_i = z_i^e`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PowMode {
+    /// alpha = 1.5, e = 2: `(Σ z², Σ z, count)`. Fully vectorised.
+    Alpha15,
+    /// alpha = 2 (sparsemax), e = 1: `(Σ z, count, count)`. Fully vectorised.
+    Alpha2,
+    /// Any alpha > 1 with `e = 1 / (alpha - 1)` stored here:
+    /// `(Σ z^e, Σ z^(e-1), count)`. Powers are computed lane by lane with
+    /// `f32::powf` (exp2/log2 in libm), so this path is slower.
+    General(f32),
+}
+
+impl PowMode {
+    /// The mode for `alpha` (> 1): the fast paths for exactly 1.5 and 2.
+    pub fn for_alpha(alpha: f32) -> PowMode {
+        debug_assert!(alpha > 1.0, "entmax alpha must be > 1");
+        if alpha == 1.5 {
+            PowMode::Alpha15
+        } else if alpha == 2.0 {
+            PowMode::Alpha2
+        } else {
+            PowMode::General(1.0 / (alpha - 1.0))
+        }
+    }
+}
+
+/// Dot products of `g` query heads with one K row (the row is read once).
+///
+/// `out[i] = Σ_k qs[i*d + k] * row[k]` for `i < g`, with `d = row.len()`.
+/// Shapes: `qs: [g, d]` (f32), `row: [d]`, `out: [g]`.
+/// Preconditions: `qs.len() >= g * d`, `out.len() >= g`.
+pub fn dot_multi<T: Element>(isa: Isa, qs: &[f32], g: usize, row: &[T], out: &mut [f32]) {
+    debug_assert!(qs.len() >= g * row.len(), "qs shorter than g*d");
+    debug_assert!(out.len() >= g, "out shorter than g");
+    dispatch!(isa, dot_multi(qs, g, row, out))
+}
+
+/// Scaled scores of `g` query heads against `n = rows.len() / d` K rows.
+///
+/// `out[i*n + j] = scale * Σ_k qs[i*d + k] * rows[j*d + k]`.
+/// Shapes: `qs: [g, d]`, `rows: [n, d]`, `out: [g, n]`. Each K row is read
+/// from memory once for all `g` heads.
+/// Preconditions: `d > 0` (else nothing is written), `rows.len() % d == 0`
+/// (a trailing partial row is ignored), `qs.len() >= g * d`,
+/// `out.len() >= g * n`.
+pub fn scores_rows<T: Element>(
+    isa: Isa,
+    qs: &[f32],
+    g: usize,
+    rows: &[T],
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    debug_assert!(d > 0, "d must be positive");
+    debug_assert!(
+        rows.len().is_multiple_of(d),
+        "rows.len() not a multiple of d"
+    );
+    debug_assert!(qs.len() >= g * d, "qs shorter than g*d");
+    debug_assert!(
+        d == 0 || out.len() >= g * (rows.len() / d),
+        "out shorter than g*n"
+    );
+    dispatch!(isa, scores_rows(qs, g, rows, d, scale, out))
+}
+
+/// Maximum of `x` (`-inf` for an empty slice). NaNs are not propagated
+/// reliably (the result for inputs containing NaN is unspecified but
+/// deterministic).
+pub fn max_f32(isa: Isa, x: &[f32]) -> f32 {
+    dispatch!(isa, max_f32(x))
+}
+
+/// In place `x[i] = exp(x[i] - shift)`; returns `Σ x[i]` (f32 accumulation,
+/// lane-parallel partial sums).
+///
+/// The exponential: Cody–Waite reduction `x = n ln2 + r` (`|r| <= ln2/2`),
+/// degree-7 Taylor polynomial for `e^r` by Horner (FMA on vector ISAs), and
+/// scaling by `2^n` in two steps so results in the subnormal range are rounded
+/// once. Accuracy: the tests require ≤ 2 ulp against the correctly rounded
+/// `exp` over the whole range `[-104.5, 89.5]` (subnormal results included,
+/// counted in subnormal steps) on every ISA; the measured maximum is 1 ulp. Exact special cases: `exp(0) = 1`,
+/// `exp(-inf) = 0` (any argument below ~-103.97 gives `+0`), arguments above
+/// `ln(f32::MAX)` give `+inf`, NaN stays NaN.
+pub fn exp_sum(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
+    dispatch!(isa, exp_sum(x, shift))
+}
+
+/// In place `x[i] *= a`.
+pub fn scale_f32(isa: Isa, x: &mut [f32], a: f32) {
+    dispatch!(isa, scale_f32(x, a))
+}
+
+/// Accumulate one V row into `g` head accumulators (the row is read once).
+///
+/// `acc[i*d + k] += ps[i] * row[k]` for `i < g`, `k < d = row.len()`.
+/// Shapes: `acc: [g, d]`, `ps: [g]`, `row: [d]`.
+/// Preconditions: `acc.len() >= g * d`, `ps.len() >= g`.
+pub fn axpy_multi<T: Element>(isa: Isa, acc: &mut [f32], g: usize, ps: &[f32], row: &[T]) {
+    debug_assert!(acc.len() >= g * row.len(), "acc shorter than g*d");
+    debug_assert!(ps.len() >= g, "ps shorter than g");
+    dispatch!(isa, axpy_multi(acc, g, ps, row))
+}
+
+/// Probability-weighted sum of V rows for `g` heads, skipping zero rows.
+///
+/// With `n = rows.len() / d`: `acc[i*d + k] += Σ_j p[i*n + j] * rows[j*d + k]`.
+/// Row `j` is not read at all when `p[i*n + j] == 0` for every head `i`
+/// (sparse entmax / sparsemax weights). Rows are accumulated in order `j`.
+/// Shapes: `acc: [g, d]`, `p: [g, n]`, `rows: [n, d]`.
+/// Preconditions: `d > 0` (else nothing happens), `rows.len() % d == 0`,
+/// `p.len() >= g * n`, `acc.len() >= g * d`.
+pub fn weighted_rows<T: Element>(
+    isa: Isa,
+    acc: &mut [f32],
+    g: usize,
+    p: &[f32],
+    rows: &[T],
+    d: usize,
+) {
+    debug_assert!(d > 0, "d must be positive");
+    debug_assert!(
+        rows.len().is_multiple_of(d),
+        "rows.len() not a multiple of d"
+    );
+    debug_assert!(
+        d == 0 || p.len() >= g * (rows.len() / d),
+        "p shorter than g*n"
+    );
+    debug_assert!(acc.len() >= g * d, "acc shorter than g*d");
+    dispatch!(isa, weighted_rows(acc, g, p, rows, d))
+}
+
+/// Sums for the alpha-entmax threshold search at threshold `tau`.
+///
+/// Returns `(Σ z^c0, Σ z^c1, Σ z^c2)` over the lanes with
+/// `z_i = x_i - tau > 0`, with `(c0, c1, c2) = (e, e - 1, 0)` as selected by
+/// [`PowMode`] (`Alpha15`: `(2, 1, 0)`; `Alpha2`: `(1, 0, 0)`). The third
+/// value is the count `#{x_i > tau}` as `f32` (exact below 2^24 per lane).
+pub fn pow_relu_sum(isa: Isa, x: &[f32], tau: f32, mode: PowMode) -> (f32, f32, f32) {
+    dispatch!(isa, pow_relu_sum(x, tau, mode))
+}
+
+/// Number of `x[i] > tau` (exact for any length).
+pub fn count_above(isa: Isa, x: &[f32], tau: f32) -> usize {
+    dispatch!(isa, count_above(x, tau))
+}
+
+/// Widen `src` into `dst` (exact). Precondition: `dst.len() == src.len()`
+/// (otherwise only the common prefix is converted).
+pub fn to_f32_slice<T: Element>(isa: Isa, src: &[T], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    dispatch!(isa, to_f32_slice(src, dst))
+}
+
+/// Narrow `src` into `dst`, rounding to nearest even (bit-identical to
+/// [`Element::from_f32`] for non-NaN values). Precondition:
+/// `dst.len() == src.len()` (otherwise only the common prefix is converted).
+pub fn from_f32_slice<T: Element>(isa: Isa, src: &[f32], dst: &mut [T]) {
+    debug_assert_eq!(src.len(), dst.len());
+    dispatch!(isa, from_f32_slice(src, dst))
+}
+
+/// The generic bodies, written once for every ISA.
+mod body {
+    use super::{PowMode, Simd};
+    use crate::dtype::Element;
+
+    /// Dots of `H` heads (`q: [H, d]`) with `row: [d]`: `H` accumulators,
+    /// the row chunk is loaded once per chunk for all heads.
+    #[inline(always)]
+    fn dot_block<S: Simd, T: Element, const H: usize>(s: S, q: &[f32], row: &[T]) -> [f32; H] {
+        let d = row.len();
+        let q = &q[..H * d];
+        let full = d - d % S::L;
+        let mut acc = [s.splat(0.0); H];
+        let mut off = 0;
+        for rc in row[..full].chunks_exact(S::L) {
+            let r = s.load_t(rc);
+            for (h, a) in acc.iter_mut().enumerate() {
+                let at = h * d + off;
+                debug_assert!(at + S::L <= q.len());
+                // SAFETY: bounds only. `q.len() == H * d` (resliced above),
+                // `h < H` and `off + L <= full <= d`, so `at + L <= H * d`.
+                let qc = unsafe { q.get_unchecked(at..at + S::L) };
+                *a = s.fma(s.load(qc), r, *a);
+            }
+            off += S::L;
+        }
+        if full < d {
+            let r = s.load_part(&row[full..], 0.0);
+            for (h, a) in acc.iter_mut().enumerate() {
+                *a = s.fma(s.load_part(&q[h * d + full..(h + 1) * d], 0.0), r, *a);
+            }
+        }
+        let mut out = [0.0f32; H];
+        let mut h = 0;
+        while h + 4 <= H {
+            let r = s.reduce_add4([acc[h], acc[h + 1], acc[h + 2], acc[h + 3]]);
+            out[h..h + 4].copy_from_slice(&r);
+            h += 4;
+        }
+        while h < H {
+            out[h] = s.reduce_add(acc[h]);
+            h += 1;
+        }
+        out
+    }
+
+    /// All `g` heads against one row, in blocks of 8/4/2/1 heads; writes
+    /// `out[i*stride + col] = scale * dot_i`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn dot_group<S: Simd, T: Element>(
+        s: S,
+        qs: &[f32],
+        g: usize,
+        row: &[T],
+        out: &mut [f32],
+        stride: usize,
+        col: usize,
+        scale: f32,
+    ) {
+        let d = row.len();
+        let mut i = 0;
+        macro_rules! block {
+            ($h:literal) => {{
+                let r = dot_block::<S, T, $h>(s, &qs[i * d..], row);
+                for (h, v) in r.into_iter().enumerate() {
+                    out[(i + h) * stride + col] = scale * v;
+                }
+                i += $h;
+            }};
+        }
+        while i < g {
+            match g - i {
+                8.. => block!(8),
+                4..=7 => block!(4),
+                2..=3 => block!(2),
+                _ => block!(1),
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn dot_multi<S: Simd, T: Element>(
+        s: S,
+        qs: &[f32],
+        g: usize,
+        row: &[T],
+        out: &mut [f32],
+    ) {
+        dot_group(s, qs, g, row, out, 1, 0, 1.0);
+    }
+
+    #[inline(always)]
+    pub(crate) fn scores_rows<S: Simd, T: Element>(
+        s: S,
+        qs: &[f32],
+        g: usize,
+        rows: &[T],
+        d: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        if d == 0 {
+            return;
+        }
+        let n = rows.len() / d;
+        for (j, row) in rows.chunks_exact(d).enumerate() {
+            dot_group(s, qs, g, row, out, n, j, scale);
+        }
+    }
+
+    /// `acc[i*d + k] += ps[i*ps_stride + ps_col] * row[k]` for `i < g`.
+    #[inline(always)]
+    fn axpy_group<S: Simd, T: Element>(
+        s: S,
+        acc: &mut [f32],
+        g: usize,
+        ps: &[f32],
+        ps_stride: usize,
+        ps_col: usize,
+        row: &[T],
+    ) {
+        let d = row.len();
+        let acc = &mut acc[..g * d];
+        let full = d - d % S::L;
+        let mut off = 0;
+        for rc in row[..full].chunks_exact(S::L) {
+            let r = s.load_t(rc);
+            for h in 0..g {
+                let p = s.splat(ps[h * ps_stride + ps_col]);
+                let at = h * d + off;
+                debug_assert!(at + S::L <= acc.len());
+                // SAFETY: bounds only. `acc.len() == g * d` (resliced above),
+                // `h < g` and `off + L <= full <= d`, so `at + L <= g * d`.
+                let a = unsafe { acc.get_unchecked_mut(at..at + S::L) };
+                let v = s.fma(p, r, s.load(a));
+                s.store(a, v);
+            }
+            off += S::L;
+        }
+        if full < d {
+            let r = s.load_part(&row[full..], 0.0);
+            for h in 0..g {
+                let p = s.splat(ps[h * ps_stride + ps_col]);
+                let a = &mut acc[h * d + full..(h + 1) * d];
+                let v = s.fma(p, r, s.load_part(a, 0.0));
+                s.store_part(a, v);
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn axpy_multi<S: Simd, T: Element>(
+        s: S,
+        acc: &mut [f32],
+        g: usize,
+        ps: &[f32],
+        row: &[T],
+    ) {
+        axpy_group(s, acc, g, ps, 1, 0, row);
+    }
+
+    #[inline(always)]
+    pub(crate) fn weighted_rows<S: Simd, T: Element>(
+        s: S,
+        acc: &mut [f32],
+        g: usize,
+        p: &[f32],
+        rows: &[T],
+        d: usize,
+    ) {
+        if d == 0 {
+            return;
+        }
+        let n = rows.len() / d;
+        for (j, row) in rows.chunks_exact(d).enumerate() {
+            if (0..g).all(|i| p[i * n + j] == 0.0) {
+                continue;
+            }
+            axpy_group(s, acc, g, p, n, j, row);
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn max_f32<S: Simd>(s: S, x: &[f32]) -> f32 {
+        let mut m = s.splat(f32::NEG_INFINITY);
+        let mut chunks = x.chunks_exact(S::L);
+        for c in &mut chunks {
+            m = s.max(s.load(c), m);
+        }
+        let t = chunks.remainder();
+        if !t.is_empty() {
+            m = s.max(s.load_part(t, f32::NEG_INFINITY), m);
+        }
+        s.reduce_max(m)
+    }
+
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// `ln 2` split: `LN2_HI` has 9 significant bits, so `n * LN2_HI` is
+    /// exact for `|n| <= 2^15`.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+
+    /// Vector `exp`; see [`super::exp_sum`] for the method and accuracy.
+    #[inline(always)]
+    pub(crate) fn exp<S: Simd>(s: S, x: S::V) -> S::V {
+        // Clamp with `x` as the second operand so NaN propagates.
+        let x = s.min(s.splat(89.0), s.max(s.splat(-104.0), x));
+        let n = s.round(s.mul(x, s.splat(LOG2E)));
+        let r = s.fma(n, s.splat(-LN2_HI), x);
+        let r = s.fma(n, s.splat(-LN2_LO), r);
+        let mut p = s.splat(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = s.fma(p, r, s.splat(c));
+        }
+        // n in [-150, 128]: two factors keep each 2^k normal.
+        let n1 = s.round(s.mul(n, s.splat(0.5)));
+        let n2 = s.sub(n, n1);
+        s.mul(s.mul(p, s.pow2i(n1)), s.pow2i(n2))
+    }
+
+    #[inline(always)]
+    pub(crate) fn exp_sum<S: Simd>(s: S, x: &mut [f32], shift: f32) -> f32 {
+        let sh = s.splat(shift);
+        let mut sum = s.splat(0.0);
+        let mut chunks = x.chunks_exact_mut(S::L);
+        for c in &mut chunks {
+            let v = exp(s, s.sub(s.load(c), sh));
+            s.store(c, v);
+            sum = s.add(sum, v);
+        }
+        let t = chunks.into_remainder();
+        if !t.is_empty() {
+            let v = exp(s, s.sub(s.load_part(t, 0.0), sh));
+            s.store_part(t, v);
+            sum = s.add(sum, s.keep_first(v, t.len()));
+        }
+        s.reduce_add(sum)
+    }
+
+    #[cfg(test)]
+    #[inline(always)]
+    pub(crate) fn exp_slice<S: Simd>(s: S, x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(S::L);
+        for c in &mut chunks {
+            let v = exp(s, s.load(c));
+            s.store(c, v);
+        }
+        let t = chunks.into_remainder();
+        if !t.is_empty() {
+            let v = exp(s, s.load_part(t, 0.0));
+            s.store_part(t, v);
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn scale_f32<S: Simd>(s: S, x: &mut [f32], a: f32) {
+        let av = s.splat(a);
+        let mut chunks = x.chunks_exact_mut(S::L);
+        for c in &mut chunks {
+            let v = s.mul(s.load(c), av);
+            s.store(c, v);
+        }
+        let t = chunks.into_remainder();
+        if !t.is_empty() {
+            let v = s.mul(s.load_part(t, 0.0), av);
+            s.store_part(t, v);
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn count_above<S: Simd>(s: S, x: &[f32], tau: f32) -> usize {
+        let tv = s.splat(tau);
+        let mut total = 0usize;
+        // Per-lane f32 counters stay exact: at most 2^20 per lane per block.
+        for block in x.chunks(S::L << 20) {
+            let mut cnt = s.splat(0.0);
+            let mut chunks = block.chunks_exact(S::L);
+            for c in &mut chunks {
+                cnt = s.add(cnt, s.gt_ones(s.load(c), tv));
+            }
+            let t = chunks.remainder();
+            if !t.is_empty() {
+                cnt = s.add(cnt, s.gt_ones(s.load_part(t, f32::NEG_INFINITY), tv));
+            }
+            total += s.reduce_add(cnt) as usize;
+        }
+        total
+    }
+
+    #[inline(always)]
+    pub(crate) fn pow_relu_sum<S: Simd>(
+        s: S,
+        x: &[f32],
+        tau: f32,
+        mode: PowMode,
+    ) -> (f32, f32, f32) {
+        let tv = s.splat(tau);
+        let zero = s.splat(0.0);
+        let (mut s0, mut s1, mut s2) = (zero, zero, zero);
+        // Padding lanes hold -inf: z = max(-inf - tau, 0) = 0 and the
+        // comparison is false, so they contribute nothing.
+        macro_rules! step {
+            ($v:expr) => {{
+                let v = $v;
+                let z = s.max(s.sub(v, tv), zero);
+                let on = s.gt_ones(v, tv);
+                match mode {
+                    PowMode::Alpha15 => {
+                        s0 = s.fma(z, z, s0);
+                        s1 = s.add(s1, z);
+                        s2 = s.add(s2, on);
+                    }
+                    PowMode::Alpha2 => {
+                        s0 = s.add(s0, z);
+                        s1 = s.add(s1, on);
+                    }
+                    PowMode::General(e) => {
+                        let em1 = e - 1.0;
+                        let ze1 = s.map_lanes(z, |z| if z > 0.0 { z.powf(em1) } else { 0.0 });
+                        s0 = s.fma(z, ze1, s0);
+                        s1 = s.add(s1, ze1);
+                        s2 = s.add(s2, on);
+                    }
+                }
+            }};
+        }
+        let mut chunks = x.chunks_exact(S::L);
+        for c in &mut chunks {
+            step!(s.load(c));
+        }
+        let t = chunks.remainder();
+        if !t.is_empty() {
+            step!(s.load_part(t, f32::NEG_INFINITY));
+        }
+        if let PowMode::Alpha2 = mode {
+            let c = s.reduce_add(s1);
+            return (s.reduce_add(s0), c, c);
+        }
+        (s.reduce_add(s0), s.reduce_add(s1), s.reduce_add(s2))
+    }
+
+    #[inline(always)]
+    pub(crate) fn to_f32_slice<S: Simd, T: Element>(s: S, src: &[T], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let (src, dst) = (&src[..n], &mut dst[..n]);
+        let mut sc = src.chunks_exact(S::L);
+        let mut dc = dst.chunks_exact_mut(S::L);
+        for (a, b) in (&mut sc).zip(&mut dc) {
+            s.store(b, s.load_t(a));
+        }
+        let t = sc.remainder();
+        if !t.is_empty() {
+            s.store_part(dc.into_remainder(), s.load_part(t, 0.0));
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn from_f32_slice<S: Simd, T: Element>(s: S, src: &[f32], dst: &mut [T]) {
+        let n = src.len().min(dst.len());
+        let (src, dst) = (&src[..n], &mut dst[..n]);
+        let mut sc = src.chunks_exact(S::L);
+        let mut dc = dst.chunks_exact_mut(S::L);
+        for (a, b) in (&mut sc).zip(&mut dc) {
+            s.store_t(b, s.load(a));
+        }
+        let t = sc.remainder();
+        if !t.is_empty() {
+            s.store_part(dc.into_remainder(), s.load_part(t, 0.0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,482 @@
+//! Tests of every primitive under every available ISA against plain f64
+//! loops.
+//!
+//! Tolerance rule for accumulations: `|got - exact| <= 1e-5 * Σ|term_k|`
+//! (plus 1e-30 absolute), where `exact` is the f64 result on the same
+//! (already rounded) inputs and the `term_k` are the products / summands.
+//! This bounds f32 accumulation error independently of cancellation.
+//! Element-wise operations (conversion, max, scale, count) must be exact;
+//! `exp` must be within 2 ulp of the correctly rounded result.
+
+use super::*;
+use crate::cpu::isa::available;
+use half::{bf16, f16};
+
+const LENS: &[usize] = &[
+    0, 1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 1000,
+];
+const DS: &[usize] = &[1, 3, 64, 65, 128];
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [lo, hi).
+    fn f(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f(lo, hi)).collect()
+    }
+    fn vec_t<T: Element>(&mut self, n: usize) -> Vec<T> {
+        (0..n).map(|_| T::from_f32(self.f(-1.0, 1.0))).collect()
+    }
+}
+
+fn all_ds() -> Vec<usize> {
+    let mut v: Vec<usize> = LENS.iter().chain(DS).copied().collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+#[track_caller]
+fn check(got: f32, exact: f64, abs_sum: f64, what: &dyn Fn() -> String) {
+    let err = (f64::from(got) - exact).abs();
+    assert!(
+        err <= 1e-5 * abs_sum + 1e-30,
+        "{}: got {got}, exact {exact}, err {err}, Σ|t| {abs_sum}",
+        what()
+    );
+}
+
+fn dot_multi_case<T: Element>() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for isa in available() {
+        for &d in &all_ds() {
+            for g in [1, 2, 3, 4, 5, 7, 8, 9, 12] {
+                let qs = rng.vec(g * d, -1.0, 1.0);
+                let row: Vec<T> = rng.vec_t(d);
+                let mut out = vec![f32::NAN; g];
+                dot_multi(isa, &qs, g, &row, &mut out);
+                for i in 0..g {
+                    let terms = (0..d).map(|k| f64::from(qs[i * d + k]) * row[k].to_f64());
+                    let exact: f64 = terms.clone().sum();
+                    let abs: f64 = terms.map(f64::abs).sum();
+                    check(out[i], exact, abs, &|| {
+                        format!("dot_multi {isa} {} d={d} g={g} i={i}", T::DTYPE)
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_multi_matches_f64() {
+    dot_multi_case::<f32>();
+    dot_multi_case::<f16>();
+    dot_multi_case::<bf16>();
+}
+
+fn scores_rows_case<T: Element>() {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let scale = 0.125f32;
+    for isa in available() {
+        for &d in DS {
+            for n in [0, 1, 2, 3, 7, 17, 33] {
+                for g in [1, 3, 4, 8, 9] {
+                    let qs = rng.vec(g * d, -1.0, 1.0);
+                    let rows: Vec<T> = rng.vec_t(n * d);
+                    let mut out = vec![f32::NAN; g * n];
+                    scores_rows(isa, &qs, g, &rows, d, scale, &mut out);
+                    for i in 0..g {
+                        for j in 0..n {
+                            let terms = (0..d).map(|k| {
+                                f64::from(scale)
+                                    * f64::from(qs[i * d + k])
+                                    * rows[j * d + k].to_f64()
+                            });
+                            let exact: f64 = terms.clone().sum();
+                            let abs: f64 = terms.map(f64::abs).sum();
+                            check(out[i * n + j], exact, abs, &|| {
+                                format!("scores_rows {isa} {} d={d} n={n} g={g}", T::DTYPE)
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn scores_rows_matches_f64() {
+    scores_rows_case::<f32>();
+    scores_rows_case::<f16>();
+    scores_rows_case::<bf16>();
+}
+
+fn axpy_multi_case<T: Element>() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for isa in available() {
+        for &d in &all_ds() {
+            for g in [1, 3, 5, 8] {
+                let acc0 = rng.vec(g * d, -1.0, 1.0);
+                let ps = rng.vec(g, 0.0, 1.0);
+                let row: Vec<T> = rng.vec_t(d);
+                let mut acc = acc0.clone();
+                axpy_multi(isa, &mut acc, g, &ps, &row);
+                for i in 0..g {
+                    for k in 0..d {
+                        let a = f64::from(acc0[i * d + k]);
+                        let t = f64::from(ps[i]) * row[k].to_f64();
+                        check(acc[i * d + k], a + t, a.abs() + t.abs(), &|| {
+                            format!("axpy_multi {isa} {} d={d} g={g}", T::DTYPE)
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn axpy_multi_matches_f64() {
+    axpy_multi_case::<f32>();
+    axpy_multi_case::<f16>();
+    axpy_multi_case::<bf16>();
+}
+
+fn weighted_rows_case<T: Element>() {
+    let mut rng = Rng(0xdead_beef_cafe_f00d);
+    for isa in available() {
+        for &d in DS {
+            for n in [0, 1, 2, 3, 7, 17, 33, 65] {
+                for g in [1, 3, 4, 8] {
+                    let mut rows: Vec<T> = rng.vec_t(n * d);
+                    let mut p = rng.vec(g * n, 0.0, 1.0);
+                    for j in 0..n {
+                        if j % 3 == 1 {
+                            // A zero column: the row must not be read, so
+                            // poison it with NaN.
+                            for i in 0..g {
+                                p[i * n + j] = if i % 2 == 0 { 0.0 } else { -0.0 };
+                            }
+                            rows[j * d..(j + 1) * d].fill(T::from_f32(f32::NAN));
+                        } else if j % 3 == 2 {
+                            // Zero for some heads only: the row is read.
+                            p[j] = 0.0;
+                        }
+                    }
+                    let acc0 = rng.vec(g * d, -1.0, 1.0);
+                    let mut acc = acc0.clone();
+                    weighted_rows(isa, &mut acc, g, &p, &rows, d);
+                    for i in 0..g {
+                        for k in 0..d {
+                            let mut exact = f64::from(acc0[i * d + k]);
+                            let mut abs = exact.abs();
+                            for j in (0..n).filter(|j| j % 3 != 1) {
+                                let t = f64::from(p[i * n + j]) * rows[j * d + k].to_f64();
+                                exact += t;
+                                abs += t.abs();
+                            }
+                            check(acc[i * d + k], exact, abs, &|| {
+                                format!("weighted_rows {isa} {} d={d} n={n} g={g}", T::DTYPE)
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn weighted_rows_matches_f64_and_skips_zero_rows() {
+    weighted_rows_case::<f32>();
+    weighted_rows_case::<f16>();
+    weighted_rows_case::<bf16>();
+}
+
+#[test]
+fn max_and_scale_are_exact() {
+    let mut rng = Rng(7);
+    for isa in available() {
+        assert_eq!(max_f32(isa, &[]), f32::NEG_INFINITY);
+        for &n in LENS {
+            let x = rng.vec(n, -100.0, 100.0);
+            let exact = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_f32(isa, &x), exact, "max {isa} n={n}");
+            // The maximum at every position (tails included).
+            for pos in [0, n / 2, n.saturating_sub(1)] {
+                if pos < n {
+                    let mut y = x.clone();
+                    y[pos] = 1e6;
+                    assert_eq!(max_f32(isa, &y), 1e6, "max {isa} n={n} pos={pos}");
+                }
+            }
+            let mut y = x.clone();
+            scale_f32(isa, &mut y, 0.37);
+            for (a, b) in x.iter().zip(&y) {
+                assert_eq!(a * 0.37, *b, "scale {isa} n={n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn count_above_is_exact() {
+    let mut rng = Rng(11);
+    for isa in available() {
+        for &n in LENS {
+            // Quantised values so that ties with tau occur.
+            let x: Vec<f32> = (0..n).map(|_| (rng.f(-4.0, 4.0)).round()).collect();
+            for tau in [f32::NEG_INFINITY, -1.0, 0.0, 0.5, 2.0, f32::INFINITY] {
+                let exact = x.iter().filter(|&&v| v > tau).count();
+                assert_eq!(count_above(isa, &x, tau), exact, "{isa} n={n} tau={tau}");
+            }
+        }
+    }
+}
+
+/// Distance in units in the last place between two non-negative floats.
+fn ulps(a: f32, b: f32) -> u32 {
+    a.to_bits().abs_diff(b.to_bits())
+}
+
+#[test]
+fn exp_sum_matches_f64() {
+    let mut rng = Rng(99);
+    for isa in available() {
+        for &n in LENS {
+            let x = rng.vec(n, -30.0, 10.0);
+            let shift = rng.f(-2.0, 8.0);
+            let mut y = x.clone();
+            let sum = exp_sum(isa, &mut y, shift);
+            let mut exact_sum = 0.0f64;
+            for (a, b) in x.iter().zip(&y) {
+                let e = f64::from(a - shift).exp();
+                exact_sum += e;
+                assert!(
+                    ulps(*b, e as f32) <= 2,
+                    "exp {isa}: {a}-{shift}: {b} vs {e}"
+                );
+            }
+            check(sum, exact_sum, exact_sum, &|| {
+                format!("exp_sum {isa} n={n}")
+            });
+        }
+        // Masked rows: -inf maps to exactly 0, the max element to exactly 1.
+        let mut y = vec![f32::NEG_INFINITY, 3.0, f32::NEG_INFINITY, 1.0, -200.0];
+        let s = exp_sum(isa, &mut y, 3.0);
+        assert_eq!(y[0], 0.0);
+        assert_eq!(y[1], 1.0);
+        assert_eq!(y[2], 0.0);
+        assert_eq!(y[4], 0.0);
+        assert_eq!(s, 1.0 + y[3]);
+    }
+}
+
+#[test]
+fn exp_accuracy_sweep() {
+    for isa in available() {
+        let n = 400_000;
+        let lo = -104.5f32;
+        let hi = 89.5f32;
+        let mut x: Vec<f32> = (0..n)
+            .map(|i| lo + (hi - lo) * (i as f32 / n as f32))
+            .collect();
+        x.extend([
+            0.0,
+            -0.0,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+            88.72283,
+            88.72284,
+            -87.33655,
+            -103.97,
+            -103.98,
+            1e-8,
+            -1e-8,
+        ]);
+        let mut y = x.clone();
+        dispatch!(isa, exp_slice(&mut y));
+        let mut worst = (0u32, 0.0f32);
+        for (a, b) in x.iter().zip(&y) {
+            let e = f64::from(*a).exp() as f32;
+            if a.is_nan() {
+                assert!(b.is_nan(), "{isa}: exp(NaN) = {b}");
+                continue;
+            }
+            let u = ulps(*b, e);
+            if u > worst.0 {
+                worst = (u, *a);
+            }
+        }
+        eprintln!("{isa}: exp worst {} ulp at {}", worst.0, worst.1);
+        assert!(
+            worst.0 <= 2,
+            "{isa}: exp worst {} ulp at x = {}",
+            worst.0,
+            worst.1
+        );
+        let at = |v: f32| x.iter().position(|&a| a.to_bits() == v.to_bits()).unwrap();
+        assert_eq!(y[at(0.0)], 1.0);
+        assert_eq!(y[at(-0.0)], 1.0);
+        assert_eq!(y[at(f32::NEG_INFINITY)].to_bits(), 0);
+        assert_eq!(y[at(f32::INFINITY)], f32::INFINITY);
+        assert_eq!(y[at(88.72284)], f32::INFINITY);
+        assert!(y[at(88.72283)].is_finite());
+    }
+}
+
+fn pow_ref(x: &[f32], tau: f32, e: f64) -> ([f64; 3], [f64; 3]) {
+    let mut s = [0.0f64; 3];
+    for &v in x {
+        let z = f64::from(v - tau);
+        if f64::from(v) > f64::from(tau) && z > 0.0 {
+            s[0] += z.powf(e);
+            s[1] += z.powf(e - 1.0);
+            s[2] += 1.0;
+        }
+    }
+    (s, s)
+}
+
+#[test]
+fn pow_relu_sum_matches_f64() {
+    let mut rng = Rng(1234);
+    let modes = [
+        (PowMode::for_alpha(1.5), 2.0),
+        (PowMode::for_alpha(2.0), 1.0),
+        (PowMode::for_alpha(1.25), 4.0),
+        (PowMode::for_alpha(3.0), 0.5),
+    ];
+    assert_eq!(modes[0].0, PowMode::Alpha15);
+    assert_eq!(modes[1].0, PowMode::Alpha2);
+    for isa in available() {
+        for &n in LENS {
+            let x = rng.vec(n, -1.0, 1.0);
+            for tau in [-2.0, rng.f(-0.5, 0.5), 0.0, 2.0] {
+                for (mode, e) in modes {
+                    let (got0, got1, got2) = pow_relu_sum(isa, &x, tau, mode);
+                    let (exact, abs) = pow_ref(&x, tau, e);
+                    let what = || format!("pow_relu_sum {isa} {mode:?} n={n} tau={tau}");
+                    check(got0, exact[0], abs[0], &what);
+                    check(got1, exact[1], abs[1], &what);
+                    assert_eq!(f64::from(got2), exact[2], "{}", what());
+                }
+            }
+        }
+    }
+}
+
+fn conversion_case<T: Element>() {
+    let mut rng = Rng(4242);
+    for isa in available() {
+        for &n in LENS {
+            // Random bit patterns (NaN excluded) exercise rounding, overflow
+            // and subnormals of the narrow types.
+            let src: Vec<f32> = (0..n)
+                .map(|i| {
+                    let v = if i % 2 == 0 {
+                        f32::from_bits(rng.next_u64() as u32)
+                    } else {
+                        rng.f(-70000.0, 70000.0) * 10f32.powi((i % 13) as i32 - 9)
+                    };
+                    if v.is_nan() { 1.0 } else { v }
+                })
+                .collect();
+            let mut narrow = vec![T::default(); n];
+            from_f32_slice(isa, &src, &mut narrow);
+            for (a, b) in src.iter().zip(&narrow) {
+                assert_eq!(
+                    bytemuck::bytes_of(b),
+                    bytemuck::bytes_of(&T::from_f32(*a)),
+                    "from_f32 {isa} {} {a}",
+                    T::DTYPE
+                );
+            }
+            let mut wide = vec![f32::NAN; n];
+            to_f32_slice(isa, &narrow, &mut wide);
+            for (a, b) in narrow.iter().zip(&wide) {
+                assert_eq!(a.to_f32().to_bits(), b.to_bits(), "to_f32 {isa}");
+            }
+        }
+        // NaN stays NaN through narrowing.
+        let mut one = [T::default(); 1];
+        from_f32_slice(isa, &[f32::NAN], &mut one);
+        assert!(one[0].to_f32().is_nan());
+    }
+}
+
+#[test]
+fn conversions_are_exact() {
+    conversion_case::<f32>();
+    conversion_case::<f16>();
+    conversion_case::<bf16>();
+}
+
+#[test]
+fn results_are_bitwise_reproducible() {
+    let mut rng = Rng(5);
+    let (g, d, n) = (4, 65, 37);
+    let qs = rng.vec(g * d, -1.0, 1.0);
+    let rows: Vec<bf16> = rng.vec_t(n * d);
+    for isa in available() {
+        let run = || {
+            let mut sc = vec![0.0; g * n];
+            scores_rows(isa, &qs, g, &rows, d, 0.1, &mut sc);
+            let m = max_f32(isa, &sc);
+            let s = exp_sum(isa, &mut sc, m);
+            let mut acc = vec![0.0; g * d];
+            weighted_rows(isa, &mut acc, g, &sc, &rows, d);
+            (sc, s, acc)
+        };
+        let a = run();
+        for _ in 0..3 {
+            let b = run();
+            assert_eq!(a.1.to_bits(), b.1.to_bits());
+            assert!(
+                a.0.iter()
+                    .zip(&b.0)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+            );
+            assert!(
+                a.2.iter()
+                    .zip(&b.2)
+                    .all(|(x, y)| x.to_bits() == y.to_bits())
+            );
+        }
+    }
+}
+
+#[test]
+fn dot_does_not_depend_on_group_size() {
+    let mut rng = Rng(77);
+    for isa in available() {
+        for d in [3, 64, 65, 128, 1000] {
+            let g = 15; // blocks of 8, 4, 2 and 1 heads
+            let qs = rng.vec(g * d, -1.0, 1.0);
+            let row: Vec<f16> = rng.vec_t(d);
+            let mut all = vec![0.0; g];
+            dot_multi(isa, &qs, g, &row, &mut all);
+            let mut rows_out = vec![0.0; g];
+            scores_rows(isa, &qs, g, &row, d, 1.0, &mut rows_out);
+            for i in 0..g {
+                let mut one = [0.0];
+                dot_multi(isa, &qs[i * d..(i + 1) * d], 1, &row, &mut one);
+                assert_eq!(one[0].to_bits(), all[i].to_bits(), "{isa} d={d} i={i}");
+                assert_eq!(one[0].to_bits(), rows_out[i].to_bits(), "{isa} d={d} i={i}");
+            }
+        }
+    }
+}
