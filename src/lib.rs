@@ -47,7 +47,7 @@ pub mod reference;
 #[cfg(doctest)]
 mod readme_doctest;
 
-pub use backend::{Backend, Normalizer, Ops, Restrict};
+pub use backend::{Backend, BlockStats, Normalizer, Ops, Restrict};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use layout::{BitMask, HeadGeometry, IndexList, IndexSet, MaskList, Ragged, Scope, Segments};

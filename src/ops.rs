@@ -574,3 +574,120 @@ pub fn prefill_attention<B: AttnOps, T: Element>(
     };
     b.prefill_attention(&meta, q, k, v, out)
 }
+
+// ----------------------------------------------------------- entmax attention
+
+/// Parameters of [`entmax_prefill`] and [`entmax_prefill_backward`].
+#[derive(Clone, Copy, Debug)]
+pub struct EntmaxPrefillParams<'a> {
+    /// Head geometry.
+    pub geom: HeadGeometry,
+    /// Query rows per sequence.
+    pub q_rows: &'a Ragged,
+    /// KV segments; each segment's length is the sequence's key length.
+    pub segments: &'a Segments,
+    /// Causal masking (bottom-right aligned).
+    pub causal: bool,
+    /// α: one for every head, or one per query head (each finite, > 1).
+    pub alphas: &'a [f32],
+    /// Logit scale; `None` means `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Query tile height (AdaSplash: 16).
+    pub block_q: usize,
+    /// Key tile width (AdaSplash: 16).
+    pub block_k: usize,
+    /// Visit only live tiles.
+    pub skip_blocks: bool,
+}
+
+fn entmax_prefill_meta<'a>(
+    op: &'static str,
+    p: &EntmaxPrefillParams<'a>,
+) -> Result<EntmaxPrefillMeta<'a>> {
+    check_geom_segs(op, &p.geom, p.segments)?;
+    check_q_rows(op, p.q_rows, p.segments, p.causal)?;
+    let hq = p.geom.num_q_heads();
+    let alphas = match p.alphas.len() {
+        1 => vec![p.alphas[0]; hq],
+        l if l == hq => p.alphas.to_vec(),
+        l => {
+            return Err(shape(
+                op,
+                format!("{l} alphas for {hq} query heads (give 1 or one per head)"),
+            ));
+        }
+    };
+    alphas.iter().try_for_each(|&a| check_alpha(op, a))?;
+    if p.block_q == 0 || p.block_k == 0 {
+        return Err(shape(op, "block_q and block_k must be positive"));
+    }
+    Ok(EntmaxPrefillMeta {
+        geom: p.geom,
+        q_rows: p.q_rows,
+        segs: p.segments,
+        causal: p.causal,
+        alphas,
+        scale: resolve_scale(op, p.scale, &p.geom)?,
+        block_q: p.block_q,
+        block_k: p.block_k,
+        skip_blocks: p.skip_blocks,
+    })
+}
+
+/// Entmax prefill attention with optional block skipping (see
+/// [`EntmaxOps::entmax_prefill`]). `out` is `[total_q, Hq, D]`, `tau`
+/// `[total_q, Hq]`.
+pub fn entmax_prefill<B: EntmaxOps, T: Element>(
+    b: &B,
+    p: &EntmaxPrefillParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    tau: &mut B::Buffer<f32>,
+) -> Result<BlockStats> {
+    const OP: &str = "entmax_prefill";
+    let meta = entmax_prefill_meta(OP, p)?;
+    let (hq, d) = (p.geom.num_q_heads(), p.geom.head_dim());
+    let qn = p.q_rows.total() * hq * d;
+    check_len(b, OP, "q", q, qn)?;
+    check_kv(b, OP, "k", k, p.segments, d)?;
+    check_kv(b, OP, "v", v, p.segments, d)?;
+    check_len(b, OP, "out", out, qn)?;
+    check_len(b, OP, "tau", tau, p.q_rows.total() * hq)?;
+    b.entmax_prefill(&meta, q, k, v, out, tau)
+}
+
+/// Backward of [`entmax_prefill`] (see [`EntmaxOps::entmax_prefill_backward`]).
+/// `dq` is `[total_q, Hq, D]`; `dk`, `dv` have the length of `k`; `dalpha`
+/// is `[Hq]`; all f32.
+#[allow(clippy::too_many_arguments)]
+pub fn entmax_prefill_backward<B: EntmaxOps, T: Element>(
+    b: &B,
+    p: &EntmaxPrefillParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    tau: &B::Buffer<f32>,
+    d_out: &B::Buffer<T>,
+    dq: &mut B::Buffer<f32>,
+    dk: &mut B::Buffer<f32>,
+    dv: &mut B::Buffer<f32>,
+    dalpha: &mut B::Buffer<f32>,
+) -> Result<()> {
+    const OP: &str = "entmax_prefill_backward";
+    let meta = entmax_prefill_meta(OP, p)?;
+    let (hq, d) = (p.geom.num_q_heads(), p.geom.head_dim());
+    let qn = p.q_rows.total() * hq * d;
+    check_len(b, OP, "q", q, qn)?;
+    check_kv(b, OP, "k", k, p.segments, d)?;
+    let kn = b.buffer_len(k);
+    check_len(b, OP, "v", v, kn)?;
+    check_len(b, OP, "tau", tau, p.q_rows.total() * hq)?;
+    check_len(b, OP, "d_out", d_out, qn)?;
+    check_len(b, OP, "dq", dq, qn)?;
+    check_len(b, OP, "dk", dk, kn)?;
+    check_len(b, OP, "dv", dv, kn)?;
+    check_len(b, OP, "dalpha", dalpha, hq)?;
+    b.entmax_prefill_backward(&meta, q, k, v, tau, d_out, dq, dk, dv, dalpha)
+}

@@ -504,6 +504,90 @@ fn full_selection_equals_dense<B: Ops>(b: &B) {
     assert_eq!(run(Restrict::Mask(&ones)), dense, "{}", b.name());
 }
 
+fn entmax_prefill_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
+    let geom = case_geom(i);
+    let segs = case_segments(n);
+    let mut rng = Rng::new(3000 + i as u64);
+    let d = geom.head_dim();
+    let min_len = segs.lens().iter().copied().min().unwrap_or(0) as usize;
+    let q_rows = Ragged::from_lens(&[min_len.clamp(1, 40) as u32, 1]).unwrap();
+    let q: Vec<T> = normal_vec(&mut rng, q_rows.total() * geom.num_q_heads() * d, 3.0);
+    let k: Vec<T> = normal_vec(&mut rng, segs.rows_needed() * d, 1.0);
+    let v: Vec<T> = normal_vec(&mut rng, segs.rows_needed() * d, 1.0);
+    let (qf, kf, vf) = (widen(&q), widen(&k), widen(&v));
+    let alphas: Vec<f32> = (0..geom.num_q_heads())
+        .map(|h| [1.5, 2.0, 1.25, 1.75][h % 4])
+        .collect();
+    let nt = q_rows.total() * geom.num_q_heads();
+    for (causal, skip) in [(true, true), (false, true), (true, false)] {
+        let p = ops::EntmaxPrefillParams {
+            geom,
+            q_rows: &q_rows,
+            segments: &segs,
+            causal,
+            alphas: &alphas,
+            scale: None,
+            block_q: 16,
+            block_k: 16,
+            skip_blocks: skip,
+        };
+        let (mut exact, mut tau_ref) = (vec![0.0f32; q.len()], vec![0.0f32; nt]);
+        let st_ref =
+            ops::entmax_prefill(&Reference, &p, &qf, &kf, &vf, &mut exact, &mut tau_ref).unwrap();
+        let mut ref_lowp = vec![T::default(); q.len()];
+        ops::entmax_prefill(
+            &Reference,
+            &p,
+            &q,
+            &k,
+            &v,
+            &mut ref_lowp,
+            &mut vec![0.0f32; nt],
+        )
+        .unwrap();
+        let (mut out, mut tau) = (b.zeros::<T>(q.len()).unwrap(), b.zeros::<f32>(nt).unwrap());
+        let st = ops::entmax_prefill(
+            b,
+            &p,
+            &up(b, &q),
+            &up(b, &k),
+            &up(b, &v),
+            &mut out,
+            &mut tau,
+        )
+        .unwrap();
+        let ctx = format!(
+            "{}: entmax_prefill {} n={n} {geom:?} causal={causal} skip={skip}",
+            b.name(),
+            T::DTYPE
+        );
+        check_attn(&down(b, &out), &exact, &ref_lowp, &ctx);
+        // tau is in the scaled space (alpha - 1) * logits: f32 search accuracy.
+        assert_close(
+            &wide(&down(b, &tau)),
+            &wide(&tau_ref),
+            Tolerance {
+                rel: 1e-4,
+                abs: 1e-4,
+            },
+            &ctx,
+        );
+        // Live tiles may differ only at threshold near-ties; the reference's count is exact.
+        assert!(
+            st.visible_tiles == st_ref.visible_tiles,
+            "{ctx}: {st:?} vs {st_ref:?}"
+        );
+    }
+}
+
+fn entmax_prefill_matches_reference<B: Ops>(b: &B) {
+    for (i, &n) in TOKENS.iter().enumerate().filter(|(_, n)| **n <= 1000) {
+        entmax_prefill_case::<B, f32>(b, i, n);
+        entmax_prefill_case::<B, f16>(b, i + 1, n);
+        entmax_prefill_case::<B, bf16>(b, i + 2, n);
+    }
+}
+
 backend_suite!(
     softmax_rows_match_reference,
     entmax_rows_match_reference,
@@ -514,4 +598,5 @@ backend_suite!(
     decode_attention_matches_reference,
     prefill_attention_matches_reference,
     full_selection_equals_dense,
+    entmax_prefill_matches_reference,
 );

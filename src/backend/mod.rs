@@ -8,6 +8,7 @@
 //! | selection | [`SelectOps`] | `topk_rows`, `count_above` |
 //! | cache ops | [`CacheOps`] | `gather_rows`, `compact_rows`, `merge_rows` |
 //! | attention | [`AttnOps`] | `decode_attention`, `prefill_attention` |
+//! | entmax attention | [`EntmaxOps`] | `entmax_prefill`, `entmax_prefill_backward` |
 //!
 //! **Why descriptors.** Every op method takes a `*Meta` descriptor that only
 //! [`crate::ops`] can build, and only after validating every shape, index
@@ -23,12 +24,14 @@
 
 mod attn;
 mod cache_ops;
+mod entmax_attn;
 mod norm;
 mod score;
 mod select;
 
 pub use attn::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
 pub use cache_ops::{CacheOps, CompactMeta, GatherMeta, MergeMeta};
+pub use entmax_attn::{BlockStats, EntmaxOps, EntmaxPrefillMeta};
 pub use norm::{EntmaxRowsMeta, NormOps, RowsMeta};
 pub use score::{QkMeta, ScoreOps};
 pub use select::{SelectOps, TopkMeta};
@@ -59,5 +62,5 @@ pub trait Backend: Send + Sync {
 }
 
 /// Every op family: what a policy or an engine needs from a backend.
-pub trait Ops: NormOps + ScoreOps + SelectOps + CacheOps + AttnOps {}
-impl<B: NormOps + ScoreOps + SelectOps + CacheOps + AttnOps> Ops for B {}
+pub trait Ops: NormOps + ScoreOps + SelectOps + CacheOps + AttnOps + EntmaxOps {}
+impl<B: NormOps + ScoreOps + SelectOps + CacheOps + AttnOps + EntmaxOps> Ops for B {}

@@ -8,10 +8,12 @@
 
 mod attn;
 mod cache_ops;
+mod entmax_attn;
 mod norm;
 mod score;
 mod select;
 
+pub use entmax_attn::{EntmaxHead, EntmaxHeadGrads};
 pub use norm::{entmax_f64, softmax_f64};
 
 use crate::backend::Backend;
