@@ -1,4 +1,5 @@
-//! Bandwidth of the CPU SIMD primitives over a 64 MiB KV buffer, per ISA and
+//! Bandwidth of the CPU SIMD primitives (`dot_multi`, `scores_rows`,
+//! `axpy_multi`, `weighted_rows`) over a 64 MiB KV buffer, per ISA and
 //! storage dtype, next to a same-run 256 MiB `copy_from_slice` (memcpy)
 //! figure. Throughput is reported in bytes of KV data streamed per second.
 //!
@@ -59,6 +60,15 @@ fn bench_dtype<T: Element>(c: &mut Criterion) {
                 for row in kv.chunks_exact(D) {
                     simd::axpy_multi(isa, &mut acc, G, &ps, row);
                 }
+                black_box(acc[0])
+            })
+        });
+        group.bench_function(BenchmarkId::new(format!("weighted_rows/{dt}"), isa), |b| {
+            // Dense weights (every row read): the entmax decode V pass.
+            let p = vec![1e-6f32; G * n];
+            let mut acc = vec![0.0f32; G * D];
+            b.iter(|| {
+                simd::weighted_rows(isa, &mut acc, G, &p, &kv, D);
                 black_box(acc[0])
             })
         });

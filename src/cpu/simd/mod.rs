@@ -582,6 +582,15 @@ mod body {
         axpy_group(s, acc, g, ps, 1, 0, row);
     }
 
+    /// Rows per block of `weighted_rows`: the selected rows of a block stay
+    /// in L1 while every head / column tile sweeps over them.
+    const ROW_BLOCK: usize = 32;
+
+    /// Register-tiled `weighted_rows`: for each block of rows, each head and
+    /// each tile of `U` vectors of columns, the accumulators stay in
+    /// registers over the block's non-zero rows. Every output element is
+    /// still the chain `acc = fma(p[i,j], row_j[k], acc)` over `j` in
+    /// increasing order, so the result equals repeated `axpy_multi`.
     #[inline(always)]
     pub(crate) fn weighted_rows<S: Simd, T: Element>(
         s: S,
@@ -591,15 +600,66 @@ mod body {
         rows: &[T],
         d: usize,
     ) {
+        const U: usize = 8;
         if d == 0 {
             return;
         }
         let n = rows.len() / d;
-        for (j, row) in rows.chunks_exact(d).enumerate() {
-            if (0..g).all(|i| p[i * n + j] == 0.0) {
+        let acc = &mut acc[..g * d];
+        let p = &p[..g * n];
+        let full = d - d % S::L;
+        let mut sel = [0usize; ROW_BLOCK];
+        for j0 in (0..n).step_by(ROW_BLOCK) {
+            let mut m = 0;
+            for j in j0..(j0 + ROW_BLOCK).min(n) {
+                if (0..g).any(|i| p[i * n + j] != 0.0) {
+                    sel[m] = j;
+                    m += 1;
+                }
+            }
+            let sel = &sel[..m];
+            if sel.is_empty() {
                 continue;
             }
-            axpy_group(s, acc, g, p, n, j, row);
+            for h in 0..g {
+                let ph = &p[h * n..(h + 1) * n];
+                let ah = &mut acc[h * d..(h + 1) * d];
+                let mut c = 0;
+                while c + U * S::L <= full {
+                    let mut a = [s.splat(0.0); U];
+                    for (u, a) in a.iter_mut().enumerate() {
+                        *a = s.load(&ah[c + u * S::L..]);
+                    }
+                    for &j in sel {
+                        let w = s.splat(ph[j]);
+                        let r = &rows[j * d + c..j * d + c + U * S::L];
+                        for (u, a) in a.iter_mut().enumerate() {
+                            *a = s.fma(w, s.load_t(&r[u * S::L..]), *a);
+                        }
+                    }
+                    for (u, a) in a.iter().enumerate() {
+                        s.store(&mut ah[c + u * S::L..], *a);
+                    }
+                    c += U * S::L;
+                }
+                while c < full {
+                    let mut a = s.load(&ah[c..]);
+                    for &j in sel {
+                        let r = &rows[j * d + c..j * d + c + S::L];
+                        a = s.fma(s.splat(ph[j]), s.load_t(r), a);
+                    }
+                    s.store(&mut ah[c..], a);
+                    c += S::L;
+                }
+                if full < d {
+                    let mut a = s.load_part(&ah[full..], 0.0);
+                    for &j in sel {
+                        let r = s.load_part(&rows[j * d + full..(j + 1) * d], 0.0);
+                        a = s.fma(s.splat(ph[j]), r, a);
+                    }
+                    s.store_part(&mut ah[full..], a);
+                }
+            }
         }
     }
 

@@ -480,3 +480,35 @@ fn dot_does_not_depend_on_group_size() {
         }
     }
 }
+
+#[test]
+fn weighted_rows_equals_repeated_axpy() {
+    let mut rng = Rng(31337);
+    for isa in available() {
+        for &d in DS.iter().chain(&[300, 1000]) {
+            let (g, n) = (3, 70);
+            let rows: Vec<f16> = rng.vec_t(n * d);
+            let mut p = rng.vec(g * n, 0.0, 1.0);
+            for j in (0..n).step_by(4) {
+                for i in 0..g {
+                    p[i * n + j] = 0.0;
+                }
+            }
+            p[5] = 0.0;
+            let mut a = rng.vec(g * d, -1.0, 1.0);
+            let mut b = a.clone();
+            weighted_rows(isa, &mut a, g, &p, &rows, d);
+            for j in 0..n {
+                if (0..g).all(|i| p[i * n + j] == 0.0) {
+                    continue;
+                }
+                let pj: Vec<f32> = (0..g).map(|i| p[i * n + j]).collect();
+                axpy_multi(isa, &mut b, g, &pj, &rows[j * d..(j + 1) * d]);
+            }
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa} d={d}"
+            );
+        }
+    }
+}
