@@ -67,6 +67,13 @@ pub enum Error {
         /// Why (driver message, missing library, ...).
         reason: String,
     },
+    /// A file could not be read, written or parsed.
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A device call failed after the device was opened.
     Device {
         /// Backend name.
@@ -93,6 +100,7 @@ impl fmt::Display for Error {
             }
             Error::NoDevice { backend, reason } => write!(f, "{backend}: no device: {reason}"),
             Error::Device { backend, reason } => write!(f, "{backend}: device error: {reason}"),
+            Error::Io { path, reason } => write!(f, "{path}: {reason}"),
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod entmax;
 pub mod error;
+pub mod eval;
 pub mod layout;
 pub mod ops;
 pub mod reference;
