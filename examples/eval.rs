@@ -12,6 +12,7 @@
 //! share of KV rows read. Policies and backends join this table as their
 //! issues land.
 
+use kvsieve::eval::Rng;
 use kvsieve::ops::{self, DecodeParams, QkParams};
 use kvsieve::reference::Reference;
 use kvsieve::{HeadGeometry, IndexList, IndexSet, Normalizer, Ragged, Restrict, Scope, Segments};
@@ -47,22 +48,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// SplitMix64 + Box–Muller.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.next().max(1e-300), self.next());
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-    }
-}
-
 /// A synthetic trace: one sequence, `n` cached tokens, GQA 8 query heads on
 /// 2 KV heads, D = 64. Token 0 is an attention sink, the last tokens are
 /// recent, and `needles` tokens have keys aligned with the queries.
@@ -79,13 +64,13 @@ fn trace(n: usize, seed: u64) -> kvsieve::Result<Trace> {
     let geom = HeadGeometry::new(8, 2, 64)?;
     let (hkv, d) = (geom.num_kv_heads(), geom.head_dim());
     let segs = Segments::uniform(1, hkv, n)?;
-    let mut rng = Rng(seed);
-    let mut k: Vec<f32> = (0..hkv * n * d).map(|_| rng.normal()).collect();
-    let v: Vec<f32> = (0..hkv * n * d).map(|_| rng.normal()).collect();
+    let mut rng = Rng::new(seed);
+    let mut k: Vec<f32> = (0..hkv * n * d).map(|_| rng.normal_f32()).collect();
+    let v: Vec<f32> = (0..hkv * n * d).map(|_| rng.normal_f32()).collect();
     // A direction per KV head shared by its query group (correlated GQA queries).
-    let dirs: Vec<f32> = (0..hkv * d).map(|_| rng.normal()).collect();
+    let dirs: Vec<f32> = (0..hkv * d).map(|_| rng.normal_f32()).collect();
     let q: Vec<f32> = (0..geom.num_q_heads() * d)
-        .map(|i| dirs[geom.kv_head(i / d) * d + i % d] + 0.3 * rng.normal())
+        .map(|i| dirs[geom.kv_head(i / d) * d + i % d] + 0.3 * rng.normal_f32())
         .collect();
     let needles: Vec<u32> = (1..=4).map(|i| (i * n / 5) as u32).collect();
     for g in 0..hkv {

@@ -46,10 +46,14 @@ impl Rng {
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
-    /// Standard normal.
-    pub fn normal(&mut self) -> f32 {
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
         let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+    /// Standard normal as `f32`.
+    pub fn normal_f32(&mut self) -> f32 {
+        self.normal() as f32
     }
     /// Uniform integer in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
@@ -57,7 +61,7 @@ impl Rng {
     }
     /// A random unit vector of dimension `d`.
     pub fn unit(&mut self, d: usize) -> Vec<f32> {
-        let mut v: Vec<f32> = (0..d).map(|_| self.normal()).collect();
+        let mut v: Vec<f32> = (0..d).map(|_| self.normal_f32()).collect();
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
         v.iter_mut().for_each(|x| *x /= n);
         v
@@ -279,7 +283,7 @@ impl Trace {
             // Layer strengths: layer 0 is flatter, the rest vary around 1.
             let lv = |rng: &mut Rng| {
                 let base = if layer == 0 { 0.4 } else { 1.0 };
-                (base * (1.0 + cfg.layer_variation * rng.normal())).max(0.0)
+                (base * (1.0 + cfg.layer_variation * rng.normal_f32())).max(0.0)
             };
             let (s_sink, s_rec, s_heavy, s_topic) =
                 (lv(&mut rng), lv(&mut rng), lv(&mut rng), lv(&mut rng));
@@ -313,7 +317,7 @@ impl Trace {
                 for t in 0..t_total {
                     let kr = &mut k[(t * hkv + kv) * d..][..d];
                     for x in kr.iter_mut() {
-                        *x = 0.5 * rng.normal();
+                        *x = 0.5 * rng.normal_f32();
                     }
                     if t < cfg.sinks {
                         add(kr, &sink_dir, cfg.sink_strength * s_sink);
@@ -333,7 +337,7 @@ impl Trace {
                     }
                     add(kr, &positions[t], cfg.recency * s_rec);
                     for x in &mut v[(t * hkv + kv) * d..][..d] {
-                        *x = rng.normal();
+                        *x = rng.normal_f32();
                     }
                 }
                 // Queries: a group direction shared by the GQA group (plus an
