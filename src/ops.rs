@@ -365,6 +365,41 @@ pub fn gather_rows<B: CacheOps, T: Element>(
     )
 }
 
+/// `dst[indices[i]] = src[i]` for rows of `width` elements (indices unique
+/// and inside `dst`; `src` holds exactly `indices.len()` rows). Rows of
+/// `dst` not named keep their contents.
+pub fn scatter_rows<B: CacheOps, T: Element>(
+    b: &B,
+    width: usize,
+    indices: &[u32],
+    src: &B::Buffer<T>,
+    dst: &mut B::Buffer<T>,
+) -> Result<()> {
+    const OP: &str = "scatter_rows";
+    let rows = check_width(b, OP, width, dst)?;
+    check_len(b, OP, "src", src, indices.len() * width)?;
+    if let Some(&i) = indices.iter().find(|&&i| i as usize >= rows) {
+        return Err(shape(
+            OP,
+            format!("index {i} out of range for {rows} destination rows"),
+        ));
+    }
+    let mut seen = vec![false; rows];
+    for &i in indices {
+        if std::mem::replace(&mut seen[i as usize], true) {
+            return Err(shape(OP, format!("destination row {i} is named twice")));
+        }
+    }
+    b.scatter_rows(
+        &ScatterMeta {
+            width,
+            indices: indices.to_vec(),
+        },
+        src,
+        dst,
+    )
+}
+
 /// Compacts every segment of `buf` in place to the rows in `keep` (scope
 /// `KvHead`, one list per segment) and returns the new segments.
 pub fn compact_rows<B: CacheOps, T: Element>(

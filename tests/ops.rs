@@ -259,6 +259,18 @@ fn cache_ops_case<B: Ops, T: Element>(b: &B) {
             b.name()
         );
     }
+    // scatter: distinct destination rows
+    let mut dests: Vec<u32> = (0..segs.rows_needed() as u32).collect();
+    for i in (1..dests.len()).rev() {
+        dests.swap(i, rng.below(i + 1));
+    }
+    dests.truncate(50);
+    let rows: Vec<T> = normal_vec(&mut rng, 50 * width, 1.0);
+    let mut expect = src.clone();
+    ops::scatter_rows(&Reference, width, &dests, &rows, &mut expect).unwrap();
+    let mut got = up(b, &src);
+    ops::scatter_rows(b, width, &dests, &up(b, &rows), &mut got).unwrap();
+    assert_eq!(down(b, &got), expect, "{}: scatter_rows {}", b.name(), T::DTYPE);
     // merge
     let groups = Ragged::from_lens(&[3, 0, 1, 5]).unwrap();
     let members: Vec<u32> = (0..groups.total())

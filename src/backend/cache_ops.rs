@@ -80,6 +80,25 @@ impl MergeMeta {
     }
 }
 
+/// `dst[indices[i]] = src[i]` for rows of `width` elements; the indices are
+/// unique, so the order of the writes does not matter.
+#[derive(Clone, Debug)]
+pub struct ScatterMeta {
+    pub(crate) width: usize,
+    pub(crate) indices: Vec<u32>,
+}
+
+impl ScatterMeta {
+    /// Row width in elements.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    /// Destination row of each source row (unique, in range).
+    pub fn indices(&self) -> &[u32] {
+        &self.indices
+    }
+}
+
 /// Cache ops.
 pub trait CacheOps: Backend {
     /// Gathers rows: `dst[i, :] = src[indices[i], :]`.
@@ -103,4 +122,26 @@ pub trait CacheOps: Backend {
         src: &Self::Buffer<T>,
         dst: &mut Self::Buffer<T>,
     ) -> Result<()>;
+
+    /// Scatters rows: `dst[indices[i], :] = src[i, :]`; other rows of `dst`
+    /// are left as they were (appending new tokens to a cache).
+    ///
+    /// The default implementation round-trips through the host (download,
+    /// write, upload); device backends should override it.
+    fn scatter_rows<T: Element>(
+        &self,
+        meta: &ScatterMeta,
+        src: &Self::Buffer<T>,
+        dst: &mut Self::Buffer<T>,
+    ) -> Result<()> {
+        let s = self.download(src)?;
+        let mut d = self.download(dst)?;
+        let w = meta.width;
+        for (i, &r) in meta.indices.iter().enumerate() {
+            let r = r as usize;
+            d[r * w..(r + 1) * w].copy_from_slice(&s[i * w..(i + 1) * w]);
+        }
+        *dst = self.upload(&d)?;
+        Ok(())
+    }
 }

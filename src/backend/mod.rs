@@ -6,7 +6,7 @@
 //! | normalisers | [`NormOps`] | `softmax_rows`, `entmax_rows` |
 //! | scoring | [`ScoreOps`] | `qk_logits` |
 //! | selection | [`SelectOps`] | `topk_rows`, `count_above` |
-//! | cache ops | [`CacheOps`] | `gather_rows`, `compact_rows`, `merge_rows` |
+//! | cache ops | [`CacheOps`] | `gather_rows`, `scatter_rows`, `compact_rows`, `merge_rows` |
 //! | attention | [`AttnOps`] | `decode_attention`, `prefill_attention` |
 //! | entmax attention | [`EntmaxOps`] | `entmax_prefill`, `entmax_prefill_backward` |
 //!
@@ -30,7 +30,7 @@ mod score;
 mod select;
 
 pub use attn::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
-pub use cache_ops::{CacheOps, CompactMeta, GatherMeta, MergeMeta};
+pub use cache_ops::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 pub use entmax_attn::{BlockStats, EntmaxOps, EntmaxPrefillMeta};
 pub use norm::{EntmaxRowsMeta, NormOps, RowsMeta};
 pub use score::{QkMeta, ScoreOps};

@@ -1,4 +1,4 @@
-use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta};
+use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 use crate::dtype::Element;
 use crate::error::Result;
 
@@ -51,6 +51,20 @@ impl CacheOps for Reference {
             for (o, a) in dst[g * w..(g + 1) * w].iter_mut().zip(acc) {
                 *o = T::from_f64(a);
             }
+        }
+        Ok(())
+    }
+
+    fn scatter_rows<T: Element>(
+        &self,
+        meta: &ScatterMeta,
+        src: &Vec<T>,
+        dst: &mut Vec<T>,
+    ) -> Result<()> {
+        let w = meta.width;
+        for (i, &r) in meta.indices.iter().enumerate() {
+            let r = r as usize;
+            dst[r * w..(r + 1) * w].copy_from_slice(&src[i * w..(i + 1) * w]);
         }
         Ok(())
     }
