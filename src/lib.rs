@@ -36,6 +36,7 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
+pub mod cache;
 pub mod cpu;
 pub mod dtype;
 pub mod entmax;
@@ -43,6 +44,7 @@ pub mod error;
 pub mod eval;
 pub mod layout;
 pub mod ops;
+pub mod policy;
 pub mod reference;
 
 #[cfg(doctest)]
