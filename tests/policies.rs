@@ -1697,3 +1697,46 @@ fn policies_run_on_half_precision_storage() {
         );
     }
 }
+
+#[test]
+fn per_layer_driving_equals_whole_model_steps() {
+    // Engines that run layers one after another use prefill_chunk_layer /
+    // decode_layer; the result must equal Session::prefill / decode.
+    let t = trace(77, geom(4, 2, 8), &[40, 25], 3, 6, None);
+    let cfg = SessionConfig {
+        prefill_chunk: Some(1 << 20),
+        ..SessionConfig::default()
+    };
+    let expected: Vec<Outputs> = all_policies(16)
+        .into_iter()
+        .map(|p| run(p, &t, cfg.clone(), |_, _| {}).unwrap())
+        .collect();
+    for (policy, want) in all_policies(16).into_iter().zip(expected) {
+        let name = policy.name();
+        let mut s = Session::new(Reference, t.geom, t.batch, 3, policy, cfg.clone()).unwrap();
+        let mut got: Outputs = vec![vec![]];
+        for (li, x) in t.prefill.iter().enumerate() {
+            let input = LayerInput {
+                q: &x.q,
+                k: &x.k,
+                v: &x.v,
+            };
+            got[0].push(s.prefill_chunk_layer(li, &t.tokens, &input, true).unwrap());
+        }
+        s.end_prefill_chunk();
+        for st in &t.decode {
+            let mut outs = Vec::new();
+            for (li, x) in st.iter().enumerate() {
+                let input = LayerInput {
+                    q: &x.q,
+                    k: &x.k,
+                    v: &x.v,
+                };
+                outs.push(s.decode_layer(li, &input).unwrap().0);
+            }
+            s.end_decode_step();
+            got.push(outs);
+        }
+        assert_eq!(got, want, "{name}");
+    }
+}

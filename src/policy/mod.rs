@@ -573,35 +573,8 @@ impl<B: Ops, T: Element> Session<B, T> {
                 ops::gather_rows(be, hq * d, &rows, x.q, &mut q)?;
                 ops::gather_rows(be, hkv * d, &rows, x.k, &mut k)?;
                 ops::gather_rows(be, hkv * d, &rows, x.v, &mut v)?;
-                self.cache
-                    .append(&self.backend, li, &q_rows, &k, &v, None)?;
-                let l = self.cache.layer(li)?;
-                let mut out = self.backend.zeros::<T>(rows.len() * hq * d)?;
-                let p = ops::PrefillParams {
-                    geom: self.geom,
-                    q_rows: &q_rows,
-                    segments: l.segments(),
-                    causal: true,
-                    mask: None,
-                    scale: self.cfg.scale,
-                    normalizer: &self.cfg.normalizer,
-                };
-                ops::prefill_attention(&self.backend, &p, &q, l.k(), l.v(), &mut out)?;
+                let out = self.prefill_layer(li, &q_rows, &q, &k, &v)?;
                 ops::scatter_rows(&self.backend, hq * d, &rows, &out, &mut outs[li])?;
-                let plan = {
-                    let ctx = ctx_of(
-                        &self.backend,
-                        &self.cache,
-                        self.cfg.scale,
-                        li,
-                        &q,
-                        &q_rows,
-                        self.chunks,
-                        Phase::PrefillChunk,
-                    )?;
-                    self.policy.on_prefill_chunk(&ctx)?
-                };
-                apply_plan(&self.backend, &mut self.cache, li, plan)?;
                 chunk_qs.push(q);
             }
             self.chunks += 1;
@@ -628,6 +601,173 @@ impl<B: Ops, T: Element> Session<B, T> {
         Ok(outs)
     }
 
+    /// One layer's share of a prefill chunk, for engines that run layers one
+    /// after another (the next layer's input depends on this one's output):
+    /// appends the chunk's K/V (`k`, `v` `[tokens, Hkv, D]`), runs causal
+    /// attention for its queries (`q` `[tokens, Hq, D]`, `q_rows` tokens per
+    /// sequence), calls [`KvPolicy::on_prefill_chunk`] and applies the plan.
+    /// With `last`, also calls [`KvPolicy::on_prefill_end`]. Returns the
+    /// attention output `[tokens, Hq, D]`. Call [`Session::end_prefill_chunk`]
+    /// once every layer has seen the chunk.
+    pub fn prefill_chunk_layer(
+        &mut self,
+        li: usize,
+        q_rows: &Ragged,
+        x: &LayerInput<'_, B, T>,
+        last: bool,
+    ) -> Result<B::Buffer<T>> {
+        let out = self.prefill_layer(li, q_rows, x.q, x.k, x.v)?;
+        if last {
+            let plan = {
+                let ctx = ctx_of(
+                    &self.backend,
+                    &self.cache,
+                    self.cfg.scale,
+                    li,
+                    x.q,
+                    q_rows,
+                    self.chunks + 1,
+                    Phase::PrefillEnd,
+                )?;
+                self.policy.on_prefill_end(&ctx)?
+            };
+            apply_plan(&self.backend, &mut self.cache, li, plan)?;
+        }
+        Ok(out)
+    }
+
+    /// Marks the end of a prefill chunk driven with [`Session::prefill_chunk_layer`].
+    pub fn end_prefill_chunk(&mut self) {
+        self.chunks += 1;
+    }
+
+    /// Append, causal attention and `on_prefill_chunk` for one layer.
+    fn prefill_layer(
+        &mut self,
+        li: usize,
+        q_rows: &Ragged,
+        q: &B::Buffer<T>,
+        k: &B::Buffer<T>,
+        v: &B::Buffer<T>,
+    ) -> Result<B::Buffer<T>> {
+        let hq_d = self.geom.num_q_heads() * self.geom.head_dim();
+        self.cache.append(&self.backend, li, q_rows, k, v, None)?;
+        let l = self.cache.layer(li)?;
+        let mut out = self.backend.zeros::<T>(q_rows.total() * hq_d)?;
+        let p = ops::PrefillParams {
+            geom: self.geom,
+            q_rows,
+            segments: l.segments(),
+            causal: true,
+            mask: None,
+            scale: self.cfg.scale,
+            normalizer: &self.cfg.normalizer,
+        };
+        ops::prefill_attention(&self.backend, &p, q, l.k(), l.v(), &mut out)?;
+        let plan = {
+            let ctx = ctx_of(
+                &self.backend,
+                &self.cache,
+                self.cfg.scale,
+                li,
+                q,
+                q_rows,
+                self.chunks,
+                Phase::PrefillChunk,
+            )?;
+            self.policy.on_prefill_chunk(&ctx)?
+        };
+        apply_plan(&self.backend, &mut self.cache, li, plan)?;
+        Ok(out)
+    }
+
+    /// One layer of a decode step, for engines that run layers one after
+    /// another: appends the token's K/V, runs [`KvPolicy::on_decode_step`] and
+    /// [`KvPolicy::select_for_attention`], applies their plans and attends.
+    /// Returns the attention output `[batch, Hq, D]` and the selection used
+    /// (`None` = every cached token). Call [`Session::end_decode_step`] once
+    /// every layer has run.
+    pub fn decode_layer(
+        &mut self,
+        li: usize,
+        x: &LayerInput<'_, B, T>,
+    ) -> Result<(B::Buffer<T>, Option<IndexList>)> {
+        const OP: &str = "Session::decode_layer";
+        let batch = self.cache.batch();
+        let (hq, hkv, d) = (
+            self.geom.num_q_heads(),
+            self.geom.num_kv_heads(),
+            self.geom.head_dim(),
+        );
+        let be = &self.backend;
+        if be.buffer_len(x.q) != batch * hq * d
+            || be.buffer_len(x.k) != batch * hkv * d
+            || be.buffer_len(x.v) != batch * hkv * d
+        {
+            return Err(shape(
+                OP,
+                format!("decode inputs must be [{batch}, H, {d}] (Hq = {hq}, Hkv = {hkv})"),
+            ));
+        }
+        let q_rows = Ragged::uniform(batch, 1)?;
+        self.decode_layer_unchecked(li, &q_rows, x)
+    }
+
+    /// Marks the end of a decode step driven with [`Session::decode_layer`].
+    pub fn end_decode_step(&mut self) {
+        self.steps += 1;
+    }
+
+    fn decode_layer_unchecked(
+        &mut self,
+        li: usize,
+        q_rows: &Ragged,
+        x: &LayerInput<'_, B, T>,
+    ) -> Result<(B::Buffer<T>, Option<IndexList>)> {
+        let (hq, d) = (self.geom.num_q_heads(), self.geom.head_dim());
+        self.cache
+            .append(&self.backend, li, q_rows, x.k, x.v, None)?;
+        let plan = {
+            let ctx = ctx_of(
+                &self.backend,
+                &self.cache,
+                self.cfg.scale,
+                li,
+                x.q,
+                q_rows,
+                self.steps,
+                Phase::Decode,
+            )?;
+            self.policy.on_decode_step(&ctx)?
+        };
+        apply_plan(&self.backend, &mut self.cache, li, plan)?;
+        let plan = {
+            let ctx = ctx_of(
+                &self.backend,
+                &self.cache,
+                self.cfg.scale,
+                li,
+                x.q,
+                q_rows,
+                self.steps,
+                Phase::Select,
+            )?;
+            self.policy.select_for_attention(&ctx)?
+        };
+        let sel = apply_plan(&self.backend, &mut self.cache, li, plan)?;
+        let l = self.cache.layer(li)?;
+        let mut out = self.backend.zeros::<T>(q_rows.total() * hq * d)?;
+        let p = ops::DecodeParams {
+            geom: self.geom,
+            segments: l.segments(),
+            scale: self.cfg.scale,
+            normalizer: &self.cfg.normalizer,
+            restrict: sel.as_ref().map_or(Restrict::Dense, Restrict::Indices),
+        };
+        ops::decode_attention(&self.backend, &p, x.q, l.k(), l.v(), &mut out)?;
+        Ok((out, sel))
+    }
+
     /// One decode step: one new token per sequence. Returns each layer's
     /// attention output `[batch, Hq, D]`.
     pub fn decode(&mut self, layers: &[LayerInput<'_, B, T>]) -> Result<Vec<B::Buffer<T>>> {
@@ -640,8 +780,8 @@ impl<B: Ops, T: Element> Session<B, T> {
             self.geom.head_dim(),
         );
         let q_rows = Ragged::uniform(batch, 1)?;
-        let mut outs = Vec::with_capacity(layers.len());
-        for (li, x) in layers.iter().enumerate() {
+        // Validate every layer before any cache is touched.
+        for x in layers {
             let be = &self.backend;
             if be.buffer_len(x.q) != batch * hq * d
                 || be.buffer_len(x.k) != batch * hkv * d
@@ -652,46 +792,10 @@ impl<B: Ops, T: Element> Session<B, T> {
                     format!("decode inputs must be [{batch}, H, {d}] (Hq = {hq}, Hkv = {hkv})"),
                 ));
             }
-            self.cache
-                .append(&self.backend, li, &q_rows, x.k, x.v, None)?;
-            let plan = {
-                let ctx = ctx_of(
-                    &self.backend,
-                    &self.cache,
-                    self.cfg.scale,
-                    li,
-                    x.q,
-                    &q_rows,
-                    self.steps,
-                    Phase::Decode,
-                )?;
-                self.policy.on_decode_step(&ctx)?
-            };
-            apply_plan(&self.backend, &mut self.cache, li, plan)?;
-            let plan = {
-                let ctx = ctx_of(
-                    &self.backend,
-                    &self.cache,
-                    self.cfg.scale,
-                    li,
-                    x.q,
-                    &q_rows,
-                    self.steps,
-                    Phase::Select,
-                )?;
-                self.policy.select_for_attention(&ctx)?
-            };
-            let sel = apply_plan(&self.backend, &mut self.cache, li, plan)?;
-            let l = self.cache.layer(li)?;
-            let mut out = self.backend.zeros::<T>(batch * hq * d)?;
-            let p = ops::DecodeParams {
-                geom: self.geom,
-                segments: l.segments(),
-                scale: self.cfg.scale,
-                normalizer: &self.cfg.normalizer,
-                restrict: sel.as_ref().map_or(Restrict::Dense, Restrict::Indices),
-            };
-            ops::decode_attention(&self.backend, &p, x.q, l.k(), l.v(), &mut out)?;
+        }
+        let mut outs = Vec::with_capacity(layers.len());
+        for (li, x) in layers.iter().enumerate() {
+            let (out, _) = self.decode_layer_unchecked(li, &q_rows, x)?;
             outs.push(out);
         }
         self.steps += 1;
