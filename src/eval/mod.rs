@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod io;
+pub mod policies;
 
 use crate::error::{Result, config};
 
@@ -127,16 +128,16 @@ impl Default for TraceConfig {
             prompt_len: 2048,
             decode_steps: 64,
             sinks: 4,
-            sink_strength: 4.0,
-            recency: 3.0,
+            sink_strength: 8.0,
+            recency: 5.0,
             recency_decay: 0.98,
             heavy_hitters: 8,
-            heavy_strength: 2.5,
+            heavy_strength: 5.0,
             needles: 4,
-            needle_strength: 9.0,
+            needle_strength: 12.0,
             topics: 8,
             topic_shift_every: 16,
-            topic_strength: 1.5,
+            topic_strength: 2.5,
             group_correlation: 0.7,
             layer_variation: 0.3,
         }
@@ -317,7 +318,7 @@ impl Trace {
                 for t in 0..t_total {
                     let kr = &mut k[(t * hkv + kv) * d..][..d];
                     for x in kr.iter_mut() {
-                        *x = 0.5 * rng.normal_f32();
+                        *x = 0.35 * rng.normal_f32();
                     }
                     if t < cfg.sinks {
                         add(kr, &sink_dir, cfg.sink_strength * s_sink);
