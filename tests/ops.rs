@@ -270,7 +270,13 @@ fn cache_ops_case<B: Ops, T: Element>(b: &B) {
     ops::scatter_rows(&Reference, width, &dests, &rows, &mut expect).unwrap();
     let mut got = up(b, &src);
     ops::scatter_rows(b, width, &dests, &up(b, &rows), &mut got).unwrap();
-    assert_eq!(down(b, &got), expect, "{}: scatter_rows {}", b.name(), T::DTYPE);
+    assert_eq!(
+        down(b, &got),
+        expect,
+        "{}: scatter_rows {}",
+        b.name(),
+        T::DTYPE
+    );
     // merge
     let groups = Ragged::from_lens(&[3, 0, 1, 5]).unwrap();
     let members: Vec<u32> = (0..groups.total())

@@ -1,0 +1,167 @@
+//! The llama2c integration example on tiny random models the test writes
+//! itself: both checkpoint versions load to the same model, attention
+//! through kvsieve (Full) matches a plain softmax attention, large budgets
+//! change nothing, and bad files fail cleanly.
+
+#[path = "../examples/llama2c/engine.rs"]
+#[allow(dead_code)]
+mod engine;
+#[path = "../examples/llama2c/model.rs"]
+#[allow(dead_code)]
+mod model;
+
+use kvsieve::eval::policies::{POLICIES, make_policy};
+use model::{Config, Model};
+
+const CFG: Config = Config {
+    dim: 32,
+    hidden_dim: 48,
+    n_layers: 2,
+    n_heads: 4,
+    n_kv_heads: 2,
+    vocab_size: 41,
+    seq_len: 64,
+};
+
+fn tiny(version: u32, shared: bool) -> Model {
+    let path = std::env::temp_dir().join(format!(
+        "kvsieve-l2c-{}-{version}-{shared}.bin",
+        std::process::id()
+    ));
+    model::write_random_checkpoint(&path, &CFG, version, shared, 9).unwrap();
+    let m = Model::load(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    m
+}
+
+fn tokens(n: usize) -> Vec<usize> {
+    (0..n).map(|i| (i * 7 + 3) % CFG.vocab_size).collect()
+}
+
+/// A plain forward pass with its own softmax attention (no kvsieve).
+fn naive_logits(m: &Model, toks: &[usize]) -> Vec<Vec<f32>> {
+    let (hq, hkv, d) = (CFG.n_heads, CFG.n_kv_heads, CFG.head_dim());
+    let mut keys = vec![Vec::<Vec<f32>>::new(); CFG.n_layers];
+    let mut vals = vec![Vec::<Vec<f32>>::new(); CFG.n_layers];
+    let mut out = Vec::new();
+    for (pos, &t) in toks.iter().enumerate() {
+        let mut x = m.embed(t).unwrap();
+        for l in 0..CFG.n_layers {
+            let (q, k, v) = m.qkv(l, &x, pos);
+            keys[l].push(k);
+            vals[l].push(v);
+            let mut att = vec![0.0f32; hq * d];
+            for h in 0..hq {
+                let g = h / (hq / hkv);
+                let qh = &q[h * d..(h + 1) * d];
+                let z: Vec<f32> = keys[l]
+                    .iter()
+                    .map(|k| {
+                        qh.iter()
+                            .zip(&k[g * d..(g + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            / (d as f32).sqrt()
+                    })
+                    .collect();
+                let mx = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = z.iter().map(|&s| (s - mx).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for (j, w) in e.iter().enumerate() {
+                    for c in 0..d {
+                        att[h * d + c] += w / sum * vals[l][j][g * d + c];
+                    }
+                }
+            }
+            m.finish_layer(l, &mut x, &att);
+        }
+        out.push(m.logits(&x));
+    }
+    out
+}
+
+#[test]
+fn both_checkpoint_versions_load_the_same_model() {
+    let toks = tokens(5);
+    for shared in [true, false] {
+        let (a, b) = (tiny(0, shared), tiny(1, shared));
+        assert_eq!(a.cfg, CFG);
+        assert_eq!(
+            naive_logits(&a, &toks),
+            naive_logits(&b, &toks),
+            "shared = {shared}"
+        );
+    }
+}
+
+#[test]
+fn kvsieve_attention_matches_plain_attention() {
+    let m = tiny(1, false);
+    let toks = tokens(20);
+    let want = naive_logits(&m, &toks);
+    let mut e = engine::Engine::new(&m, make_policy("full", 8).unwrap()).unwrap();
+    let mut got = vec![e.prefill(&toks[..12]).unwrap()];
+    for &t in &toks[12..] {
+        got.push(e.step(t).unwrap());
+    }
+    for (i, g) in got.iter().enumerate() {
+        let w = &want[11 + i];
+        let err = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err < 1e-4, "position {}: max logit error {err}", 11 + i);
+    }
+}
+
+#[test]
+fn every_policy_runs_and_large_budgets_equal_full() {
+    let m = tiny(0, true);
+    let toks = tokens(48);
+    let (ppl_full, _) = engine::perplexity(&m, make_policy("full", 8).unwrap(), &toks, 16).unwrap();
+    let greedy_full = engine::greedy(&m, make_policy("full", 8).unwrap(), &toks[..16], 12).unwrap();
+    for name in POLICIES {
+        let (ppl, _) = engine::perplexity(&m, make_policy(name, 64).unwrap(), &toks, 16).unwrap();
+        assert_eq!(
+            ppl, ppl_full,
+            "{name} at a budget above the sequence length"
+        );
+        let (ppl_small, bytes) =
+            engine::perplexity(&m, make_policy(name, 8).unwrap(), &toks, 16).unwrap();
+        assert!(
+            ppl_small.is_finite() && ppl_small > 1.0,
+            "{name}: {ppl_small}"
+        );
+        assert!(bytes > 0);
+        let g = engine::greedy(&m, make_policy(name, 64).unwrap(), &toks[..16], 12).unwrap();
+        assert_eq!(g, greedy_full, "{name}");
+    }
+}
+
+#[test]
+fn bad_checkpoints_are_errors() {
+    let dir = std::env::temp_dir();
+    let p = dir.join(format!("kvsieve-l2c-bad-{}.bin", std::process::id()));
+    model::write_random_checkpoint(&p, &CFG, 1, true, 1).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    assert!(
+        Model::from_bytes(&bytes[..bytes.len() - 4])
+            .err()
+            .unwrap()
+            .contains("truncated")
+    );
+    let mut v2 = bytes.clone();
+    v2[4] = 2;
+    assert!(Model::from_bytes(&v2).err().unwrap().contains("version 2"));
+    assert!(Model::from_bytes(&[1, 2, 3]).is_err());
+    assert!(Model::load(&dir.join("kvsieve-no-such-checkpoint.bin")).is_err());
+    let _ = std::fs::remove_file(&p);
+    // A token outside the vocabulary is an error, not a panic.
+    assert!(
+        Model::from_bytes(&bytes)
+            .unwrap()
+            .embed(CFG.vocab_size)
+            .is_err()
+    );
+}
