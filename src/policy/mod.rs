@@ -11,6 +11,9 @@
 //! | [`MorphKv`] | attention of the last W queries | decode (first step compresses the prompt) | `Evict` |
 //! | [`Caote`] | attention-output error over any [`Scorer`] | prefill blocks, decode | `Evict` |
 //! | [`Ems`] | Global-Local score, evict then merge | prefill end | `Merge` |
+//! | [`TokenSelect`] | soft vote + sinks + local, Selection Cache | prefill chunks, decode | `Select` (`KvHead`) |
+//! | [`TidalDecode`] | top-k at selection layers, reused by later layers | decode | `Select` (`QueryHead`) |
+//! | [`Dam`] | static calibrated diagonal/vertical masks | decode (prefill via [`Dam::prefill_mask`]) | `Select` (`QueryHead`) |
 //!
 //! **Contract of a step** (what [`Session`] does, and what an engine must do
 //! to drive a policy by hand), per layer:
@@ -49,6 +52,7 @@
 #![forbid(unsafe_code)]
 
 mod caote;
+mod dam;
 mod ems;
 
 mod evidence;
@@ -57,9 +61,12 @@ mod h2o;
 mod morph_kv;
 mod snapkv;
 mod streaming_llm;
+mod tidal_decode;
+mod token_select;
 mod tova;
 
 pub use caote::{Caote, CaoteConfig, CaoteGqa, caote_scores, joint_eviction_error};
+pub use dam::{Dam, DamConfig, DamThreshold, HeadPattern};
 pub use ems::{AlignOver, Ems, EmsConfig, MergeKeys, global_local_scores};
 
 pub use evidence::{Probs, attention_probs};
@@ -68,6 +75,11 @@ pub use h2o::{H2O, H2oConfig, H2oScorer};
 pub use morph_kv::{Fusion, MorphGqa, MorphKv, MorphKvConfig};
 pub use snapkv::{Pooling, SnapKv, SnapKvConfig, SnapKvScorer};
 pub use streaming_llm::{StreamingLlm, StreamingLlmConfig};
+pub use tidal_decode::{GqaMode, LayerRole, TidalDecode, TidalDecodeConfig};
+pub use token_select::{
+    CacheStats, RopePositions, TokenSelect, TokenSelectConfig, selection_positions,
+    selection_prefill_mask,
+};
 pub use tova::{Tova, TovaConfig, TovaScorer};
 
 use crate::backend::{Backend, Normalizer, Ops, Restrict};
