@@ -12,6 +12,8 @@
 //! | `caote_h2o`, `caote_tova`, `caote_snapkv` | [`Caote`] over that scorer | as the base policy |
 //! | `fastcaote_h2o` | [`Caote`] with the mean value | as H2O |
 //! | `ems` | [`Ems`] | window `min(32, B/2)`, B8 defaults |
+//! | `token_select` | [`TokenSelect`] (selection only, cache kept) | 4 sinks + `B/8` local + top-k of the rest |
+//! | `tidal_decode` | [`TidalDecode`] (selection only) | top-`B` per query head, selected at layer 0 and reused by every later layer (evaluation traces are shallow; engines keep the paper's dense layers 0–1) |
 
 use crate::backend::Ops;
 use crate::dtype::Element;
@@ -31,6 +33,8 @@ pub const POLICIES: &[&str] = &[
     "caote_snapkv",
     "fastcaote_h2o",
     "ems",
+    "token_select",
+    "tidal_decode",
 ];
 
 /// Smallest budget the conventions above accept.
@@ -103,6 +107,21 @@ pub fn make_policy<B: Ops + 'static, T: Element>(
             budget: Budget::tokens(budget),
             window,
             ..EmsConfig::default()
+        })?),
+        "token_select" => {
+            let n_local = (budget / 8).max(1);
+            Box::new(TokenSelect::new(TokenSelectConfig {
+                n_init: 4,
+                n_local,
+                k: budget - 4 - n_local,
+                ..TokenSelectConfig::default()
+            })?)
+        }
+        "tidal_decode" => Box::new(TidalDecode::new(TidalDecodeConfig {
+            k: budget,
+            sparse_layer_start: 0,
+            reselect_layers: Vec::new(),
+            ..TidalDecodeConfig::default()
         })?),
         other => {
             return Err(config(
