@@ -12,6 +12,10 @@
 //! | token sets | [`IndexSet`], [`IndexList`], [`BitMask`], [`MaskList`] |
 //! | backends | [`reference::Reference`] (the specification) |
 //! | validated ops | [`ops`] |
+//! | row α-entmax solvers, backward, learned α | [`mod@entmax`] |
+//! | KV cache with per-head lengths | [`cache::KvCache`] |
+//! | policies and their driver | [`policy::KvPolicy`], [`policy::Session`] and one type per method |
+//! | evaluation traces | [`eval`] |
 //!
 //! ```
 //! use kvsieve::ops::{self, DecodeParams};
