@@ -512,3 +512,137 @@ fn weighted_rows_equals_repeated_axpy() {
         }
     }
 }
+
+/// The strided and gathered variants are bitwise equal to the contiguous
+/// primitives on the same rows (the CPU decode relies on this for "select
+/// everything == dense").
+#[test]
+fn strided_and_gathered_variants_equal_contiguous() {
+    let mut rng = Rng(0x5eed);
+    for isa in available() {
+        for &d in DS {
+            for (g, n) in [(1, 5), (4, 37), (8, 70)] {
+                let src: Vec<bf16> = rng.vec_t((n + 9) * d);
+                let base = 4;
+                // Scattered rows, and the same rows copied contiguously.
+                let idx: Vec<u32> = (0..n as u32).map(|j| (j * 7) % (n as u32 + 5)).collect();
+                let rows: Vec<bf16> = idx
+                    .iter()
+                    .flat_map(|&j| src[(base + j as usize) * d..][..d].iter().copied())
+                    .collect();
+                let rows = &rows[..];
+                let qs = rng.vec(g * d, -1.0, 1.0);
+                let stride = n + 3;
+                let mut a = vec![0.0f32; g * n];
+                scores_rows(isa, &qs, g, rows, d, 0.7, &mut a);
+                let mut b = vec![0.0f32; g * stride];
+                scores_rows_strided(isa, &qs, g, rows, d, 0.7, &mut b, stride);
+                let mut c = vec![0.0f32; g * stride];
+                scores_gather(isa, &qs, g, &src, d, base, &idx, 0.7, &mut c, stride);
+                for i in 0..g {
+                    for j in 0..n {
+                        assert_eq!(a[i * n + j].to_bits(), b[i * stride + j].to_bits());
+                        assert_eq!(a[i * n + j].to_bits(), c[i * stride + j].to_bits());
+                    }
+                }
+                let mut p = rng.vec(g * n, 0.0, 1.0);
+                for j in (0..n).step_by(3) {
+                    for i in 0..g {
+                        p[i * n + j] = 0.0;
+                    }
+                }
+                let mut ps = vec![0.0f32; g * stride];
+                for i in 0..g {
+                    ps[i * stride..i * stride + n].copy_from_slice(&p[i * n..(i + 1) * n]);
+                }
+                let acc0 = rng.vec(g * d, -1.0, 1.0);
+                let (mut x, mut y, mut z) = (acc0.clone(), acc0.clone(), acc0.clone());
+                weighted_rows(isa, &mut x, g, &p, rows, d);
+                weighted_rows_strided(isa, &mut y, g, &ps, stride, rows, d);
+                weighted_gather(isa, &mut z, g, &ps, stride, &src, d, base, &idx);
+                for k in 0..g * d {
+                    assert_eq!(x[k].to_bits(), y[k].to_bits(), "{isa} strided d={d}");
+                    assert_eq!(x[k].to_bits(), z[k].to_bits(), "{isa} gather d={d}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn pow_relu_apply_matches_definition() {
+    let mut rng = Rng(77);
+    for isa in available() {
+        for &n in LENS {
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i % 5 == 4 {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.f(-2.0, 2.0)
+                    }
+                })
+                .collect();
+            for (alpha, mode) in [
+                (1.5f32, PowMode::Alpha15),
+                (2.0, PowMode::Alpha2),
+                (1.25, PowMode::General(4.0)),
+            ] {
+                let tau = 0.1f32;
+                let mut y = x.clone();
+                let sum = pow_relu_apply(isa, &mut y, tau, mode);
+                let mut exact = 0.0f64;
+                for (a, b) in x.iter().zip(&y) {
+                    let z = (f64::from(*a) - f64::from(tau)).max(0.0);
+                    let e = z.powf(1.0 / f64::from(alpha - 1.0));
+                    exact += e;
+                    if z == 0.0 {
+                        assert_eq!(*b, 0.0, "{isa} alpha={alpha}: exact zero");
+                    } else {
+                        assert!(
+                            (f64::from(*b) - e).abs() <= 1e-5 * e.max(1.0),
+                            "{isa} alpha={alpha}: {b} vs {e}"
+                        );
+                    }
+                }
+                assert!(
+                    (f64::from(sum) - exact).abs() <= 1e-5 * exact.max(1.0),
+                    "{isa} sum"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn shift_select_matches_scalar() {
+    let mut rng = Rng(99);
+    for isa in available() {
+        for &n in LENS {
+            let mut x: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i % 7 == 3 {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.f(-3.0, 3.0)
+                    }
+                })
+                .collect();
+            let want: Vec<f32> = x.iter().map(|v| 0.5 * (v - 1.0)).collect();
+            let cands: Vec<f32> = want.iter().copied().filter(|&v| v > -1.0).collect();
+            let fin = want.iter().filter(|v| v.is_finite()).count();
+            let mut c = vec![0.0f32; n];
+            let (k, f, nan) = shift_select(isa, &mut x, 1.0, 0.5, -1.0, &mut c);
+            assert_eq!(x, want, "{isa} n={n}");
+            assert_eq!(&c[..k], &cands[..], "{isa} n={n}");
+            assert_eq!((f, nan), (fin, false), "{isa} n={n}");
+            if n > 0 {
+                x[n / 2] = f32::NAN;
+                assert!(
+                    shift_select(isa, &mut x, 0.0, 1.0, -1.0, &mut c).2,
+                    "{isa} NaN n={n}"
+                );
+            }
+        }
+    }
+}

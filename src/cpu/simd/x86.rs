@@ -194,6 +194,19 @@ impl Simd for V256 {
         }
     }
     #[inline(always)]
+    fn prefetch<T>(self, s: &[T]) {
+        let bytes = std::mem::size_of_val(s);
+        let p = s.as_ptr().cast::<i8>();
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: `_mm_prefetch` is a hint that never faults or reads
+            // architecturally; the address lies inside `s` (SSE is part of
+            // the x86-64 baseline).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) };
+            at += 64;
+        }
+    }
+    #[inline(always)]
     fn reduce_max(self, v: __m256) -> f32 {
         // SAFETY: V256 proves AVX2+FMA+F16C.
         unsafe {
@@ -345,6 +358,19 @@ impl Simd for V512 {
                 _mm256_add_ps(lo, hi)
             };
             V256::new_unchecked().reduce_add4([fold(v[0]), fold(v[1]), fold(v[2]), fold(v[3])])
+        }
+    }
+    #[inline(always)]
+    fn prefetch<T>(self, s: &[T]) {
+        let bytes = std::mem::size_of_val(s);
+        let p = s.as_ptr().cast::<i8>();
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: `_mm_prefetch` is a hint that never faults or reads
+            // architecturally; the address lies inside `s` (SSE is part of
+            // the x86-64 baseline).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) };
+            at += 64;
         }
     }
     #[inline(always)]

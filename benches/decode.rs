@@ -1,0 +1,324 @@
+//! CPU decode attention: bandwidth against a same-run memory copy.
+//!
+//! Sweeps context (4K, 32K, 128K tokens), budget (dense vs an index list of
+//! k = 2048), dtype (f32, f16, bf16), GQA group (1, 4, 8), batch (1, 4),
+//! normaliser (softmax, entmax α = 1.5 at full and ~10% support) and thread
+//! count (1, all). Throughput is the bytes actually read (K and V rows
+//! visited, the queries, the index lists). Before criterion runs, the bench
+//! checks the CPU result against the reference on a small preset and prints
+//! one summary line per case (median of its own repetitions, GB/s, ratio to
+//! the copy bandwidth measured with the same thread count).
+//!
+//! `cargo bench --bench decode -- --warm-up-time 1 --measurement-time 3`
+
+mod common;
+
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use half::{bf16, f16};
+use kvsieve::cpu::{Cpu, isa};
+use kvsieve::ops::{self, DecodeParams};
+use kvsieve::reference::Reference;
+use kvsieve::*;
+
+/// Shape of one decode case.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    n: usize,
+    batch: usize,
+    /// `Some(k)`: index list of k tokens per (sequence, KV head).
+    k: Option<usize>,
+    /// `None`: softmax; `Some(share)`: entmax α = 1.5 with about that support.
+    entmax: Option<f64>,
+}
+
+impl Case {
+    fn name<T: Element>(&self) -> String {
+        let budget = self.k.map_or("dense".to_string(), |k| format!("idx{k}"));
+        let norm = match self.entmax {
+            None => "softmax".to_string(),
+            Some(s) => format!("entmax1.5@{:.0}%", 100.0 * s),
+        };
+        format!(
+            "{}/n{}K/{}q{}kv/b{}/{budget}/{norm}",
+            T::DTYPE,
+            self.n / 1024,
+            self.hq,
+            self.hkv,
+            self.batch
+        )
+    }
+}
+
+/// Inputs of a case: K / V / q and the token sets.
+struct Inputs<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    segs: Segments,
+    list: Option<IndexList>,
+    norm: Normalizer,
+    /// Rows of V that carry non-zero weight (entmax) per segment.
+    v_rows: usize,
+}
+
+fn hash(i: usize) -> f32 {
+    let x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+}
+
+fn inputs<T: Element>(c: &Case) -> Inputs<T> {
+    let segs = Segments::uniform(c.batch, c.hkv, c.n).unwrap();
+    let rows = segs.rows_needed();
+    let d = c.d;
+    let (q, k, v_rows) = match c.entmax {
+        None => (
+            (0..c.batch * c.hq * d)
+                .map(|i| T::from_f32(hash(i)))
+                .collect(),
+            (0..rows * d).map(|i| T::from_f32(hash(i + 7))).collect(),
+            c.k.unwrap_or(c.n),
+        ),
+        Some(share) => {
+            // q = e_0; k_j[0] = 1 on a `share` of tokens, 0 elsewhere, tiny
+            // noise on the other coordinates: entmax keeps exactly those.
+            let every = (1.0 / share).round() as usize;
+            let q = (0..c.batch * c.hq * d)
+                .map(|i| {
+                    T::from_f32(if i % d == 0 {
+                        (d as f32).sqrt() * 4.0
+                    } else {
+                        0.0
+                    })
+                })
+                .collect();
+            let k = (0..rows * d)
+                .map(|i| {
+                    let (j, col) = ((i / d) % c.n, i % d);
+                    T::from_f32(if col == 0 {
+                        if j % every == 0 { 1.0 } else { 0.0 }
+                    } else {
+                        1e-3 * hash(i)
+                    })
+                })
+                .collect();
+            (q, k, c.n.div_ceil(every))
+        }
+    };
+    let v = (0..rows * d).map(|i| T::from_f32(hash(i + 13))).collect();
+    let list = c.k.map(|kk| {
+        let stride = c.n / kk;
+        let sets: Vec<IndexSet> = (0..segs.num_segments())
+            .map(|s| {
+                IndexSet::from_unsorted(
+                    (0..kk)
+                        .map(|i| (i * stride + (s * 31 + i * 17) % stride) as u32)
+                        .collect(),
+                )
+            })
+            .collect();
+        IndexList::from_sets(Scope::KvHead, &sets).unwrap()
+    });
+    let norm = match c.entmax {
+        None => Normalizer::Softmax,
+        Some(_) => Normalizer::Entmax { alpha: 1.5 },
+    };
+    Inputs {
+        q,
+        k,
+        v,
+        segs,
+        list,
+        norm,
+        v_rows,
+    }
+}
+
+/// Bytes read by one call: K rows, V rows with non-zero weight, q, lists.
+fn bytes_read<T: Element>(c: &Case, inp: &Inputs<T>) -> f64 {
+    let row = (c.d * size_of::<T>()) as f64;
+    let segs = (c.batch * c.hkv) as f64;
+    let k_rows = c.k.unwrap_or(c.n) as f64;
+    let lists = c.k.map_or(0.0, |k| (k * 4) as f64) * segs;
+    segs * (k_rows + inp.v_rows as f64) * row
+        + (c.batch * c.hq * c.d * size_of::<T>()) as f64
+        + lists
+}
+
+fn run<B: Ops<Buffer<T> = Vec<T>>, T: Element>(b: &B, c: &Case, inp: &Inputs<T>, out: &mut Vec<T>) {
+    let geom = HeadGeometry::new(c.hq, c.hkv, c.d).unwrap();
+    let restrict = match &inp.list {
+        Some(l) => Restrict::Indices(l),
+        None => Restrict::Dense,
+    };
+    let p = DecodeParams {
+        geom,
+        segments: &inp.segs,
+        scale: None,
+        normalizer: &inp.norm,
+        restrict,
+    };
+    ops::decode_attention::<B, T>(b, &p, &inp.q, &inp.k, &inp.v, out).unwrap();
+}
+
+/// The small preset every run starts with: CPU vs reference.
+fn check_against_reference() {
+    for entmax in [None, Some(0.1)] {
+        for k in [None, Some(64)] {
+            let c = Case {
+                hq: 8,
+                hkv: 2,
+                d: 64,
+                n: 700,
+                batch: 2,
+                k,
+                entmax,
+            };
+            let inp = inputs::<f32>(&c);
+            let mut want = vec![0.0f32; inp.q.len()];
+            run(&Reference, &c, &inp, &mut want);
+            let mut got = vec![0.0f32; inp.q.len()];
+            run(&Cpu::new(), &c, &inp, &mut got);
+            for (a, e) in got.iter().zip(&want) {
+                assert!(
+                    (a - e).abs() <= 5e-5 + 1e-4 * e.abs(),
+                    "decode preset {c:?}: {a} vs {e}"
+                );
+            }
+        }
+    }
+    println!("kvsieve-decode | preset check against the reference: ok");
+}
+
+fn bench_case<T: Element>(
+    crit: &mut Criterion,
+    c: &Case,
+    pools: &[(Arc<rayon::ThreadPool>, f64)],
+) -> Vec<f64> {
+    let inp = inputs::<T>(c);
+    let bytes = bytes_read(c, &inp);
+    let mut out = vec![T::default(); inp.q.len()];
+    let mut secs = Vec::new();
+    let mut group = crit.benchmark_group("decode");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(bytes as u64));
+    for (pool, copy) in pools {
+        let threads = pool.current_num_threads();
+        let cpu = Cpu::with_isa(isa::detected()).pool(pool.clone());
+        let name = format!("{}/t{threads}", c.name::<T>());
+        let reps = if c.n > 65536 { 5 } else { 15 };
+        let t = common::median_secs(reps, || run(&cpu, c, &inp, &mut out));
+        common::report("decode", &name, bytes, t, *copy);
+        secs.push(t);
+        group.bench_function(BenchmarkId::from_parameter(&name), |b| {
+            b.iter(|| run(&cpu, c, &inp, &mut out))
+        });
+    }
+    group.finish();
+    secs
+}
+
+fn benches(crit: &mut Criterion) {
+    check_against_reference();
+    let pools: Vec<(Arc<rayon::ThreadPool>, f64)> = common::thread_counts()
+        .into_iter()
+        .map(|n| {
+            let p = common::pool(n);
+            let copy = common::copy_bandwidth(&p);
+            println!(
+                "kvsieve-decode | copy bandwidth, {n} thread(s): {:.2} GB/s (256 MiB buffer)",
+                copy / 1e9
+            );
+            (p, copy)
+        })
+        .collect();
+    println!(
+        "kvsieve-decode | isa = {}, threads = {:?}",
+        isa::detected(),
+        common::thread_counts()
+    );
+    let all = &pools[pools.len() - 1..];
+    let base = Case {
+        hq: 32,
+        hkv: 8,
+        d: 128,
+        n: 32 * 1024,
+        batch: 1,
+        k: None,
+        entmax: None,
+    };
+    let sparse = Case {
+        k: Some(2048),
+        ..base
+    };
+    // Target: dense 32K, all dtypes, 1 and all threads; index list k = 2048.
+    macro_rules! dense_vs_sparse {
+        ($t:ty) => {{
+            let dense = bench_case::<$t>(crit, &base, &pools);
+            let idx = bench_case::<$t>(crit, &sparse, &pools);
+            for (i, (d, s)) in dense.iter().zip(&idx).enumerate() {
+                let bound = 2048.0 / base.n as f64 * d;
+                println!(
+                    "kvsieve-decode | {} idx2048 / ((k/N) x dense), pool {i}: {:.2} (target <= 1.25)",
+                    <$t as Element>::DTYPE,
+                    s / bound
+                );
+            }
+        }};
+    }
+    dense_vs_sparse!(f32);
+    dense_vs_sparse!(f16);
+    dense_vs_sparse!(bf16);
+    // Context sweep (f16, all threads).
+    for n in [4 * 1024, 128 * 1024] {
+        bench_case::<f16>(crit, &Case { n, ..base }, all);
+    }
+    // GQA group sweep at 8K (f16): G = 1 (32 KV heads) and G = 8 (4 KV heads).
+    for hkv in [32, 4] {
+        bench_case::<f16>(
+            crit,
+            &Case {
+                hkv,
+                n: 8 * 1024,
+                ..base
+            },
+            all,
+        );
+    }
+    // Batch 4 at 4K (f16).
+    bench_case::<f16>(
+        crit,
+        &Case {
+            batch: 4,
+            n: 4 * 1024,
+            ..base
+        },
+        all,
+    );
+    // Entmax α = 1.5 vs softmax (f32, 32K): full support and ~10%.
+    let soft = bench_case::<f32>(crit, &base, &pools);
+    for share in [1.0, 0.1] {
+        let e = bench_case::<f32>(
+            crit,
+            &Case {
+                entmax: Some(share),
+                ..base
+            },
+            &pools,
+        );
+        for (i, (s, e)) in soft.iter().zip(&e).enumerate() {
+            println!(
+                "kvsieve-decode | entmax1.5 support {:.0}% / softmax, pool {i}: {:.2}",
+                100.0 * share,
+                e / s
+            );
+        }
+    }
+}
+
+criterion_group!(decode_benches, benches);
+criterion_main!(decode_benches);

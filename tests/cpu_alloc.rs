@@ -1,0 +1,122 @@
+//! The decode hot path does not allocate: after a warm-up call, repeated
+//! decode steps (dense and index-list, softmax and entmax) are counted with
+//! a counting global allocator.
+//!
+//! The CPU backend's own buffers come from its workspace pool. What may
+//! remain is rayon's job injection when a call enters a pool from outside
+//! (its lock-free queue allocates a block every few dozen jobs), so the test
+//! allows fewer than one allocation per step on average and requires zero
+//! on the serial path (a 1-thread pool entered from inside itself).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kvsieve::cpu::Cpu;
+use kvsieve::ops::{self, DecodeParams};
+use kvsieve::*;
+
+struct Counting;
+
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn decode_steps_do_not_allocate() {
+    let geom = HeadGeometry::new(8, 2, 64).unwrap();
+    let segs = Segments::uniform(2, 2, 3000).unwrap();
+    let n = segs.rows_needed() * 64;
+    let q: Vec<f32> = (0..2 * 8 * 64).map(|i| (i % 7) as f32 * 0.1).collect();
+    let k: Vec<f32> = (0..n).map(|i| ((i * 31) % 17) as f32 * 0.05).collect();
+    let v = k.clone();
+    let sets: Vec<IndexSet> = (0..4)
+        .map(|_| IndexSet::from_unsorted((0..3000).step_by(3).collect()))
+        .collect();
+    let list = IndexList::from_sets(Scope::KvHead, &sets).unwrap();
+    let soft = Normalizer::Softmax;
+    let ent = Normalizer::Entmax { alpha: 1.5 };
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap(),
+    );
+    let serial = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap(),
+    );
+    let cases = [
+        (&soft, Restrict::Dense),
+        (&soft, Restrict::Indices(&list)),
+        (&ent, Restrict::Dense),
+        (&ent, Restrict::Indices(&list)),
+    ];
+    let mut out = vec![0.0f32; q.len()];
+    let steps = 50;
+    // Parallel pool, entered from the test thread.
+    let cpu = Cpu::new().pool(pool);
+    for (norm, restrict) in cases {
+        let p = DecodeParams {
+            geom,
+            segments: &segs,
+            scale: None,
+            normalizer: norm,
+            restrict,
+        };
+        ops::decode_attention(&cpu, &p, &q, &k, &v, &mut out).unwrap();
+        let before = ALLOCS.load(Ordering::Relaxed);
+        for _ in 0..steps {
+            ops::decode_attention(&cpu, &p, &q, &k, &v, &mut out).unwrap();
+        }
+        let per_step = (ALLOCS.load(Ordering::Relaxed) - before) as f64 / steps as f64;
+        assert!(
+            per_step < 1.0,
+            "{norm:?} {restrict:?}: {per_step} allocations per step"
+        );
+    }
+    // Serial: a 1-thread pool entered from its own worker: zero allocations.
+    let cpu1 = Cpu::new().pool(serial.clone());
+    serial.install(|| {
+        for (norm, restrict) in cases {
+            let p = DecodeParams {
+                geom,
+                segments: &segs,
+                scale: None,
+                normalizer: norm,
+                restrict,
+            };
+            ops::decode_attention(&cpu1, &p, &q, &k, &v, &mut out).unwrap();
+            let before = ALLOCS.load(Ordering::Relaxed);
+            for _ in 0..steps {
+                ops::decode_attention(&cpu1, &p, &q, &k, &v, &mut out).unwrap();
+            }
+            let n = ALLOCS.load(Ordering::Relaxed) - before;
+            assert_eq!(
+                n, 0,
+                "{norm:?} {restrict:?}: {n} allocations in {steps} serial steps"
+            );
+        }
+    });
+}
