@@ -1,0 +1,24 @@
+// entmax_rows: one workgroup per row. params: [0] rows, then indptr (rows + 1),
+// then α per row (f32 bits).
+
+@group(0) @binding(0) var<storage, read> params: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> lg: array<f32>;
+
+@compute @workgroup_size(WG)
+fn entmax_rows(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let rows = params[0];
+    let r = wg_index(wid, nwg);
+    if r >= rows {
+        return;
+    }
+    let start = params[1u + r];
+    let n = params[2u + r] - start;
+    let alpha = bitcast<f32>(params[2u + rows + r]);
+    for (var i = lid; i < n; i += WG) {
+        lg[start + i] = x[start + i];
+    }
+    _ = wg_entmax(lid, start, n, alpha);
+}

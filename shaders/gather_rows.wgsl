@@ -1,0 +1,20 @@
+// gather_rows: one invocation per destination element.
+// params: [0] elements, [1] width, then the source row of each destination row.
+
+@group(0) @binding(0) var<storage, read> params: array<u32>;
+@group(0) @binding(1) var<storage, read> src: array<TW>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn gather_rows(@builtin(workgroup_id) wid: vec3<u32>,
+               @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let e = wg_index(wid, nwg) * WG + lid;
+    if e >= params[0] {
+        return;
+    }
+    let w = params[1];
+    let i = e / w;
+    let s = params[2u + i] * w + e % w;
+    out[e] = t_get(src[s / T_EPW], s % T_EPW);
+}

@@ -1,0 +1,160 @@
+//! `gather_rows`, `compact_rows`, `merge_rows`: one invocation per element.
+
+use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
+use crate::dtype::{DType, Element};
+use crate::error::Result;
+
+use super::device::{Rec, groups_for, padded_bytes, u32c};
+use super::shaders::ShaderId;
+use super::{Wgpu, WgpuBuffer, f32_bits, out_target, pack_into};
+
+/// Runs `shader` (compact or scatter) into a widened copy of `buf` — so rows
+/// it does not write keep their values and in-place moves cannot race — then
+/// copies (f32) or packs (16-bit) the copy back. `src` defaults to `buf`.
+fn update_rows<T: Element>(
+    b: &Wgpu,
+    op: &'static str,
+    shader: ShaderId,
+    words: &[u32],
+    elems: usize,
+    src: Option<&WgpuBuffer<T>>,
+    buf: &mut WgpuBuffer<T>,
+) -> Result<()> {
+    let variant = b.ctx.variant(T::DTYPE);
+    let mut rec = Rec::new(&b.ctx, op);
+    let m = rec.words(words);
+    let bytes = padded_bytes(buf.len, 4);
+    let wide = rec.scratch(bytes);
+    if T::DTYPE == DType::F32 {
+        rec.copy(&buf.raw, &wide, bytes);
+    } else {
+        let n = rec.words(&[u32c(op, buf.len)?]);
+        rec.dispatch(
+            ShaderId::Widen,
+            variant,
+            &[],
+            &[&n, &buf.raw, &wide],
+            groups_for(buf.len),
+        )?;
+    }
+    let src = src.map_or(&buf.raw, |s| &s.raw);
+    rec.dispatch(shader, variant, &[], &[&m, src, &wide], groups_for(elems))?;
+    if T::DTYPE == DType::F32 {
+        rec.copy(&wide, &buf.raw, bytes);
+    } else {
+        pack_into(&mut rec, &wide, buf)?;
+    }
+    rec.submit()
+}
+
+impl CacheOps for Wgpu {
+    fn scatter_rows<T: Element>(
+        &self,
+        meta: &ScatterMeta,
+        src: &WgpuBuffer<T>,
+        dst: &mut WgpuBuffer<T>,
+    ) -> Result<()> {
+        const OP: &str = "scatter_rows";
+        let elems = meta.indices().len() * meta.width();
+        if elems == 0 {
+            return Ok(());
+        }
+        let mut words = vec![u32c(OP, elems)?, u32c(OP, meta.width())?];
+        words.extend_from_slice(meta.indices());
+        update_rows(
+            self,
+            OP,
+            ShaderId::ScatterRows,
+            &words,
+            elems,
+            Some(src),
+            dst,
+        )
+    }
+
+    fn gather_rows<T: Element>(
+        &self,
+        meta: &GatherMeta,
+        src: &WgpuBuffer<T>,
+        dst: &mut WgpuBuffer<T>,
+    ) -> Result<()> {
+        const OP: &str = "gather_rows";
+        let elems = meta.indices().len() * meta.width();
+        if elems == 0 {
+            return Ok(());
+        }
+        let mut words = vec![u32c(OP, elems)?, u32c(OP, meta.width())?];
+        words.extend_from_slice(meta.indices());
+        let mut rec = Rec::new(&self.ctx, OP);
+        let m = rec.words(&words);
+        let target = out_target(&mut rec, dst);
+        let variant = self.ctx.variant(T::DTYPE);
+        rec.dispatch(
+            ShaderId::GatherRows,
+            variant,
+            &[],
+            &[&m, &src.raw, &target],
+            groups_for(elems),
+        )?;
+        pack_into(&mut rec, &target, dst)?;
+        rec.submit()
+    }
+
+    fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut WgpuBuffer<T>) -> Result<()> {
+        const OP: &str = "compact_rows";
+        let w = meta.width();
+        let segs = meta.segments();
+        let mut pairs = Vec::new();
+        for s in 0..segs.num_segments() {
+            let off = segs.offset(s);
+            for (i, &j) in meta.keep().list(s).iter().enumerate() {
+                if i != j as usize {
+                    pairs.push(u32c(OP, off + i)?);
+                    pairs.push(u32c(OP, off + j as usize)?);
+                }
+            }
+        }
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let elems = pairs.len() / 2 * w;
+        let mut words = vec![u32c(OP, elems)?, u32c(OP, w)?];
+        words.extend(pairs);
+        update_rows(self, OP, ShaderId::CompactRows, &words, elems, None, buf)
+    }
+
+    fn merge_rows<T: Element>(
+        &self,
+        meta: &MergeMeta,
+        src: &WgpuBuffer<T>,
+        dst: &mut WgpuBuffer<T>,
+    ) -> Result<()> {
+        const OP: &str = "merge_rows";
+        let groups = meta.groups();
+        let elems = groups.num_segments() * meta.width();
+        if elems == 0 {
+            return Ok(());
+        }
+        let mut words = vec![
+            u32c(OP, elems)?,
+            u32c(OP, meta.width())?,
+            u32c(OP, groups.num_segments())?,
+        ];
+        words.extend_from_slice(groups.indptr());
+        words.extend_from_slice(meta.members());
+        words.extend(f32_bits(meta.weights()));
+        let mut rec = Rec::new(&self.ctx, OP);
+        let m = rec.words(&words);
+        let target = out_target(&mut rec, dst);
+        let variant = self.ctx.variant(T::DTYPE);
+        rec.dispatch(
+            ShaderId::MergeRows,
+            variant,
+            &[],
+            &[&m, &src.raw, &target],
+            groups_for(elems),
+        )?;
+        pack_into(&mut rec, &target, dst)?;
+        rec.submit()
+    }
+}
