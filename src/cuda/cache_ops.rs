@@ -1,0 +1,139 @@
+//! Cache ops on the GPU: gather, scatter, two-phase in-place compaction, weighted merge.
+
+use super::device::CudaBackend;
+use super::kernels::{GATHER, KernelId, MERGE, SCATTER, entry};
+use super::launch::{Arg, launch};
+use super::{CudaBuffer, u32_of};
+use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
+use crate::dtype::Element;
+use crate::error::Result;
+
+const THREADS: u32 = 256;
+
+/// Blocks of a grid-stride copy of `total` elements.
+fn copy_blocks(total: usize) -> u32 {
+    u32_of(total.div_ceil(THREADS as usize).clamp(1, 1 << 20))
+}
+
+fn gather_raw<T: Element>(
+    be: &CudaBackend,
+    src: &cudarc::driver::CudaSlice<u8>,
+    dst: &mut cudarc::driver::CudaSlice<u8>,
+    rows: &[u32],
+    width: usize,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let idx = be.upload_u32(rows)?;
+    launch(
+        be,
+        KernelId::GatherRows,
+        entry(&GATHER, T::DTYPE),
+        (copy_blocks(rows.len() * width), 1, 1),
+        THREADS,
+        &mut [
+            Arg::In(src),
+            Arg::Out(dst),
+            Arg::In(&idx),
+            Arg::U32(u32_of(rows.len())),
+            Arg::U32(u32_of(width)),
+        ],
+    )
+}
+
+fn scatter_raw<T: Element>(
+    be: &CudaBackend,
+    src: &cudarc::driver::CudaSlice<u8>,
+    dst: &mut cudarc::driver::CudaSlice<u8>,
+    rows: &[u32],
+    width: usize,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let idx = be.upload_u32(rows)?;
+    launch(
+        be,
+        KernelId::ScatterRows,
+        entry(&SCATTER, T::DTYPE),
+        (copy_blocks(rows.len() * width), 1, 1),
+        THREADS,
+        &mut [
+            Arg::In(src),
+            Arg::Out(dst),
+            Arg::In(&idx),
+            Arg::U32(u32_of(rows.len())),
+            Arg::U32(u32_of(width)),
+        ],
+    )
+}
+
+impl CacheOps for CudaBackend {
+    fn gather_rows<T: Element>(
+        &self,
+        meta: &GatherMeta,
+        src: &CudaBuffer<T>,
+        dst: &mut CudaBuffer<T>,
+    ) -> Result<()> {
+        gather_raw::<T>(self, &src.data, &mut dst.data, &meta.indices, meta.width)
+    }
+
+    fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut CudaBuffer<T>) -> Result<()> {
+        let mut from = Vec::new();
+        let mut to = Vec::new();
+        for s in 0..meta.segs.num_segments() {
+            let off = meta.segs.offset(s) as u32;
+            for (i, &j) in meta.keep.list(s).iter().enumerate() {
+                if j as usize != i {
+                    from.push(off + j);
+                    to.push(off + i as u32);
+                }
+            }
+        }
+        if from.is_empty() {
+            return Ok(());
+        }
+        // Phase 1: the moved rows into scratch; phase 2: scatter them to their new places.
+        let width = meta.width;
+        let mut tmp = self.scratch(from.len() * width * size_of::<T>())?;
+        gather_raw::<T>(self, &buf.data, &mut tmp, &from, width)?;
+        scatter_raw::<T>(self, &tmp, &mut buf.data, &to, width)
+    }
+
+    fn scatter_rows<T: Element>(
+        &self,
+        meta: &ScatterMeta,
+        src: &CudaBuffer<T>,
+        dst: &mut CudaBuffer<T>,
+    ) -> Result<()> {
+        scatter_raw::<T>(self, &src.data, &mut dst.data, &meta.indices, meta.width)
+    }
+
+    fn merge_rows<T: Element>(
+        &self,
+        meta: &MergeMeta,
+        src: &CudaBuffer<T>,
+        dst: &mut CudaBuffer<T>,
+    ) -> Result<()> {
+        let groups = meta.groups.num_segments();
+        let indptr = self.upload_u32(meta.groups.indptr())?;
+        let members = self.upload_u32(&meta.members)?;
+        let weights = self.upload_f32(&meta.weights)?;
+        launch(
+            self,
+            KernelId::MergeRows,
+            entry(&MERGE, T::DTYPE),
+            (u32_of(groups), u32_of(meta.width.div_ceil(128)), 1),
+            128,
+            &mut [
+                Arg::In(&src.data),
+                Arg::Out(&mut dst.data),
+                Arg::In(&indptr),
+                Arg::In(&members),
+                Arg::In(&weights),
+                Arg::U32(u32_of(meta.width)),
+            ],
+        )
+    }
+}
