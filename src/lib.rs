@@ -10,7 +10,7 @@
 //! | head geometry (GQA) | [`HeadGeometry`] |
 //! | ragged batches | [`Ragged`] (`indptr`), [`Segments`] (one per sequence × KV head) |
 //! | token sets | [`IndexSet`], [`IndexList`], [`BitMask`], [`MaskList`] |
-//! | backends | [`reference::Reference`] (the specification) |
+//! | backends | [`reference::Reference`] (the specification); [`cpu::Cpu`] (SIMD + rayon, runtime ISA); `wgpu::Wgpu` (feature `wgpu`, WGSL shaders); `cuda::CudaBackend` (feature `cuda`, NVRTC) |
 //! | validated ops | [`ops`] |
 //! | row α-entmax solvers, backward, learned α | [`mod@entmax`] |
 //! | KV cache with per-head lengths | [`cache::KvCache`] |
@@ -42,6 +42,8 @@
 pub mod backend;
 pub mod cache;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod entmax;
 pub mod error;
@@ -50,6 +52,8 @@ pub mod layout;
 pub mod ops;
 pub mod policy;
 pub mod reference;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 #[cfg(doctest)]
 mod readme_doctest;

@@ -7,7 +7,9 @@
 //!
 //! expands to `reference::softmax_matches_reference`, and one module per
 //! other backend compiled in, each with the same test names, so
-//! `cargo test reference::` runs one backend.
+//! `cargo test reference::` runs one backend. The `cpu` module runs each
+//! body once per instruction set in [`cpu_isas`] (scalar first, then every
+//! vector ISA the machine has; `KVSIEVE_ISA` narrows the list).
 //!
 //! GPU backends that find no device print `SKIPPED(<backend>): <reason>`;
 //! with `KVSIEVE_REQUIRE=<backend>[,<backend>]` a skip is a failure.
@@ -28,6 +30,27 @@ pub fn skip(backend: &str, reason: &str) {
     eprintln!("SKIPPED({backend}): {reason}");
 }
 
+/// The shared CUDA backend of this test binary (device 0, opened once so kernels compile
+/// once), or why it is unavailable.
+#[cfg(feature = "cuda")]
+pub fn cuda() -> Result<&'static kvsieve::cuda::CudaBackend, String> {
+    static DEV: std::sync::OnceLock<Result<kvsieve::cuda::CudaBackend, String>> =
+        std::sync::OnceLock::new();
+    DEV.get_or_init(|| kvsieve::cuda::CudaBackend::new(0).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The ISAs the `cpu` arm runs: every available one not above
+/// [`kvsieve::cpu::isa::detected`] (so `KVSIEVE_ISA=scalar` runs scalar only).
+pub fn cpu_isas() -> Vec<kvsieve::cpu::isa::Isa> {
+    let top = kvsieve::cpu::isa::detected();
+    kvsieve::cpu::isa::available()
+        .into_iter()
+        .filter(|&i| i <= top)
+        .collect()
+}
+
 #[macro_export]
 macro_rules! backend_suite {
     ($($body:ident),* $(,)?) => {
@@ -39,5 +62,56 @@ macro_rules! backend_suite {
                 }
             )*
         }
+        /// The CPU backend under every ISA this machine has (scalar first),
+        /// narrowed by `KVSIEVE_ISA` when it is set.
+        mod cpu {
+            $(
+                #[test]
+                fn $body() {
+                    for isa in $crate::common::backends::cpu_isas() {
+                        eprintln!("cpu backend, isa = {isa}");
+                        super::$body(&kvsieve::cpu::Cpu::with_isa(isa));
+                    }
+                }
+            )*
+        }
+        #[cfg(feature = "wgpu")]
+        mod wgpu {
+            $(
+                #[test]
+                fn $body() {
+                    if let Some(b) = $crate::common::backends::wgpu_device() {
+                        super::$body(&b);
+                    }
+                }
+            )*
+        }
+        #[cfg(feature = "cuda")]
+        mod cuda {
+            $(
+                #[test]
+                fn $body() {
+                    match $crate::common::backends::cuda() {
+                        Ok(b) => super::$body(b),
+                        Err(reason) => $crate::common::backends::skip("cuda", &reason),
+                    }
+                }
+            )*
+        }
     };
+}
+
+/// The wgpu backend, opened once per test binary; `None` after a loud skip
+/// (a failure under `KVSIEVE_REQUIRE=wgpu`).
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device() -> Option<kvsieve::wgpu::Wgpu> {
+    use std::sync::OnceLock;
+    static DEVICE: OnceLock<Result<kvsieve::wgpu::Wgpu, String>> = OnceLock::new();
+    match DEVICE.get_or_init(|| kvsieve::wgpu::Wgpu::new().map_err(|e| e.to_string())) {
+        Ok(b) => Some(b.clone()),
+        Err(reason) => {
+            skip("wgpu", reason);
+            None
+        }
+    }
 }
