@@ -30,7 +30,7 @@ use kvsieve::reference::Reference;
 use kvsieve::{HeadGeometry, IndexList, Normalizer, Ops, Ragged, Scope, Segments};
 
 const HELP: &str = "usage: eval [flags]
-  --backend NAME      reference (default)
+  --backend NAME      cpu (default: SIMD + rayon) or reference (the f64 specification)
   --policies A,B,..   policies to run (default: all): POLICY_LIST
   --budgets N,N,..    per-head token budgets (default 64,128,256)
   --prompt-len N      synthetic prompt length (default 1024)
@@ -55,7 +55,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
-        backend: "reference".into(),
+        backend: "cpu".into(),
         policies: POLICIES.iter().map(|s| s.to_string()).collect(),
         budgets: vec![64, 128, 256],
         trace_cfg: TraceConfig {
@@ -148,7 +148,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     match args.backend.as_str() {
         "reference" => evaluate(Reference, "reference", &args, &trace),
-        other => Err(format!("unknown backend `{other}` (available: reference)").into()),
+        "cpu" => {
+            let cpu = kvsieve::cpu::Cpu::new();
+            let name = format!("cpu ({}, {} threads)", cpu.isa(), cpu.num_threads());
+            evaluate(cpu, &name, &args, &trace)
+        }
+        other => Err(format!("unknown backend `{other}` (available: reference, cpu)").into()),
     }
 }
 
