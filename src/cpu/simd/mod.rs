@@ -943,7 +943,6 @@ mod body {
         d: usize,
         row: impl Fn(usize) -> &'a [T],
     ) {
-        const U: usize = 8;
         if d == 0 || g == 0 {
             return;
         }
@@ -968,44 +967,104 @@ mod body {
             if sel.is_empty() {
                 continue;
             }
-            for h in 0..g {
-                let ph = &p[h * p_stride..h * p_stride + n];
-                let ah = &mut acc[h * d..(h + 1) * d];
+            // Heads in groups of up to 4: each row chunk is loaded (and
+            // widened) once per group, its accumulators stay in registers.
+            let mut h0 = 0;
+            while h0 < g {
+                let hb = (g - h0).min(4);
                 let mut c = 0;
-                while c + U * S::L <= full {
-                    let mut a = [s.splat(0.0); U];
-                    for (u, a) in a.iter_mut().enumerate() {
-                        *a = s.load(&ah[c + u * S::L..]);
-                    }
-                    for &j in sel {
-                        let w = s.splat(ph[j]);
-                        let r = &row(j)[c..c + U * S::L];
-                        for (u, a) in a.iter_mut().enumerate() {
-                            *a = s.fma(w, s.load_t(&r[u * S::L..]), *a);
+                macro_rules! tiles {
+                    ($u:literal) => {
+                        while c + $u * S::L <= full {
+                            match hb {
+                                4 => weighted_tile::<S, T, 4, $u>(
+                                    s, acc, h0, d, c, p, p_stride, sel, &row,
+                                ),
+                                3 => weighted_tile::<S, T, 3, $u>(
+                                    s, acc, h0, d, c, p, p_stride, sel, &row,
+                                ),
+                                2 => weighted_tile::<S, T, 2, $u>(
+                                    s, acc, h0, d, c, p, p_stride, sel, &row,
+                                ),
+                                _ => weighted_tile::<S, T, 1, $u>(
+                                    s, acc, h0, d, c, p, p_stride, sel, &row,
+                                ),
+                            }
+                            c += $u * S::L;
                         }
-                    }
-                    for (u, a) in a.iter().enumerate() {
-                        s.store(&mut ah[c + u * S::L..], *a);
-                    }
-                    c += U * S::L;
+                    };
                 }
-                while c < full {
-                    let mut a = s.load(&ah[c..]);
-                    for &j in sel {
-                        let r = &row(j)[c..c + S::L];
-                        a = s.fma(s.splat(ph[j]), s.load_t(r), a);
-                    }
-                    s.store(&mut ah[c..], a);
-                    c += S::L;
+                // 32 vector registers (AVX-512): 4 heads x 4 vectors; else 4 x 2.
+                if S::L >= 16 {
+                    tiles!(4);
+                } else {
+                    tiles!(2);
                 }
-                if full < d {
-                    let mut a = s.load_part(&ah[full..], 0.0);
-                    for &j in sel {
-                        let r = s.load_part(&row(j)[full..d], 0.0);
-                        a = s.fma(s.splat(ph[j]), r, a);
+                for h in h0..h0 + hb {
+                    let ph = &p[h * p_stride..h * p_stride + n];
+                    let ah = &mut acc[h * d..(h + 1) * d];
+                    let mut c = c;
+                    while c < full {
+                        let mut a = s.load(&ah[c..]);
+                        for &j in sel {
+                            let r = &row(j)[c..c + S::L];
+                            a = s.fma(s.splat(ph[j]), s.load_t(r), a);
+                        }
+                        s.store(&mut ah[c..], a);
+                        c += S::L;
                     }
-                    s.store_part(&mut ah[full..], a);
+                    if full < d {
+                        let mut a = s.load_part(&ah[full..], 0.0);
+                        for &j in sel {
+                            let r = s.load_part(&row(j)[full..d], 0.0);
+                            a = s.fma(s.splat(ph[j]), r, a);
+                        }
+                        s.store_part(&mut ah[full..], a);
+                    }
                 }
+                h0 += hb;
+            }
+        }
+    }
+
+    /// One register tile of `weighted_core`: heads `h0 .. h0 + HB`, columns
+    /// `c .. c + U·L`, over the selected rows in order (each output element
+    /// is the chain `acc = fma(p_ij, row_j[k], acc)` over increasing `j`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn weighted_tile<'a, S: Simd, T: Element, const HB: usize, const U: usize>(
+        s: S,
+        acc: &mut [f32],
+        h0: usize,
+        d: usize,
+        c: usize,
+        p: &[f32],
+        p_stride: usize,
+        sel: &[usize],
+        row: &impl Fn(usize) -> &'a [T],
+    ) {
+        let mut a = [[s.splat(0.0); U]; HB];
+        for (hh, ah) in a.iter_mut().enumerate() {
+            for (u, x) in ah.iter_mut().enumerate() {
+                *x = s.load(&acc[(h0 + hh) * d + c + u * S::L..]);
+            }
+        }
+        for &j in sel {
+            let r = &row(j)[c..c + U * S::L];
+            let mut rv = [s.splat(0.0); U];
+            for (u, x) in rv.iter_mut().enumerate() {
+                *x = s.load_t(&r[u * S::L..]);
+            }
+            for (hh, ah) in a.iter_mut().enumerate() {
+                let w = s.splat(p[(h0 + hh) * p_stride + j]);
+                for (x, r) in ah.iter_mut().zip(&rv) {
+                    *x = s.fma(w, *r, *x);
+                }
+            }
+        }
+        for (hh, ah) in a.iter().enumerate() {
+            for (u, x) in ah.iter().enumerate() {
+                s.store(&mut acc[(h0 + hh) * d + c + u * S::L..], *x);
             }
         }
     }
