@@ -594,20 +594,7 @@ impl<B: Ops, T: Element> Session<B, T> {
         }
         if let Some((q_rows, qs)) = last {
             for (li, q) in qs.iter().enumerate() {
-                let plan = {
-                    let ctx = ctx_of(
-                        &self.backend,
-                        &self.cache,
-                        self.cfg.scale,
-                        li,
-                        q,
-                        &q_rows,
-                        self.chunks,
-                        Phase::PrefillEnd,
-                    )?;
-                    self.policy.on_prefill_end(&ctx)?
-                };
-                apply_plan(&self.backend, &mut self.cache, li, plan)?;
+                self.hook(li, q, &q_rows, self.chunks, Phase::PrefillEnd)?;
             }
         }
         Ok(outs)
@@ -630,20 +617,7 @@ impl<B: Ops, T: Element> Session<B, T> {
     ) -> Result<B::Buffer<T>> {
         let out = self.prefill_layer(li, q_rows, x.q, x.k, x.v)?;
         if last {
-            let plan = {
-                let ctx = ctx_of(
-                    &self.backend,
-                    &self.cache,
-                    self.cfg.scale,
-                    li,
-                    x.q,
-                    q_rows,
-                    self.chunks + 1,
-                    Phase::PrefillEnd,
-                )?;
-                self.policy.on_prefill_end(&ctx)?
-            };
-            apply_plan(&self.backend, &mut self.cache, li, plan)?;
+            self.hook(li, x.q, q_rows, self.chunks + 1, Phase::PrefillEnd)?;
         }
         Ok(out)
     }
@@ -651,6 +625,37 @@ impl<B: Ops, T: Element> Session<B, T> {
     /// Marks the end of a prefill chunk driven with [`Session::prefill_chunk_layer`].
     pub fn end_prefill_chunk(&mut self) {
         self.chunks += 1;
+    }
+
+    /// Runs the hook of `phase` for layer `li`, applies its plan, and returns
+    /// the selection of a `Select` plan.
+    fn hook(
+        &mut self,
+        li: usize,
+        q: &B::Buffer<T>,
+        q_rows: &Ragged,
+        step: usize,
+        phase: Phase,
+    ) -> Result<Option<IndexList>> {
+        let plan = {
+            let ctx = ctx_of(
+                &self.backend,
+                &self.cache,
+                self.cfg.scale,
+                li,
+                q,
+                q_rows,
+                step,
+                phase,
+            )?;
+            match phase {
+                Phase::PrefillChunk => self.policy.on_prefill_chunk(&ctx)?,
+                Phase::PrefillEnd => self.policy.on_prefill_end(&ctx)?,
+                Phase::Decode => self.policy.on_decode_step(&ctx)?,
+                Phase::Select => self.policy.select_for_attention(&ctx)?,
+            }
+        };
+        apply_plan(&self.backend, &mut self.cache, li, plan)
     }
 
     /// Append, causal attention and `on_prefill_chunk` for one layer.
@@ -676,20 +681,7 @@ impl<B: Ops, T: Element> Session<B, T> {
             normalizer: &self.cfg.normalizer,
         };
         ops::prefill_attention(&self.backend, &p, q, l.k(), l.v(), &mut out)?;
-        let plan = {
-            let ctx = ctx_of(
-                &self.backend,
-                &self.cache,
-                self.cfg.scale,
-                li,
-                q,
-                q_rows,
-                self.chunks,
-                Phase::PrefillChunk,
-            )?;
-            self.policy.on_prefill_chunk(&ctx)?
-        };
-        apply_plan(&self.backend, &mut self.cache, li, plan)?;
+        self.hook(li, q, q_rows, self.chunks, Phase::PrefillChunk)?;
         Ok(out)
     }
 
@@ -739,34 +731,8 @@ impl<B: Ops, T: Element> Session<B, T> {
         let (hq, d) = (self.geom.num_q_heads(), self.geom.head_dim());
         self.cache
             .append(&self.backend, li, q_rows, x.k, x.v, None)?;
-        let plan = {
-            let ctx = ctx_of(
-                &self.backend,
-                &self.cache,
-                self.cfg.scale,
-                li,
-                x.q,
-                q_rows,
-                self.steps,
-                Phase::Decode,
-            )?;
-            self.policy.on_decode_step(&ctx)?
-        };
-        apply_plan(&self.backend, &mut self.cache, li, plan)?;
-        let plan = {
-            let ctx = ctx_of(
-                &self.backend,
-                &self.cache,
-                self.cfg.scale,
-                li,
-                x.q,
-                q_rows,
-                self.steps,
-                Phase::Select,
-            )?;
-            self.policy.select_for_attention(&ctx)?
-        };
-        let sel = apply_plan(&self.backend, &mut self.cache, li, plan)?;
+        self.hook(li, x.q, q_rows, self.steps, Phase::Decode)?;
+        let sel = self.hook(li, x.q, q_rows, self.steps, Phase::Select)?;
         let l = self.cache.layer(li)?;
         let mut out = self.backend.zeros::<T>(q_rows.total() * hq * d)?;
         let p = ops::DecodeParams {
