@@ -1,6 +1,6 @@
 //! CPU-backend specific checks: bitwise determinism across rayon pool sizes
 //! (1 and 3 threads, every ISA), the entmax prefill backward against the
-//! reference, and block skipping in the backward.
+//! reference, block skipping in the backward, and the huge-page KV buffers.
 
 mod common;
 
@@ -280,4 +280,54 @@ fn backward_block_skipping_changes_nothing() {
         a.0
     );
     assert_eq!(a, b, "skipping dead tiles must not change any result");
+}
+
+/// `kv_buffer` / `kv_buffer_from` / `Cpu::{zeros, upload}`: right length,
+/// zeroed or equal to the source, below and above the huge-page threshold.
+#[test]
+fn kv_buffers_are_zeroed_or_copied() {
+    use kvsieve::cpu::alloc::{HUGE_PAGE_MIN_BYTES, kv_buffer, kv_buffer_from};
+    let cpu = Cpu::new();
+    for len in [0, 1, 1000, HUGE_PAGE_MIN_BYTES / 2 + 3] {
+        let z = kv_buffer::<f16>(len);
+        assert_eq!(z.len(), len);
+        assert!(z.iter().all(|x| x.to_bits() == 0));
+        let z = cpu.zeros::<f32>(len).unwrap();
+        assert!(z.len() == len && z.iter().all(|&x| x == 0.0));
+        let data: Vec<f16> = (0..len).map(|i| f16::from_f32(i as f32 * 0.25)).collect();
+        assert_eq!(kv_buffer_from(&data), data);
+        assert_eq!(cpu.upload(&data).unwrap(), data);
+    }
+}
+
+/// On Linux with transparent huge pages enabled (`madvise` or `always`),
+/// the advice is accepted for a large buffer; it never changes contents.
+#[test]
+fn huge_page_advice_is_accepted_where_available() {
+    use kvsieve::cpu::alloc::advise_huge_pages;
+    let mut small = [7u8; 100];
+    assert!(
+        !advise_huge_pages(&mut small[1..50]),
+        "no whole page inside"
+    );
+    let mut big: Vec<f32> = (0..(8 << 20) / 4).map(|i| i as f32).collect();
+    let accepted = advise_huge_pages(&mut big);
+    assert!(big.iter().enumerate().all(|(i, &x)| x == i as f32));
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+    match mode {
+        Ok(m) if cfg!(target_os = "linux") && !m.contains("[never]") => {
+            assert!(
+                accepted,
+                "madvise(MADV_HUGEPAGE) refused with THP mode {m:?}"
+            );
+        }
+        other => {
+            backends::skip(
+                "thp",
+                &format!(
+                    "transparent huge pages unavailable ({other:?}); advice returned {accepted}"
+                ),
+            );
+        }
+    }
 }

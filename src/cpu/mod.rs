@@ -2,7 +2,7 @@
 //!
 //! [`Cpu`] implements every op family of [`crate::backend`] for `f32`,
 //! `f16` and `bf16` storage (converted in registers, accumulated in `f32`);
-//! buffers are `Vec<T>` on the host.
+//! buffers are `Vec<T>` on the host (large ones backed by huge pages, [`alloc`]).
 //!
 //! | file | ops |
 //! |---|---|
@@ -14,6 +14,7 @@
 //! | `entmax_attn.rs` | `entmax_prefill`, `entmax_prefill_backward` (block skipping) |
 //! | `tau.rs` | the f32 threshold search shared by the normalisers |
 //! | `workspace.rs` | reusable scratch buffers (no allocation per decode step) |
+//! | `alloc.rs` | KV buffers backed by transparent huge pages ([`alloc`]) |
 //!
 //! # Parallelism and determinism
 //!
@@ -34,6 +35,7 @@
 //! allocator in `tests/cpu_alloc.rs`). Concurrent calls on one `Cpu` each get
 //! their own buffers.
 
+pub mod alloc;
 pub mod isa;
 pub mod simd;
 
@@ -156,13 +158,13 @@ impl Backend for Cpu {
         "cpu"
     }
     fn upload<T: Element>(&self, data: &[T]) -> Result<Vec<T>> {
-        Ok(data.to_vec())
+        Ok(alloc::kv_buffer_from(data))
     }
     fn download<T: Element>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
         Ok(buf.clone())
     }
     fn zeros<T: Element>(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); len])
+        Ok(alloc::kv_buffer(len))
     }
     fn buffer_len<T: Element>(&self, buf: &Vec<T>) -> usize {
         buf.len()
