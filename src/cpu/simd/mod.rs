@@ -757,7 +757,12 @@ mod body {
         if d == 0 {
             return;
         }
-        let ahead = (PREFETCH_BYTES / (d * std::mem::size_of::<T>())).max(1);
+        let ahead = prefetch_rows::<T>(d);
+        if GATHER {
+            for j in 0..ahead.min(n) {
+                s.prefetch(row(j));
+            }
+        }
         for j in 0..n {
             if GATHER && j + ahead < n {
                 s.prefetch(row(j + ahead));
@@ -766,11 +771,18 @@ mod body {
         }
     }
 
-    /// How far ahead (in bytes of rows, at least one row) a gathering score
-    /// loop prefetches: latency hiding for scattered rows (contiguous rows
-    /// rely on the hardware prefetcher). 1–4 KiB measured best on the
-    /// development machine (a 1.5x gain over no prefetch).
+    /// How far ahead (in bytes of rows, at least one row) the gathering
+    /// score and weighted-row loops prefetch: latency hiding for scattered
+    /// rows (contiguous rows rely on the hardware prefetcher, which beat
+    /// software prefetch there). 1–4 KiB measured best on the development
+    /// machine (a 1.5x gain over no prefetch; 8 KiB and more is slower).
     const PREFETCH_BYTES: usize = 2048;
+
+    /// [`PREFETCH_BYTES`] in rows of `d` elements of `T` (at least one).
+    #[inline(always)]
+    fn prefetch_rows<T>(d: usize) -> usize {
+        (PREFETCH_BYTES / (d * std::mem::size_of::<T>()).max(1)).max(1)
+    }
 
     /// `[v - tau]_+^e` of one vector (a function, not a closure, so that it
     /// is compiled with the entry's target features).
@@ -950,15 +962,21 @@ mod body {
         let p = &p[..(g - 1) * p_stride + n];
         let full = d - d % S::L;
         let mut sel = [0usize; ROW_BLOCK];
+        let live = |j: usize| (0..g).any(|i| p[i * p_stride + j] != 0.0);
+        // Gathered rows are prefetched a fixed distance ahead of the row
+        // being selected (live rows only: a zero-weight row is never
+        // touched), so misses overlap the previous block's arithmetic.
+        let ahead = if GATHER { prefetch_rows::<T>(d) } else { 0 };
+        for j in (0..ahead.min(n)).filter(|&j| live(j)) {
+            s.prefetch(row(j));
+        }
         for j0 in (0..n).step_by(ROW_BLOCK) {
             let mut m = 0;
             for j in j0..(j0 + ROW_BLOCK).min(n) {
-                if (0..g).any(|i| p[i * p_stride + j] != 0.0) {
-                    if GATHER {
-                        // The block's rows are requested together, so their
-                        // misses overlap before the first head reads them.
-                        s.prefetch(row(j));
-                    }
+                if GATHER && j + ahead < n && live(j + ahead) {
+                    s.prefetch(row(j + ahead));
+                }
+                if live(j) {
                     sel[m] = j;
                     m += 1;
                 }
