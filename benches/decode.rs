@@ -3,11 +3,22 @@
 //! Sweeps context (4K, 32K, 128K tokens), budget (dense vs an index list of
 //! k = 2048), dtype (f32, f16, bf16), GQA group (1, 4, 8), batch (1, 4),
 //! normaliser (softmax, entmax α = 1.5 at full and ~10% support) and thread
-//! count (1, all). Throughput is the bytes actually read (K and V rows
-//! visited, the queries, the index lists). Before criterion runs, the bench
-//! checks the CPU result against the reference on a small preset and prints
-//! one summary line per case (median of its own repetitions, GB/s, ratio to
-//! the copy bandwidth measured with the same thread count).
+//! count (1, all). Index lists come in two shapes: scattered (one token in
+//! every 16, jittered: each row on its own 4 KiB page) and paged (128 runs
+//! of 16 consecutive tokens, Quest-style). Throughput is the bytes actually
+//! read (K and V rows visited, the queries, the index lists). Before
+//! criterion runs, the bench checks the CPU result against the reference on
+//! a small preset and prints one summary line per case: the median of its
+//! own repetitions, GB/s, and the ratio to a copy with the same thread
+//! count, timed alternately with the kernel (`common::paired`). K, V and
+//! the copy buffers are allocated by `kvsieve::cpu::alloc` (huge pages
+//! where the OS offers them), as `Cpu::upload` and `KvCache` do.
+//!
+//! For index lists the bench also times a *gather floor*: one head's Q·K
+//! over the same K rows plus the same over the V rows
+//! (`simd::scores_gather`, same prefetching), i.e. reading the listed rows
+//! with the least arithmetic the library has. It bounds what any decode
+//! kernel can do with that list on this machine.
 //!
 //! `cargo bench --bench decode -- --warm-up-time 1 --measurement-time 3`
 
@@ -15,9 +26,12 @@ mod common;
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::{bf16, f16};
-use kvsieve::cpu::{Cpu, isa};
+use kvsieve::cpu::alloc::kv_buffer_from;
+use kvsieve::cpu::{Cpu, isa, simd};
 use kvsieve::ops::{self, DecodeParams};
 use kvsieve::reference::Reference;
 use kvsieve::*;
@@ -32,13 +46,19 @@ struct Case {
     batch: usize,
     /// `Some(k)`: index list of k tokens per (sequence, KV head).
     k: Option<usize>,
+    /// Index list in runs of 16 consecutive tokens instead of scattered.
+    pages: bool,
     /// `None`: softmax; `Some(share)`: entmax α = 1.5 with about that support.
     entmax: Option<f64>,
 }
 
 impl Case {
     fn name<T: Element>(&self) -> String {
-        let budget = self.k.map_or("dense".to_string(), |k| format!("idx{k}"));
+        let budget = match (self.k, self.pages) {
+            (None, _) => "dense".to_string(),
+            (Some(k), false) => format!("idx{k}"),
+            (Some(k), true) => format!("idx{k}pages"),
+        };
         let norm = match self.entmax {
             None => "softmax".to_string(),
             Some(s) => format!("entmax1.5@{:.0}%", 100.0 * s),
@@ -75,7 +95,7 @@ fn inputs<T: Element>(c: &Case) -> Inputs<T> {
     let segs = Segments::uniform(c.batch, c.hkv, c.n).unwrap();
     let rows = segs.rows_needed();
     let d = c.d;
-    let (q, k, v_rows) = match c.entmax {
+    let (q, k, v_rows): (Vec<T>, Vec<T>, usize) = match c.entmax {
         None => (
             (0..c.batch * c.hq * d)
                 .map(|i| T::from_f32(hash(i)))
@@ -109,14 +129,22 @@ fn inputs<T: Element>(c: &Case) -> Inputs<T> {
             (q, k, c.n.div_ceil(every))
         }
     };
-    let v = (0..rows * d).map(|i| T::from_f32(hash(i + 13))).collect();
+    let v: Vec<T> = (0..rows * d).map(|i| T::from_f32(hash(i + 13))).collect();
+    let (k, v) = (kv_buffer_from(&k), kv_buffer_from(&v));
     let list = c.k.map(|kk| {
         let stride = c.n / kk;
         let sets: Vec<IndexSet> = (0..segs.num_segments())
             .map(|s| {
                 IndexSet::from_unsorted(
                     (0..kk)
-                        .map(|i| (i * stride + (s * 31 + i * 17) % stride) as u32)
+                        .map(|i| {
+                            if c.pages {
+                                // Page i / 16 starts at a multiple of 16·stride.
+                                (i / 16 * 16 * stride + i % 16) as u32
+                            } else {
+                                (i * stride + (s * 31 + i * 17) % stride) as u32
+                            }
+                        })
                         .collect(),
                 )
             })
@@ -176,6 +204,7 @@ fn check_against_reference() {
                 n: 700,
                 batch: 2,
                 k,
+                pages: false,
                 entmax,
             };
             let inp = inputs::<f32>(&c);
@@ -194,11 +223,11 @@ fn check_against_reference() {
     println!("kvsieve-decode | preset check against the reference: ok");
 }
 
-fn bench_case<T: Element>(
-    crit: &mut Criterion,
-    c: &Case,
-    pools: &[(Arc<rayon::ThreadPool>, f64)],
-) -> Vec<f64> {
+/// One pool and its copy yardstick.
+type Pool = (Arc<rayon::ThreadPool>, common::CopyRef);
+
+/// Benchmarks one case on every pool; returns the median seconds per pool.
+fn bench_case<T: Element>(crit: &mut Criterion, c: &Case, pools: &mut [Pool]) -> Vec<f64> {
     let inp = inputs::<T>(c);
     let bytes = bytes_read(c, &inp);
     let mut out = vec![T::default(); inp.q.len()];
@@ -206,13 +235,13 @@ fn bench_case<T: Element>(
     let mut group = crit.benchmark_group("decode");
     group.sample_size(10);
     group.throughput(Throughput::Bytes(bytes as u64));
-    for (pool, copy) in pools {
+    for (pool, copy) in pools.iter_mut() {
         let threads = pool.current_num_threads();
         let cpu = Cpu::with_isa(isa::detected()).pool(pool.clone());
         let name = format!("{}/t{threads}", c.name::<T>());
         let reps = if c.n > 65536 { 5 } else { 15 };
-        let t = common::median_secs(reps, || run(&cpu, c, &inp, &mut out));
-        common::report("decode", &name, bytes, t, *copy);
+        let (t, bw) = common::paired(copy, reps, || run(&cpu, c, &inp, &mut out));
+        common::report("decode", &name, bytes, t, bw);
         secs.push(t);
         group.bench_function(BenchmarkId::from_parameter(&name), |b| {
             b.iter(|| run(&cpu, c, &inp, &mut out))
@@ -222,16 +251,46 @@ fn bench_case<T: Element>(
     secs
 }
 
+/// The gather floor of an index-list case on each pool: one head's Q·K over
+/// the listed K rows plus the same over the listed V rows, segments in
+/// parallel; median seconds, timed alternately with the copy like the
+/// kernel (so both start from a cache the copy has swept).
+fn gather_floor<T: Element>(c: &Case, pools: &mut [Pool]) -> Vec<f64> {
+    let inp = inputs::<T>(c);
+    let list = inp.list.as_ref().expect("an index-list case");
+    let isa = isa::detected();
+    let d = c.d;
+    let q1: Vec<f32> = (0..d).map(hash).collect();
+    let mut outs = vec![0.0f32; inp.segs.num_segments() * c.n];
+    pools
+        .iter_mut()
+        .map(|(pool, copy)| {
+            let floor = || {
+                pool.install(|| {
+                    outs.par_chunks_mut(c.n).enumerate().for_each(|(s, out)| {
+                        let (off, idx) = (inp.segs.offset(s), list.list(s));
+                        for src in [&inp.k, &inp.v] {
+                            simd::scores_gather(isa, &q1, 1, src, d, off, idx, 1.0, out, c.n);
+                        }
+                    })
+                });
+                std::hint::black_box(&outs);
+            };
+            common::paired(copy, 15, floor).0
+        })
+        .collect()
+}
+
 fn benches(crit: &mut Criterion) {
     check_against_reference();
-    let pools: Vec<(Arc<rayon::ThreadPool>, f64)> = common::thread_counts()
+    let mut pools: Vec<Pool> = common::thread_counts()
         .into_iter()
         .map(|n| {
             let p = common::pool(n);
-            let copy = common::copy_bandwidth(&p);
+            let mut copy = common::CopyRef::new(p.clone());
             println!(
-                "kvsieve-decode | copy bandwidth, {n} thread(s): {:.2} GB/s (256 MiB buffer)",
-                copy / 1e9
+                "kvsieve-decode | copy bandwidth, {n} thread(s): {:.2} GB/s at start-up (256 MiB buffer; each line below uses its own alternated copy)",
+                copy.bandwidth() / 1e9
             );
             (p, copy)
         })
@@ -241,7 +300,7 @@ fn benches(crit: &mut Criterion) {
         isa::detected(),
         common::thread_counts()
     );
-    let all = &pools[pools.len() - 1..];
+    let last = pools.len() - 1;
     let base = Case {
         hq: 32,
         hkv: 8,
@@ -249,23 +308,36 @@ fn benches(crit: &mut Criterion) {
         n: 32 * 1024,
         batch: 1,
         k: None,
+        pages: false,
         entmax: None,
     };
     let sparse = Case {
         k: Some(2048),
         ..base
     };
+    let paged = Case {
+        pages: true,
+        ..sparse
+    };
     // Target: dense 32K, all dtypes, 1 and all threads; index list k = 2048.
     macro_rules! dense_vs_sparse {
         ($t:ty) => {{
-            let dense = bench_case::<$t>(crit, &base, &pools);
-            let idx = bench_case::<$t>(crit, &sparse, &pools);
-            for (i, (d, s)) in dense.iter().zip(&idx).enumerate() {
-                let bound = 2048.0 / base.n as f64 * d;
+            let dense = bench_case::<$t>(crit, &base, &mut pools);
+            let idx = bench_case::<$t>(crit, &sparse, &mut pools);
+            let pages = bench_case::<$t>(crit, &paged, &mut pools);
+            let floor = gather_floor::<$t>(&sparse, &mut pools);
+            let pfloor = gather_floor::<$t>(&paged, &mut pools);
+            for i in 0..pools.len() {
+                let bound = 2048.0 / base.n as f64 * dense[i];
                 println!(
-                    "kvsieve-decode | {} idx2048 / ((k/N) x dense), pool {i}: {:.2} (target <= 1.25)",
+                    "kvsieve-decode | {} t{}: (k/N) x dense = {:.3} ms; scattered idx2048 {:.2}x, its gather floor {:.2}x; paged idx2048 {:.2}x, its gather floor {:.2}x (target <= 1.25x)",
                     <$t as Element>::DTYPE,
-                    s / bound
+                    pools[i].0.current_num_threads(),
+                    bound * 1e3,
+                    idx[i] / bound,
+                    floor[i] / bound,
+                    pages[i] / bound,
+                    pfloor[i] / bound,
                 );
             }
         }};
@@ -273,6 +345,7 @@ fn benches(crit: &mut Criterion) {
     dense_vs_sparse!(f32);
     dense_vs_sparse!(f16);
     dense_vs_sparse!(bf16);
+    let all = &mut pools[last..];
     // Context sweep (f16, all threads).
     for n in [4 * 1024, 128 * 1024] {
         bench_case::<f16>(crit, &Case { n, ..base }, all);
@@ -300,7 +373,7 @@ fn benches(crit: &mut Criterion) {
         all,
     );
     // Entmax α = 1.5 vs softmax (f32, 32K): full support and ~10%.
-    let soft = bench_case::<f32>(crit, &base, &pools);
+    let soft = bench_case::<f32>(crit, &base, &mut pools);
     for share in [1.0, 0.1] {
         let e = bench_case::<f32>(
             crit,
@@ -308,7 +381,7 @@ fn benches(crit: &mut Criterion) {
                 entmax: Some(share),
                 ..base
             },
-            &pools,
+            &mut pools,
         );
         for (i, (s, e)) in soft.iter().zip(&e).enumerate() {
             println!(

@@ -37,25 +37,76 @@ pub fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
             s.elapsed().as_secs_f64()
         })
         .collect();
-    t.sort_by(|a, b| a.total_cmp(b));
-    t[t.len() / 2]
+    median(&mut t)
 }
 
-/// Copy bandwidth (bytes copied per second) of a 256 MiB buffer split
-/// over the pool's threads: the yardstick of every kernel's GB/s.
-pub fn copy_bandwidth(pool: &rayon::ThreadPool) -> f64 {
-    let src: Vec<u8> = (0..COPY_BYTES).map(|i| i as u8).collect();
-    let mut dst = vec![1u8; COPY_BYTES];
-    let chunk = COPY_BYTES / pool.current_num_threads();
-    let secs = median_secs(7, || {
-        pool.install(|| {
+/// The copy yardstick of one pool: two [`COPY_BYTES`] buffers, allocated
+/// like the KV buffers the kernels read (`kvsieve::cpu::alloc`, huge pages
+/// where the OS offers them), copied in one chunk per thread.
+pub struct CopyRef {
+    pool: Arc<rayon::ThreadPool>,
+    src: Vec<f32>,
+    dst: Vec<f32>,
+}
+
+impl CopyRef {
+    pub fn new(pool: Arc<rayon::ThreadPool>) -> Self {
+        let n = COPY_BYTES / 4;
+        let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let src = kvsieve::cpu::alloc::kv_buffer_from(&src);
+        let dst = kvsieve::cpu::alloc::kv_buffer(n);
+        Self { pool, src, dst }
+    }
+
+    /// Seconds of one copy of the buffer.
+    pub fn once(&mut self) -> f64 {
+        let chunk = self.src.len() / self.pool.current_num_threads();
+        let (src, dst) = (&self.src, &mut self.dst);
+        let s = Instant::now();
+        self.pool.install(|| {
             dst.par_chunks_mut(chunk)
                 .zip(src.par_chunks(chunk))
                 .for_each(|(d, s)| d.copy_from_slice(black_box(s)))
         });
-        black_box(&dst);
-    });
-    COPY_BYTES as f64 / secs
+        black_box(&self.dst);
+        s.elapsed().as_secs_f64()
+    }
+
+    /// Bytes copied per second: the median of 7 copies after a warm-up.
+    pub fn bandwidth(&mut self) -> f64 {
+        self.once();
+        let mut t: Vec<f64> = (0..7).map(|_| self.once()).collect();
+        COPY_BYTES as f64 / median(&mut t)
+    }
+}
+
+fn median(t: &mut [f64]) -> f64 {
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[t.len() / 2]
+}
+
+/// `reps` runs of `f` alternated with `reps` copies (after one warm-up of
+/// each): `(median seconds of f, median copy bytes per second)`. On a
+/// shared machine whose load drifts, alternating keeps the two medians
+/// under the same conditions, so their ratio is steadier than against one
+/// copy measured at start-up.
+pub fn paired(copy: &mut CopyRef, reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    copy.once();
+    let mut tf = Vec::with_capacity(reps);
+    let mut tc = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f();
+        tf.push(s.elapsed().as_secs_f64());
+        tc.push(copy.once());
+    }
+    (median(&mut tf), COPY_BYTES as f64 / median(&mut tc))
+}
+
+/// Copy bandwidth (bytes copied per second) of the pool's [`CopyRef`].
+pub fn copy_bandwidth(pool: &Arc<rayon::ThreadPool>) -> f64 {
+    CopyRef::new(pool.clone()).bandwidth()
 }
 
 /// One summary line: `name`, median, GB/s of `bytes` read, ratio to copy.
