@@ -130,7 +130,7 @@ fn inputs<T: Element>(c: &Case) -> Inputs<T> {
         }
     };
     let v: Vec<T> = (0..rows * d).map(|i| T::from_f32(hash(i + 13))).collect();
-    let (k, v) = (kv_buffer_from(&k), kv_buffer_from(&v));
+    let (k, v) = (kv_buffer_from(&k).unwrap(), kv_buffer_from(&v).unwrap());
     let list = c.k.map(|kk| {
         let stride = c.n / kk;
         let sets: Vec<IndexSet> = (0..segs.num_segments())

@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use half::f16;
+use half::{bf16, f16};
 use kvsieve::cpu::{Cpu, isa};
 use kvsieve::ops::{self, DecodeParams, EntmaxPrefillParams, PrefillParams, QkParams};
 use kvsieve::reference::Reference;
@@ -289,15 +289,19 @@ fn kv_buffers_are_zeroed_or_copied() {
     use kvsieve::cpu::alloc::{HUGE_PAGE_MIN_BYTES, kv_buffer, kv_buffer_from};
     let cpu = Cpu::new();
     for len in [0, 1, 1000, HUGE_PAGE_MIN_BYTES / 2 + 3] {
-        let z = kv_buffer::<f16>(len);
+        let z = kv_buffer::<f16>(len).unwrap();
         assert_eq!(z.len(), len);
         assert!(z.iter().all(|x| x.to_bits() == 0));
         let z = cpu.zeros::<f32>(len).unwrap();
         assert!(z.len() == len && z.iter().all(|&x| x == 0.0));
         let data: Vec<f16> = (0..len).map(|i| f16::from_f32(i as f32 * 0.25)).collect();
-        assert_eq!(kv_buffer_from(&data), data);
+        assert_eq!(kv_buffer_from(&data).unwrap(), data);
         assert_eq!(cpu.upload(&data).unwrap(), data);
     }
+    // An impossible size is an error, not an abort.
+    let err = kv_buffer::<f32>(usize::MAX / 2).unwrap_err();
+    assert!(matches!(err, Error::Device { backend: "cpu", .. }), "{err}");
+    assert!(cpu.zeros::<bf16>(usize::MAX / 4).is_err());
 }
 
 /// On Linux with transparent huge pages enabled (`madvise` or `always`),

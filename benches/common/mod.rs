@@ -53,8 +53,8 @@ impl CopyRef {
     pub fn new(pool: Arc<rayon::ThreadPool>) -> Self {
         let n = COPY_BYTES / 4;
         let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
-        let src = kvsieve::cpu::alloc::kv_buffer_from(&src);
-        let dst = kvsieve::cpu::alloc::kv_buffer(n);
+        let src = kvsieve::cpu::alloc::kv_buffer_from(&src).expect("copy buffer");
+        let dst = kvsieve::cpu::alloc::kv_buffer(n).expect("copy buffer");
         Self { pool, src, dst }
     }
 

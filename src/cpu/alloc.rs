@@ -20,38 +20,45 @@
 //! written.
 
 use crate::dtype::Element;
+use crate::error::{Error, Result};
 
 /// Buffers smaller than this stay as they are (they cannot hold an aligned
 /// 2 MiB page with room to spare).
 pub const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 
 /// A zeroed buffer of `len` elements, advised for huge pages when at least
-/// [`HUGE_PAGE_MIN_BYTES`] long.
-pub fn kv_buffer<T: Element>(len: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(len);
-    advise_spare(&mut v, len);
-    v.resize(len, T::default());
-    v
-}
-
-/// A copy of `data`, advised for huge pages when at least
-/// [`HUGE_PAGE_MIN_BYTES`] long.
-pub fn kv_buffer_from<T: Element>(data: &[T]) -> Vec<T> {
-    let mut v = Vec::with_capacity(data.len());
-    advise_spare(&mut v, data.len());
-    v.extend_from_slice(data);
-    v
-}
-
-/// Advises the first `len` elements of `v`'s spare capacity (not yet
-/// written, so their pages are faulted in as huge pages when possible).
-fn advise_spare<T>(v: &mut Vec<T>, len: usize) {
-    if len.saturating_mul(size_of::<T>()) < HUGE_PAGE_MIN_BYTES {
-        return;
+/// [`HUGE_PAGE_MIN_BYTES`] long. The memory comes zeroed from the
+/// allocator (`calloc`), so for large buffers pages are only committed when
+/// first written, in 2 MiB steps: capacity that is never used costs no RAM.
+/// Fails with [`Error::Device`] when the allocation fails.
+pub fn kv_buffer<T: Element>(len: usize) -> Result<Vec<T>> {
+    let mut v: Vec<T> = bytemuck::allocation::try_zeroed_vec(len).map_err(|()| oom::<T>(len))?;
+    if size_of_val(v.as_slice()) >= HUGE_PAGE_MIN_BYTES {
+        advise_huge_pages(&mut v);
     }
-    let spare = v.spare_capacity_mut();
-    let len = len.min(spare.len());
-    advise_range(spare.as_mut_ptr().cast::<u8>(), len * size_of::<T>());
+    Ok(v)
+}
+
+/// A copy of `data`, advised for huge pages (before it is written) when at
+/// least [`HUGE_PAGE_MIN_BYTES`] long. Fails with [`Error::Device`] when
+/// the allocation fails.
+pub fn kv_buffer_from<T: Element>(data: &[T]) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(data.len())
+        .map_err(|_| oom::<T>(data.len()))?;
+    if size_of_val(data) >= HUGE_PAGE_MIN_BYTES {
+        let spare = v.spare_capacity_mut();
+        advise_range(spare.as_mut_ptr().cast::<u8>(), size_of_val(data));
+    }
+    v.extend_from_slice(data);
+    Ok(v)
+}
+
+fn oom<T>(len: usize) -> Error {
+    Error::Device {
+        backend: "cpu",
+        reason: format!("cannot allocate {len} elements of {} bytes", size_of::<T>()),
+    }
 }
 
 /// Asks the OS to back the whole 4 KiB pages inside `buf` with transparent

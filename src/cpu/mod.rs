@@ -158,13 +158,13 @@ impl Backend for Cpu {
         "cpu"
     }
     fn upload<T: Element>(&self, data: &[T]) -> Result<Vec<T>> {
-        Ok(alloc::kv_buffer_from(data))
+        alloc::kv_buffer_from(data)
     }
     fn download<T: Element>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
         Ok(buf.clone())
     }
     fn zeros<T: Element>(&self, len: usize) -> Result<Vec<T>> {
-        Ok(alloc::kv_buffer(len))
+        alloc::kv_buffer(len)
     }
     fn buffer_len<T: Element>(&self, buf: &Vec<T>) -> usize {
         buf.len()
