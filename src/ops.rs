@@ -75,6 +75,26 @@ fn check_kv<B: Backend, T: Element>(
     Ok(())
 }
 
+/// The four buffers of an attention op: `q` and `out` hold `qn` elements,
+/// `k` and `v` are `[rows, d]` covering the segments.
+#[allow(clippy::too_many_arguments)]
+fn check_attn_io<B: Backend, T: Element>(
+    b: &B,
+    op: &'static str,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &B::Buffer<T>,
+    qn: usize,
+    segs: &Segments,
+    d: usize,
+) -> Result<()> {
+    check_len(b, op, "q", q, qn)?;
+    check_kv(b, op, "k", k, segs, d)?;
+    check_kv(b, op, "v", v, segs, d)?;
+    check_len(b, op, "out", out, qn)
+}
+
 fn check_geom_segs(op: &'static str, geom: &HeadGeometry, segs: &Segments) -> Result<()> {
     if segs.num_kv_heads() != geom.num_kv_heads() {
         return Err(shape(
@@ -541,10 +561,7 @@ pub fn decode_attention<B: AttnOps, T: Element>(
     }
     let d = p.geom.head_dim();
     let qn = p.segments.batch() * p.geom.num_q_heads() * d;
-    check_len(b, OP, "q", q, qn)?;
-    check_kv(b, OP, "k", k, p.segments, d)?;
-    check_kv(b, OP, "v", v, p.segments, d)?;
-    check_len(b, OP, "out", out, qn)?;
+    check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
     let meta = DecodeMeta {
         geom: p.geom,
         segs: p.segments,
@@ -594,10 +611,7 @@ pub fn prefill_attention<B: AttnOps, T: Element>(
     }
     let d = p.geom.head_dim();
     let qn = p.q_rows.total() * p.geom.num_q_heads() * d;
-    check_len(b, OP, "q", q, qn)?;
-    check_kv(b, OP, "k", k, p.segments, d)?;
-    check_kv(b, OP, "v", v, p.segments, d)?;
-    check_len(b, OP, "out", out, qn)?;
+    check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
     let meta = PrefillMeta {
         geom: p.geom,
         q_rows: p.q_rows,
@@ -685,10 +699,7 @@ pub fn entmax_prefill<B: EntmaxOps, T: Element>(
     let meta = entmax_prefill_meta(OP, p)?;
     let (hq, d) = (p.geom.num_q_heads(), p.geom.head_dim());
     let qn = p.q_rows.total() * hq * d;
-    check_len(b, OP, "q", q, qn)?;
-    check_kv(b, OP, "k", k, p.segments, d)?;
-    check_kv(b, OP, "v", v, p.segments, d)?;
-    check_len(b, OP, "out", out, qn)?;
+    check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
     check_len(b, OP, "tau", tau, p.q_rows.total() * hq)?;
     b.entmax_prefill(&meta, q, k, v, out, tau)
 }
