@@ -1,7 +1,7 @@
 //! Cache ops on the GPU: gather, scatter, two-phase in-place compaction, weighted merge.
 
 use super::device::CudaBackend;
-use super::kernels::{GATHER, KernelId, MERGE, SCATTER, entry};
+use super::kernels::{GATHER, KernelId, MERGE, PerDtype, SCATTER, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
 use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
@@ -15,8 +15,13 @@ fn copy_blocks(total: usize) -> u32 {
     u32_of(total.div_ceil(THREADS as usize).clamp(1, 1 << 20))
 }
 
-fn gather_raw<T: Element>(
+/// `dst` rows from `src` rows through an index list of `rows.len()` rows of
+/// `width` elements with `kernel` and its per-dtype entry `names`:
+/// `GatherRows` / `GATHER` (`dst[i] = src[rows[i]]`) or
+/// `ScatterRows` / `SCATTER` (`dst[rows[i]] = src[i]`); both take the same arguments.
+fn move_rows<T: Element>(
     be: &CudaBackend,
+    (kernel, names): (KernelId, &PerDtype),
     src: &cudarc::driver::CudaSlice<u8>,
     dst: &mut cudarc::driver::CudaSlice<u8>,
     rows: &[u32],
@@ -28,35 +33,8 @@ fn gather_raw<T: Element>(
     let idx = be.upload_u32(rows)?;
     launch(
         be,
-        KernelId::GatherRows,
-        entry(&GATHER, T::DTYPE),
-        (copy_blocks(rows.len() * width), 1, 1),
-        THREADS,
-        &mut [
-            Arg::In(src),
-            Arg::Out(dst),
-            Arg::In(&idx),
-            Arg::U32(u32_of(rows.len())),
-            Arg::U32(u32_of(width)),
-        ],
-    )
-}
-
-fn scatter_raw<T: Element>(
-    be: &CudaBackend,
-    src: &cudarc::driver::CudaSlice<u8>,
-    dst: &mut cudarc::driver::CudaSlice<u8>,
-    rows: &[u32],
-    width: usize,
-) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let idx = be.upload_u32(rows)?;
-    launch(
-        be,
-        KernelId::ScatterRows,
-        entry(&SCATTER, T::DTYPE),
+        kernel,
+        entry(names, T::DTYPE),
         (copy_blocks(rows.len() * width), 1, 1),
         THREADS,
         &mut [
@@ -76,7 +54,14 @@ impl CacheOps for CudaBackend {
         src: &CudaBuffer<T>,
         dst: &mut CudaBuffer<T>,
     ) -> Result<()> {
-        gather_raw::<T>(self, &src.data, &mut dst.data, &meta.indices, meta.width)
+        move_rows::<T>(
+            self,
+            (KernelId::GatherRows, &GATHER),
+            &src.data,
+            &mut dst.data,
+            &meta.indices,
+            meta.width,
+        )
     }
 
     fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut CudaBuffer<T>) -> Result<()> {
@@ -97,8 +82,22 @@ impl CacheOps for CudaBackend {
         // Phase 1: the moved rows into scratch; phase 2: scatter them to their new places.
         let width = meta.width;
         let mut tmp = self.scratch(from.len() * width * size_of::<T>())?;
-        gather_raw::<T>(self, &buf.data, &mut tmp, &from, width)?;
-        scatter_raw::<T>(self, &tmp, &mut buf.data, &to, width)
+        move_rows::<T>(
+            self,
+            (KernelId::GatherRows, &GATHER),
+            &buf.data,
+            &mut tmp,
+            &from,
+            width,
+        )?;
+        move_rows::<T>(
+            self,
+            (KernelId::ScatterRows, &SCATTER),
+            &tmp,
+            &mut buf.data,
+            &to,
+            width,
+        )
     }
 
     fn scatter_rows<T: Element>(
@@ -107,7 +106,14 @@ impl CacheOps for CudaBackend {
         src: &CudaBuffer<T>,
         dst: &mut CudaBuffer<T>,
     ) -> Result<()> {
-        scatter_raw::<T>(self, &src.data, &mut dst.data, &meta.indices, meta.width)
+        move_rows::<T>(
+            self,
+            (KernelId::ScatterRows, &SCATTER),
+            &src.data,
+            &mut dst.data,
+            &meta.indices,
+            meta.width,
+        )
     }
 
     fn merge_rows<T: Element>(
