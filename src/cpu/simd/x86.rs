@@ -16,6 +16,21 @@ use super::Simd;
 use crate::dtype::{DType, Element};
 use core::arch::x86_64::*;
 
+/// Prefetches every 64-byte line of `s` into L1 (both tokens).
+#[inline(always)]
+fn prefetch_lines<T>(s: &[T]) {
+    let bytes = std::mem::size_of_val(s);
+    let p = s.as_ptr().cast::<i8>();
+    let mut at = 0;
+    while at < bytes {
+        // SAFETY: `_mm_prefetch` is a hint that never faults or reads
+        // architecturally; the address lies inside `s` (SSE is part of the
+        // x86-64 baseline).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) };
+        at += 64;
+    }
+}
+
 /// Proof token: AVX2, FMA and F16C are available on this CPU.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct V256(());
@@ -195,16 +210,7 @@ impl Simd for V256 {
     }
     #[inline(always)]
     fn prefetch<T>(self, s: &[T]) {
-        let bytes = std::mem::size_of_val(s);
-        let p = s.as_ptr().cast::<i8>();
-        let mut at = 0;
-        while at < bytes {
-            // SAFETY: `_mm_prefetch` is a hint that never faults or reads
-            // architecturally; the address lies inside `s` (SSE is part of
-            // the x86-64 baseline).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) };
-            at += 64;
-        }
+        prefetch_lines(s)
     }
     #[inline(always)]
     fn reduce_max(self, v: __m256) -> f32 {
@@ -362,16 +368,7 @@ impl Simd for V512 {
     }
     #[inline(always)]
     fn prefetch<T>(self, s: &[T]) {
-        let bytes = std::mem::size_of_val(s);
-        let p = s.as_ptr().cast::<i8>();
-        let mut at = 0;
-        while at < bytes {
-            // SAFETY: `_mm_prefetch` is a hint that never faults or reads
-            // architecturally; the address lies inside `s` (SSE is part of
-            // the x86-64 baseline).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(at)) };
-            at += 64;
-        }
+        prefetch_lines(s)
     }
     #[inline(always)]
     fn reduce_max(self, v: __m512) -> f32 {
