@@ -122,14 +122,16 @@ type Outputs = Vec<Vec<Vec<f32>>>;
 /// A policy with the budget, sink and recent window its invariants check.
 type Case = (Box<dyn KvPolicy<Reference, f32>>, usize, usize, usize);
 
-/// Runs prefill and every decode step; `check` sees the session after each
-/// decode step. Returns the outputs (entry 0: prefill, then one per step).
-fn run(
+/// The sessions of these tests.
+type Sess = Session<Reference, f32>;
+
+/// A session over `t`'s geometry, batch and layers with the prompt prefilled,
+/// and the prefill's attention output.
+fn prefilled_with_output(
     policy: Box<dyn KvPolicy<Reference, f32>>,
     t: &Trace,
     cfg: SessionConfig,
-    mut check: impl FnMut(usize, &Session<Reference, f32>),
-) -> kvsieve::Result<Outputs> {
+) -> kvsieve::Result<(Sess, Vec<Vec<f32>>)> {
     let mut s = Session::new(Reference, t.geom, t.batch, t.prefill.len(), policy, cfg)?;
     let inputs: Vec<LayerInput<'_, Reference, f32>> = t
         .prefill
@@ -140,7 +142,29 @@ fn run(
             v: &x.v,
         })
         .collect();
-    let mut outs = vec![s.prefill(&t.tokens, &inputs)?];
+    let out = s.prefill(&t.tokens, &inputs)?;
+    Ok((s, out))
+}
+
+/// [`prefilled_with_output`] without the output.
+fn prefilled(
+    policy: Box<dyn KvPolicy<Reference, f32>>,
+    t: &Trace,
+    cfg: SessionConfig,
+) -> kvsieve::Result<Sess> {
+    prefilled_with_output(policy, t, cfg).map(|(s, _)| s)
+}
+
+/// Runs prefill and every decode step; `check` sees the session after each
+/// decode step. Returns the outputs (entry 0: prefill, then one per step).
+fn run(
+    policy: Box<dyn KvPolicy<Reference, f32>>,
+    t: &Trace,
+    cfg: SessionConfig,
+    mut check: impl FnMut(usize, &Session<Reference, f32>),
+) -> kvsieve::Result<Outputs> {
+    let (mut s, prefill_out) = prefilled_with_output(policy, t, cfg)?;
+    let mut outs = vec![prefill_out];
     for (i, st) in t.decode.iter().enumerate() {
         let inputs: Vec<LayerInput<'_, Reference, f32>> = st
             .iter()
@@ -1480,22 +1504,10 @@ fn ems_window_at_least_prompt_changes_nothing() {
         ..EmsConfig::default()
     };
     let x = &t.prefill[0];
-    let mut s = Session::new(
-        Reference,
-        g,
-        1,
-        1,
+    let s = prefilled(
         Box::new(Ems::new(cfg).unwrap()),
+        &t,
         SessionConfig::default(),
-    )
-    .unwrap();
-    s.prefill(
-        &t.tokens,
-        &[LayerInput {
-            q: &x.q,
-            k: &x.k,
-            v: &x.v,
-        }],
     )
     .unwrap();
     assert_eq!(kept_positions(&s, 0, 0), [0, 1, 2, 3, 4, 5]);
@@ -1514,22 +1526,10 @@ fn ems_merges_keep_budget_and_shapes_per_head() {
         ..EmsConfig::default()
     };
     let x = &t.prefill[0];
-    let mut s = Session::new(
-        Reference,
-        g,
-        2,
-        1,
+    let s = prefilled(
         Box::new(Ems::new(cfg).unwrap()),
+        &t,
         SessionConfig::default(),
-    )
-    .unwrap();
-    s.prefill(
-        &t.tokens,
-        &[LayerInput {
-            q: &x.q,
-            k: &x.k,
-            v: &x.v,
-        }],
     )
     .unwrap();
     let l = s.cache().layer(0).unwrap();
