@@ -1,4 +1,5 @@
-//! `gather_rows`, `compact_rows`, `merge_rows`: one invocation per element.
+//! `gather_rows`, `scatter_rows`, `compact_rows`, `merge_rows`: one
+//! invocation per element.
 
 use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 use crate::dtype::{DType, Element};
@@ -47,6 +48,33 @@ fn update_rows<T: Element>(
     rec.submit()
 }
 
+/// Runs `shader` (gather or merge) from `src` into every element of `dst`
+/// (`elems` invocations): written straight to an f32 `dst`, through an f32
+/// scratch and `pack` for 16-bit storage.
+fn write_rows<T: Element>(
+    b: &Wgpu,
+    op: &'static str,
+    shader: ShaderId,
+    words: &[u32],
+    elems: usize,
+    src: &WgpuBuffer<T>,
+    dst: &mut WgpuBuffer<T>,
+) -> Result<()> {
+    let mut rec = Rec::new(&b.ctx, op);
+    let m = rec.words(words);
+    let target = out_target(&mut rec, dst);
+    let variant = b.ctx.variant(T::DTYPE);
+    rec.dispatch(
+        shader,
+        variant,
+        &[],
+        &[&m, &src.raw, &target],
+        groups_for(elems),
+    )?;
+    pack_into(&mut rec, &target, dst)?;
+    rec.submit()
+}
+
 impl CacheOps for Wgpu {
     fn scatter_rows<T: Element>(
         &self,
@@ -85,19 +113,7 @@ impl CacheOps for Wgpu {
         }
         let mut words = vec![u32c(OP, elems)?, u32c(OP, meta.width())?];
         words.extend_from_slice(meta.indices());
-        let mut rec = Rec::new(&self.ctx, OP);
-        let m = rec.words(&words);
-        let target = out_target(&mut rec, dst);
-        let variant = self.ctx.variant(T::DTYPE);
-        rec.dispatch(
-            ShaderId::GatherRows,
-            variant,
-            &[],
-            &[&m, &src.raw, &target],
-            groups_for(elems),
-        )?;
-        pack_into(&mut rec, &target, dst)?;
-        rec.submit()
+        write_rows(self, OP, ShaderId::GatherRows, &words, elems, src, dst)
     }
 
     fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut WgpuBuffer<T>) -> Result<()> {
@@ -143,18 +159,6 @@ impl CacheOps for Wgpu {
         words.extend_from_slice(groups.indptr());
         words.extend_from_slice(meta.members());
         words.extend(f32_bits(meta.weights()));
-        let mut rec = Rec::new(&self.ctx, OP);
-        let m = rec.words(&words);
-        let target = out_target(&mut rec, dst);
-        let variant = self.ctx.variant(T::DTYPE);
-        rec.dispatch(
-            ShaderId::MergeRows,
-            variant,
-            &[],
-            &[&m, &src.raw, &target],
-            groups_for(elems),
-        )?;
-        pack_into(&mut rec, &target, dst)?;
-        rec.submit()
+        write_rows(self, OP, ShaderId::MergeRows, &words, elems, src, dst)
     }
 }
