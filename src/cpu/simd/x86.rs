@@ -11,6 +11,14 @@
 //! `vcvtps2ph` (round to nearest even), bf16 by zero-extending to 32 bits and
 //! shifting left by 16 (load) or by round-to-nearest-even on the bit pattern
 //! with quiet-NaN preservation (store, bit-identical to `half::bf16::from_f32`).
+//!
+//! AVX-512-FP16 and AVX-512-BF16 are deliberately not used: their
+//! conversions are the ones above (AVX-512F already has `vcvtph2ps` /
+//! `vcvtps2ph` on 512 bits, and bf16 has no f32 widening instruction there;
+//! the widening is one shift), while their arithmetic (`vfmadd*ph`,
+//! `vdpbf16ps`) would accumulate in f16 or round the f32 queries to bf16,
+//! breaking the f32-accumulation contract the reference is checked with. The
+//! one instruction they would save, `vcvtneps2bf16`, only runs on outputs.
 
 use super::Simd;
 use crate::dtype::{DType, Element};
