@@ -970,13 +970,27 @@ mod body {
         for j in (0..ahead.min(n)).filter(|&j| live(j)) {
             s.prefetch(row(j));
         }
+        // Contiguous f32 rows: each block is swept in column passes, and
+        // with the hardware prefetcher alone the pass is memory-stalled
+        // (f32 rows bring twice the bytes per FMA of 16-bit ones), so the
+        // live rows of this block and of the next are prefetched as they
+        // are selected. Measured on the development machine (decode, 32K,
+        // 1 and 2 threads, AVX-512 and AVX2): f32 dense 11-13 % faster;
+        // the same for 16-bit rows, whose pass is compute-bound, 15 % slower.
+        let pf_block = !GATHER && std::mem::size_of::<T>() == 4;
         for j0 in (0..n).step_by(ROW_BLOCK) {
             let mut m = 0;
             for j in j0..(j0 + ROW_BLOCK).min(n) {
                 if GATHER && j + ahead < n && live(j + ahead) {
                     s.prefetch(row(j + ahead));
                 }
+                if pf_block && j + ROW_BLOCK < n && live(j + ROW_BLOCK) {
+                    s.prefetch(row(j + ROW_BLOCK));
+                }
                 if live(j) {
+                    if pf_block {
+                        s.prefetch(row(j));
+                    }
                     sel[m] = j;
                     m += 1;
                 }
