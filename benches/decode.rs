@@ -12,7 +12,8 @@
 //! own repetitions, GB/s, and the ratio to a copy with the same thread
 //! count, timed alternately with the kernel (`common::paired`). K, V and
 //! the copy buffers are allocated by `kvsieve::cpu::alloc` (huge pages
-//! where the OS offers them), as `Cpu::upload` and `KvCache` do.
+//! where the OS offers them), as `Cpu::upload` and `KvCache` do; one f32
+//! case repeats on plain `Vec`s (kernel and copy) to show what that buys.
 //!
 //! For index lists the bench also times a *gather floor*: one head's Q·K
 //! over the same K rows plus the same over the V rows
@@ -48,6 +49,8 @@ struct Case {
     k: Option<usize>,
     /// Index list in runs of 16 consecutive tokens instead of scattered.
     pages: bool,
+    /// K and V in plain `Vec`s instead of `cpu::alloc` (huge pages).
+    plain: bool,
     /// `None`: softmax; `Some(share)`: entmax α = 1.5 with about that support.
     entmax: Option<f64>,
 }
@@ -58,6 +61,11 @@ impl Case {
             (None, _) => "dense".to_string(),
             (Some(k), false) => format!("idx{k}"),
             (Some(k), true) => format!("idx{k}pages"),
+        };
+        let budget = if self.plain {
+            format!("{budget}/4KiB-pages")
+        } else {
+            budget
         };
         let norm = match self.entmax {
             None => "softmax".to_string(),
@@ -130,7 +138,11 @@ fn inputs<T: Element>(c: &Case) -> Inputs<T> {
         }
     };
     let v: Vec<T> = (0..rows * d).map(|i| T::from_f32(hash(i + 13))).collect();
-    let (k, v) = (kv_buffer_from(&k).unwrap(), kv_buffer_from(&v).unwrap());
+    let (k, v) = if c.plain {
+        (k, v)
+    } else {
+        (kv_buffer_from(&k).unwrap(), kv_buffer_from(&v).unwrap())
+    };
     let list = c.k.map(|kk| {
         let stride = c.n / kk;
         let sets: Vec<IndexSet> = (0..segs.num_segments())
@@ -205,6 +217,7 @@ fn check_against_reference() {
                 batch: 2,
                 k,
                 pages: false,
+                plain: false,
                 entmax,
             };
             let inp = inputs::<f32>(&c);
@@ -309,6 +322,7 @@ fn benches(crit: &mut Criterion) {
         batch: 1,
         k: None,
         pages: false,
+        plain: false,
         entmax: None,
     };
     let sparse = Case {
@@ -345,6 +359,32 @@ fn benches(crit: &mut Criterion) {
     dense_vs_sparse!(f32);
     dense_vs_sparse!(f16);
     dense_vs_sparse!(bf16);
+    // What huge pages buy: f32 dense and scattered index list, one thread,
+    // K / V and the copy in plain `Vec`s, against the same cases on
+    // `cpu::alloc` buffers.
+    {
+        let mut plain = [(
+            pools[0].0.clone(),
+            common::CopyRef::plain(pools[0].0.clone()),
+        )];
+        for c in [base, sparse] {
+            let huge = bench_case::<f32>(crit, &c, &mut pools[..1]);
+            let small = bench_case::<f32>(crit, &Case { plain: true, ..c }, &mut plain);
+            println!(
+                "kvsieve-decode | {} t1: 4 KiB pages {:.2} ms, huge pages {:.2} ms ({:.0} % less time)",
+                c.name::<f32>(),
+                small[0] * 1e3,
+                huge[0] * 1e3,
+                100.0 * (1.0 - huge[0] / small[0])
+            );
+        }
+        println!(
+            "kvsieve-decode | copy, 1 thread: 4 KiB pages {:.2} GB/s, huge pages {:.2} GB/s",
+            plain[0].1.bandwidth() / 1e9,
+            pools[0].1.bandwidth() / 1e9
+        );
+    }
+
     let all = &mut pools[last..];
     // Context sweep (f16, all threads).
     for n in [4 * 1024, 128 * 1024] {

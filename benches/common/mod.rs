@@ -58,6 +58,15 @@ impl CopyRef {
         Self { pool, src, dst }
     }
 
+    /// The same yardstick on plain `Vec`s (4 KiB pages unless the OS puts
+    /// every mapping on huge pages): the baseline of the huge-page case.
+    pub fn plain(pool: Arc<rayon::ThreadPool>) -> Self {
+        let n = COPY_BYTES / 4;
+        let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let dst = vec![1.0f32; n];
+        Self { pool, src, dst }
+    }
+
     /// Seconds of one copy of the buffer.
     pub fn once(&mut self) -> f64 {
         let chunk = self.src.len() / self.pool.current_num_threads();

@@ -9,9 +9,9 @@
 //! (`madvise(MADV_HUGEPAGE)`, honoured when
 //! `/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` or `always`)
 //! before its pages are first touched. On the development machine this
-//! made single-thread dense decode about 20 % faster and a 256 MiB copy
-//! about 25 % faster (`docs/results.md`). Elsewhere, or when the kernel
-//! declines, they are plain `Vec`s.
+//! saved 7 % of single-thread f32 dense decode time and 6 % of a 256 MiB
+//! copy's (`docs/results.md`, the decode bench). Elsewhere, or when the
+//! kernel declines, they are plain `Vec`s.
 //!
 //! [`Cpu::zeros`](crate::Backend::zeros) and
 //! [`Cpu::upload`](crate::Backend::upload) (and so [`KvCache`](crate::cache::KvCache)

@@ -974,9 +974,9 @@ mod body {
         // with the hardware prefetcher alone the pass is memory-stalled
         // (f32 rows bring twice the bytes per FMA of 16-bit ones), so the
         // live rows of this block and of the next are prefetched as they
-        // are selected. Measured on the development machine (decode, 32K,
-        // 1 and 2 threads, AVX-512 and AVX2): f32 dense 11-13 % faster;
-        // the same for 16-bit rows, whose pass is compute-bound, 15 % slower.
+        // are selected. Decode bench on the development machine: f32 dense
+        // 32K 21.8 -> 18.5 ms on one thread (docs/results.md); for 16-bit
+        // rows, whose pass is compute-bound, the same prefetch was slower.
         let pf_block = !GATHER && std::mem::size_of::<T>() == 4;
         for j0 in (0..n).step_by(ROW_BLOCK) {
             let mut m = 0;
