@@ -548,12 +548,45 @@ pub fn decode_attention<B: AttnOps, T: Element>(
     v: &B::Buffer<T>,
     out: &mut B::Buffer<T>,
 ) -> Result<()> {
+    decode_attention_with(b, p, q, k, v, out, DecodeEvidence::default())
+}
+
+/// [`decode_attention`] that also writes the requested evidence (see
+/// [`crate::backend::evidence`] for the layouts; size the buffers with
+/// [`evidence_blocks`]`(geom, segments, heads, &[1; batch])`, `stats` is
+/// `[batch, Hq]`).
+pub fn decode_attention_with<B: AttnOps, T: Element>(
+    b: &B,
+    p: &DecodeParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    ev: DecodeEvidence<'_, B>,
+) -> Result<()> {
+    decode_attention_impl(b, p, q, k, v, out, ev, false)
+}
+
+/// The decode entry point; `prechecked` skips the restriction's index
+/// check (the driver validated it when it applied the plan).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_attention_impl<B: AttnOps, T: Element>(
+    b: &B,
+    p: &DecodeParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    mut ev: DecodeEvidence<'_, B>,
+    prechecked: bool,
+) -> Result<()> {
     const OP: &str = "decode_attention";
     check_geom_segs(OP, &p.geom, p.segments)?;
     p.normalizer.validate(OP, &p.geom)?;
     let scale = resolve_scale(OP, p.scale, &p.geom)?;
     match p.restrict {
         Restrict::Dense => {}
+        _ if prechecked => {}
         Restrict::Indices(list) => list.check_against(OP, &p.geom, p.segments)?,
         Restrict::Mask(mask) => {
             mask.check_against(OP, &p.geom, p.segments, &vec![1; p.segments.batch()])?
@@ -562,6 +595,24 @@ pub fn decode_attention<B: AttnOps, T: Element>(
     let d = p.geom.head_dim();
     let qn = p.segments.batch() * p.geom.num_q_heads() * d;
     check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
+    let ones = vec![1; p.segments.batch()];
+    if let Some((heads, buf)) = &ev.probs {
+        let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
+        check_len(b, OP, "evidence probs", *buf, n)?;
+    }
+    if let Some(buf) = &ev.logits {
+        let n = evidence_blocks(&p.geom, p.segments, Heads::PerHead, &ones)?.total();
+        check_len(b, OP, "evidence logits", *buf, n)?;
+    }
+    if let Some(buf) = &ev.stats {
+        check_len(
+            b,
+            OP,
+            "evidence stats",
+            *buf,
+            p.segments.batch() * p.geom.num_q_heads(),
+        )?;
+    }
     let meta = DecodeMeta {
         geom: p.geom,
         segs: p.segments,
@@ -569,7 +620,7 @@ pub fn decode_attention<B: AttnOps, T: Element>(
         normalizer: p.normalizer,
         restrict: p.restrict,
     };
-    b.decode_attention(&meta, q, k, v, out)
+    b.decode_attention(&meta, q, k, v, out, &mut ev)
 }
 
 /// Parameters of [`prefill_attention`].
@@ -600,18 +651,67 @@ pub fn prefill_attention<B: AttnOps, T: Element>(
     v: &B::Buffer<T>,
     out: &mut B::Buffer<T>,
 ) -> Result<()> {
+    prefill_attention_with(b, p, q, k, v, out, PrefillEvidence::default())
+}
+
+/// [`prefill_attention`] that also writes the requested evidence: column
+/// sums (blocks of 1 row) and the last queries' weights (blocks of
+/// [`crate::backend::Window::rows_for`]`(n_q(b))` rows). Size the buffers
+/// with [`evidence_blocks`].
+pub fn prefill_attention_with<B: AttnOps, T: Element>(
+    b: &B,
+    p: &PrefillParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    ev: PrefillEvidence<'_, B>,
+) -> Result<()> {
+    prefill_attention_impl(b, p, q, k, v, out, ev, false)
+}
+
+/// The prefill entry point; `prechecked` skips the mask's shape check.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prefill_attention_impl<B: AttnOps, T: Element>(
+    b: &B,
+    p: &PrefillParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    mut ev: PrefillEvidence<'_, B>,
+    prechecked: bool,
+) -> Result<()> {
     const OP: &str = "prefill_attention";
     check_geom_segs(OP, &p.geom, p.segments)?;
     check_q_rows(OP, p.q_rows, p.segments, p.causal)?;
     p.normalizer.validate(OP, &p.geom)?;
     let scale = resolve_scale(OP, p.scale, &p.geom)?;
-    if let Some(mask) = p.mask {
+    if let Some(mask) = p.mask
+        && !prechecked
+    {
         let q_rows: Vec<usize> = p.q_rows.lens().collect();
         mask.check_against(OP, &p.geom, p.segments, &q_rows)?;
     }
     let d = p.geom.head_dim();
     let qn = p.q_rows.total() * p.geom.num_q_heads() * d;
     check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
+    if let Some((heads, buf)) = &ev.col_sums {
+        let ones = vec![1; p.segments.batch()];
+        let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
+        check_len(b, OP, "evidence col_sums", *buf, n)?;
+    }
+    if let Some((w, buf)) = &ev.window {
+        if w.queries == 0 {
+            return Err(shape(
+                OP,
+                "the evidence window must cover at least one query",
+            ));
+        }
+        let rows: Vec<usize> = p.q_rows.lens().map(|n| w.rows_for(n)).collect();
+        let n = evidence_blocks(&p.geom, p.segments, w.heads, &rows)?.total();
+        check_len(b, OP, "evidence window", *buf, n)?;
+    }
     let meta = PrefillMeta {
         geom: p.geom,
         q_rows: p.q_rows,
@@ -621,7 +721,7 @@ pub fn prefill_attention<B: AttnOps, T: Element>(
         scale,
         normalizer: p.normalizer,
     };
-    b.prefill_attention(&meta, q, k, v, out)
+    b.prefill_attention(&meta, q, k, v, out, &mut ev)
 }
 
 // ----------------------------------------------------------- entmax attention

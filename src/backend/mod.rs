@@ -7,7 +7,7 @@
 //! | scoring | [`ScoreOps`] | `qk_logits` |
 //! | selection | [`SelectOps`] | `topk_rows`, `count_above` |
 //! | cache ops | [`CacheOps`] | `gather_rows`, `scatter_rows`, `compact_rows`, `merge_rows` |
-//! | attention | [`AttnOps`] | `decode_attention`, `prefill_attention` |
+//! | attention | [`AttnOps`] | `decode_attention`, `prefill_attention` (with optional [`evidence`]) |
 //! | entmax attention | [`EntmaxOps`] | `entmax_prefill`, `entmax_prefill_backward` |
 //!
 //! **Why descriptors.** Every op method takes a `*Meta` descriptor that only
@@ -25,6 +25,7 @@
 mod attn;
 mod cache_ops;
 mod entmax_attn;
+pub mod evidence;
 mod norm;
 mod score;
 mod select;
@@ -32,6 +33,7 @@ mod select;
 pub use attn::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
 pub use cache_ops::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 pub use entmax_attn::{BlockStats, EntmaxOps, EntmaxPrefillMeta};
+pub use evidence::{DecodeEvidence, Heads, PrefillEvidence, Window, evidence_blocks};
 pub use norm::{EntmaxRowsMeta, NormOps, RowsMeta};
 pub use score::{QkMeta, ScoreOps};
 pub use select::{SelectOps, TopkMeta};

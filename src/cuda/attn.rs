@@ -16,7 +16,10 @@ use super::device::CudaBackend;
 use super::kernels::{self, KernelId, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
-use crate::backend::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
+use crate::backend::{
+    AttnOps, DecodeEvidence, DecodeMeta, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
+    evidence,
+};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::{BitMask, HeadGeometry, Scope};
@@ -467,6 +470,7 @@ impl AttnOps for CudaBackend {
         k: &CudaBuffer<T>,
         v: &CudaBuffer<T>,
         out: &mut CudaBuffer<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
         let plan = decode_plan(meta);
         let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
@@ -482,7 +486,7 @@ impl AttnOps for CudaBackend {
             out,
             "decode_attention",
         )?;
-        Ok(())
+        evidence::fallback::decode(self, meta, q, k, ev)
     }
 
     fn prefill_attention<T: Element>(
@@ -492,6 +496,7 @@ impl AttnOps for CudaBackend {
         k: &CudaBuffer<T>,
         v: &CudaBuffer<T>,
         out: &mut CudaBuffer<T>,
+        ev: &mut PrefillEvidence<'_, Self>,
     ) -> Result<()> {
         let plan = prefill_plan(&meta.geom, meta.q_rows, meta.segs, meta.causal, meta.mask);
         let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
@@ -507,6 +512,6 @@ impl AttnOps for CudaBackend {
             out,
             "prefill_attention",
         )?;
-        Ok(())
+        evidence::fallback::prefill(self, meta, q, k, ev)
     }
 }

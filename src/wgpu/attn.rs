@@ -1,7 +1,10 @@
 //! `decode_attention` and `prefill_attention`: one workgroup per attention
 //! row (query, head), sharing `shaders/common_attend.wgsl`.
 
-use crate::backend::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
+use crate::backend::{
+    AttnOps, DecodeEvidence, DecodeMeta, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
+    evidence,
+};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::layout::{BitMask, MaskList};
@@ -211,6 +214,7 @@ impl AttnOps for Wgpu {
         k: &WgpuBuffer<T>,
         v: &WgpuBuffer<T>,
         out: &mut WgpuBuffer<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
         const OP: &str = "decode_attention";
         let (geom, segs) = (meta.geom(), meta.segments());
@@ -261,7 +265,8 @@ impl AttnOps for Wgpu {
             k,
             v,
             out,
-        )
+        )?;
+        evidence::fallback::decode(self, meta, q, k, ev)
     }
 
     fn prefill_attention<T: Element>(
@@ -271,6 +276,7 @@ impl AttnOps for Wgpu {
         k: &WgpuBuffer<T>,
         v: &WgpuBuffer<T>,
         out: &mut WgpuBuffer<T>,
+        ev: &mut PrefillEvidence<'_, Self>,
     ) -> Result<()> {
         const OP: &str = "prefill_attention";
         let (geom, segs, q_rows) = (meta.geom(), meta.segments(), meta.q_rows());
@@ -324,6 +330,7 @@ impl AttnOps for Wgpu {
             k,
             v,
             out,
-        )
+        )?;
+        evidence::fallback::prefill(self, meta, q, k, ev)
     }
 }
