@@ -21,11 +21,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use kvsieve::attention::{LayerInput, Session, SessionConfig};
 use kvsieve::eval::io::load;
 use kvsieve::eval::policies::{MIN_BUDGET, POLICIES, make_policy};
 use kvsieve::eval::{Trace, TraceConfig};
 use kvsieve::ops::{self, QkParams};
-use kvsieve::policy::{LayerInput, Session, SessionConfig};
 use kvsieve::reference::Reference;
 use kvsieve::{HeadGeometry, IndexList, Normalizer, Ops, Ragged, Scope, Segments};
 

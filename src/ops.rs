@@ -54,6 +54,25 @@ fn check_len<B: Backend, T: Element>(
     Ok(())
 }
 
+/// Evidence outputs may be longer than their layout (reused buffers); only
+/// the first `want` entries are written.
+fn check_at_least<B: Backend, T: Element>(
+    b: &B,
+    op: &'static str,
+    name: &str,
+    buf: &B::Buffer<T>,
+    want: usize,
+) -> Result<()> {
+    let got = b.buffer_len(buf);
+    if got < want {
+        return Err(shape(
+            op,
+            format!("{name} has {got} elements, expected at least {want}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_kv<B: Backend, T: Element>(
     b: &B,
     op: &'static str,
@@ -293,6 +312,40 @@ pub fn qk_logits<B: ScoreOps, T: Element>(
     })
 }
 
+/// `d_j = ‖o − v_j‖₂` for every token of every block, with `o` the
+/// `weights`-weighted sum of the block's segment's value rows (`fast`: their
+/// mean; `weights` is then ignored and may be empty); see [`DistMeta`].
+/// `weights` and `out` are laid out by [`evidence_blocks`]`(geom, segments,
+/// heads, &[1; batch])` (CAOTE's eviction errors).
+#[allow(clippy::too_many_arguments)]
+pub fn value_distances<B: ScoreOps, T: Element>(
+    b: &B,
+    geom: HeadGeometry,
+    segments: &Segments,
+    heads: Heads,
+    fast: bool,
+    weights: &B::Buffer<f32>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<f32>,
+) -> Result<()> {
+    const OP: &str = "value_distances";
+    check_geom_segs(OP, &geom, segments)?;
+    let blocks = evidence_blocks(&geom, segments, heads, &vec![1; segments.batch()])?;
+    if !fast {
+        check_len(b, OP, "weights", weights, blocks.total())?;
+    }
+    check_kv(b, OP, "v", v, segments, geom.head_dim())?;
+    check_len(b, OP, "out", out, blocks.total())?;
+    let meta = DistMeta {
+        geom,
+        segs: segments.clone(),
+        heads,
+        blocks,
+        fast,
+    };
+    b.value_distances(&meta, weights, v, out)
+}
+
 // ------------------------------------------------------------------ selection
 
 /// Per-row top-k (see [`SelectOps::topk_rows`]). `scope` only tags the
@@ -421,7 +474,14 @@ pub fn scatter_rows<B: CacheOps, T: Element>(
 }
 
 /// Compacts every segment of `buf` in place to the rows in `keep` (scope
-/// `KvHead`, one list per segment) and returns the new segments.
+/// `KvHead`, one sorted list per segment) and returns the new segments.
+///
+/// Rows already inside the new length stay where they are; each freed row
+/// below the new length is filled by a kept row from above it, lowest hole
+/// first (see [`crate::cache::compaction_moves`]). So a decode step that
+/// evicts one token moves one row, not the tail of the cache; row order no
+/// longer follows arrival order (the cache tracks arrivals and positions
+/// per row).
 pub fn compact_rows<B: CacheOps, T: Element>(
     b: &B,
     width: usize,
@@ -462,15 +522,18 @@ pub fn compact_rows<B: CacheOps, T: Element>(
         }
     }
     let new_segs = segs.shrink_to(keep.indptr().lens().map(|l| l as u32).collect())?;
-    b.compact_rows(
-        &CompactMeta {
-            width,
-            segs: segs.clone(),
-            keep: keep.clone(),
-            new_segs: new_segs.clone(),
-        },
-        buf,
-    )?;
+    let mut moves = Vec::new();
+    for s in 0..segs.num_segments() {
+        let off = segs.offset(s) as u32;
+        moves.extend(
+            crate::cache::compaction_moves(keep.list(s))
+                .into_iter()
+                .map(|(d, r)| (off + d, off + r)),
+        );
+    }
+    if !moves.is_empty() {
+        b.compact_rows(&CompactMeta { width, moves }, buf)?;
+    }
     Ok(new_segs)
 }
 
@@ -595,17 +658,19 @@ pub(crate) fn decode_attention_impl<B: AttnOps, T: Element>(
     let d = p.geom.head_dim();
     let qn = p.segments.batch() * p.geom.num_q_heads() * d;
     check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
-    let ones = vec![1; p.segments.batch()];
-    if let Some((heads, buf)) = &ev.probs {
-        let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
-        check_len(b, OP, "evidence probs", *buf, n)?;
-    }
-    if let Some(buf) = &ev.logits {
-        let n = evidence_blocks(&p.geom, p.segments, Heads::PerHead, &ones)?.total();
-        check_len(b, OP, "evidence logits", *buf, n)?;
+    if !ev.is_empty() {
+        let ones = vec![1; p.segments.batch()];
+        if let Some((heads, buf)) = &ev.probs {
+            let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
+            check_at_least(b, OP, "evidence probs", *buf, n)?;
+        }
+        if let Some(buf) = &ev.logits {
+            let n = evidence_blocks(&p.geom, p.segments, Heads::PerHead, &ones)?.total();
+            check_at_least(b, OP, "evidence logits", *buf, n)?;
+        }
     }
     if let Some(buf) = &ev.stats {
-        check_len(
+        check_at_least(
             b,
             OP,
             "evidence stats",
@@ -699,7 +764,7 @@ pub(crate) fn prefill_attention_impl<B: AttnOps, T: Element>(
     if let Some((heads, buf)) = &ev.col_sums {
         let ones = vec![1; p.segments.batch()];
         let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
-        check_len(b, OP, "evidence col_sums", *buf, n)?;
+        check_at_least(b, OP, "evidence col_sums", *buf, n)?;
     }
     if let Some((w, buf)) = &ev.window {
         if w.queries == 0 {
@@ -710,7 +775,7 @@ pub(crate) fn prefill_attention_impl<B: AttnOps, T: Element>(
         }
         let rows: Vec<usize> = p.q_rows.lens().map(|n| w.rows_for(n)).collect();
         let n = evidence_blocks(&p.geom, p.segments, w.heads, &rows)?.total();
-        check_len(b, OP, "evidence window", *buf, n)?;
+        check_at_least(b, OP, "evidence window", *buf, n)?;
     }
     let meta = PrefillMeta {
         geom: p.geom,

@@ -11,8 +11,8 @@
 mod common;
 
 use common::*;
+use kvsieve::attention::{LayerInput, Session, SessionConfig};
 use kvsieve::eval::policies::{POLICIES, make_policy};
-use kvsieve::policy::{LayerInput, Session, SessionConfig};
 use kvsieve::reference::Reference;
 use kvsieve::*;
 

@@ -3,6 +3,7 @@
 //! `Full`, bit for bit), needle retrieval at 2 % budgets over 16K tokens,
 //! the Selection Cache, serialisation and bad input. Reference backend.
 
+use kvsieve::attention::*;
 use kvsieve::cache::KvCache;
 use kvsieve::ops::{self, DecodeParams, PrefillParams};
 use kvsieve::policy::*;
@@ -60,17 +61,78 @@ fn ctx<'a>(
         backend: &Reference,
         layer,
         num_layers: c.num_layers(),
-        cache: c.layer(layer).unwrap(),
+        kv: c.layer(layer).unwrap(),
         queries: q,
         q_rows,
         step,
         phase: Phase::Select,
         scale: None,
+        evidence: Evidence::default(),
     }
 }
 
 fn select(p: &mut dyn KvPolicy<Reference, f32>, cx: &StepCtx<'_, Reference, f32>) -> Plan {
     p.select_for_attention(cx).unwrap()
+}
+
+/// One decode step of `layer` as the driver runs it: `select_for_attention`,
+/// attention (restricted by its plan) with the evidence `p.needs` asks for,
+/// then `on_decode_step`. Returns the selection plan.
+fn step(
+    p: &mut dyn KvPolicy<Reference, f32>,
+    c: &KvCache<Reference, f32>,
+    layer: usize,
+    q: &Vec<f32>,
+    rows: &Ragged,
+    step: usize,
+) -> Plan {
+    use kvsieve::backend::{DecodeEvidence, Heads, evidence_blocks};
+    let plan = select(p, &ctx(c, layer, q, rows, step));
+    let l = c.layer(layer).unwrap();
+    let g = *l.geom();
+    let needs = p.needs(layer);
+    let ones = vec![1; l.batch()];
+    let n = |h| evidence_blocks(&g, l.segments(), h, &ones).unwrap().total();
+    let mut probs = needs.decode_probs.map(|h| (h, vec![0.0f32; n(h)]));
+    let mut logits = needs.decode_logits.then(|| vec![0.0f32; n(Heads::PerHead)]);
+    let mut out = vec![0.0f32; q.len()];
+    let restrict = match &plan {
+        Plan::Select(list) => Restrict::Indices(list),
+        _ => Restrict::Dense,
+    };
+    let dp = DecodeParams {
+        geom: g,
+        segments: l.segments(),
+        scale: None,
+        normalizer: &Normalizer::Softmax,
+        restrict,
+    };
+    ops::decode_attention_with(
+        &Reference,
+        &dp,
+        q,
+        l.k(),
+        l.v(),
+        &mut out,
+        DecodeEvidence {
+            probs: probs.as_mut().map(|(h, b)| (*h, b)),
+            logits: logits.as_mut(),
+            stats: None,
+        },
+    )
+    .unwrap();
+    let cx = StepCtx {
+        phase: Phase::Decode,
+        evidence: Evidence {
+            probs: probs.as_ref().map(|(h, b)| (*h, b)),
+            logits: logits.as_ref(),
+            col_sums: None,
+            window: None,
+        },
+        ..ctx(c, layer, q, rows, step)
+    };
+    assert_eq!(p.on_decode_step(&cx).unwrap(), Plan::KeepAll);
+    plan
 }
 
 fn selected(plan: Plan) -> IndexList {
@@ -241,10 +303,10 @@ fn token_select_prefill_chunk_mask() {
     };
     let mut ts = TokenSelect::new(cfg).unwrap();
     let cx = StepCtx {
-        phase: Phase::PrefillChunk,
+        phase: Phase::PrefillSelect,
         ..ctx(&c, 0, &q, &rows, 0)
     };
-    let list = selected(ts.on_prefill_chunk(&cx).unwrap());
+    let list = selected(ts.before_prefill_chunk(&cx).unwrap());
     assert_eq!(list.list(0).len(), 9);
     let layer = c.layer(0).unwrap();
     let mask = selection_prefill_mask(&list, &g, &rows, layer.segments()).unwrap();
@@ -307,8 +369,8 @@ fn ragged_batch_mixes_dense_and_sparse_sequences() {
         ..TidalDecodeConfig::default()
     })
     .unwrap();
-    select(&mut td, &ctx(&c, 1, &q, &rows, 0));
-    let list = selected(select(&mut td, &ctx(&c, 2, &q, &rows, 0)));
+    step(&mut td, &c, 1, &q, &rows, 0);
+    let list = selected(step(&mut td, &c, 2, &q, &rows, 0));
     assert_eq!(list.num_lists(), 8);
     assert_eq!(list.list(0).len(), 10);
     assert_eq!(list.list(5).len(), 12);
@@ -321,10 +383,12 @@ fn ragged_batch_mixes_dense_and_sparse_sequences() {
         ts.select_for_attention(&ctx(&c, 0, &short, &rows, 0))
             .is_err()
     );
-    assert!(
-        td.select_for_attention(&ctx(&c, 1, &short, &rows, 1))
-            .is_err()
-    );
+    // A selection layer's decode hook without its logits evidence.
+    let no_evidence = StepCtx {
+        phase: Phase::Decode,
+        ..ctx(&c, 1, &short, &rows, 1)
+    };
+    assert!(td.on_decode_step(&no_evidence).is_err());
     let far = StepCtx {
         layer: usize::MAX,
         ..ctx(&c, 0, &q, &rows, 0)
@@ -429,8 +493,7 @@ fn tidal_decode_layer_roles_and_persistence() {
     let qs: Vec<Vec<f32>> = (0..layers).map(|_| r.vec(16)).collect();
     let mut lists = Vec::new();
     for (l, q) in qs.iter().enumerate() {
-        let plan = select(&mut td, &ctx(&c, l, q, &rows, 0));
-        lists.push(plan);
+        lists.push(step(&mut td, &c, l, q, &rows, 0));
     }
     assert_eq!(lists[0], Plan::KeepAll);
     assert_eq!(lists[2], Plan::KeepAll, "selection layers attend densely");
@@ -474,8 +537,8 @@ fn tidal_decode_layer_roles_and_persistence() {
         ..TidalDecodeConfig::default()
     })
     .unwrap();
-    select(&mut tds, &ctx(&c, 2, &qs[2], &rows, 0));
-    let l = selected(select(&mut tds, &ctx(&c, 3, &qs[3], &rows, 0)));
+    step(&mut tds, &c, 2, &qs[2], &rows, 0);
+    let l = selected(step(&mut tds, &c, 3, &qs[3], &rows, 0));
     assert_eq!(l.scope(), Scope::KvHead);
     assert_eq!(l.num_lists(), 2);
     let out = decode_out(g, &c, 3, &qs[3], Restrict::Indices(&l));
@@ -544,8 +607,8 @@ fn needle_is_selected_at_two_percent_over_16k() {
             ..TidalDecodeConfig::default()
         })
         .unwrap();
-        assert_eq!(select(&mut td, &ctx(&c, 0, &q, &rows, 0)), Plan::KeepAll);
-        let list = selected(select(&mut td, &ctx(&c, 1, &q, &rows, 0)));
+        assert_eq!(step(&mut td, &c, 0, &q, &rows, 0), Plan::KeepAll);
+        let list = selected(step(&mut td, &c, 1, &q, &rows, 0));
         for i in 0..list.num_lists() {
             assert_eq!(list.list(i).len(), budget);
             assert!(

@@ -365,13 +365,17 @@ pub(crate) mod fallback {
                 reduce_heads_into(geom, Heads::PerHead, &zs, &mut host[lo..hi]);
             }
         }
-        if let (Some((_, buf)), Some(host)) = (ev.probs.as_mut(), probs_host) {
+        // Buffers may be longer than their layout: keep their length.
+        if let (Some((_, buf)), Some(mut host)) = (ev.probs.as_mut(), probs_host) {
+            host.resize(b.buffer_len(*buf), 0.0);
             **buf = b.upload(&host)?;
         }
-        if let (Some(buf), Some(host)) = (ev.logits.as_deref_mut(), logits_host) {
+        if let (Some(buf), Some(mut host)) = (ev.logits.as_deref_mut(), logits_host) {
+            host.resize(b.buffer_len(buf), 0.0);
             *buf = b.upload(&host)?;
         }
         if let Some(buf) = ev.stats.as_deref_mut() {
+            stats_host.resize(b.buffer_len(buf), 0.0);
             *buf = b.upload(&stats_host)?;
         }
         Ok(())
@@ -512,11 +516,13 @@ pub(crate) mod fallback {
             Ok::<_, crate::error::Error>(host)
         };
         if let Some((heads, buf)) = ev.col_sums.as_mut() {
-            let host = finish(&col, &per_head, *heads, &ones)?;
+            let mut host = finish(&col, &per_head, *heads, &ones)?;
+            host.resize(b.buffer_len(*buf), 0.0);
             **buf = b.upload(&host)?;
         }
         if let Some((w, buf)) = ev.window.as_mut() {
-            let host = finish(&wacc, &win_blocks, w.heads, &win_rows)?;
+            let mut host = finish(&wacc, &win_blocks, w.heads, &win_rows)?;
+            host.resize(b.buffer_len(*buf), 0.0);
             **buf = b.upload(&host)?;
         }
         Ok(())

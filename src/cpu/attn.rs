@@ -857,7 +857,7 @@ fn reduce_blocks(
     dst_blocks: &Ragged,
 ) {
     if heads == Heads::PerHead {
-        dst.copy_from_slice(src);
+        dst[..src.len()].copy_from_slice(src);
         return;
     }
     let (hq, hkv, g) = (geom.num_q_heads(), geom.num_kv_heads(), geom.group());

@@ -22,19 +22,24 @@
 //!
 //! Schedule: block-wise prefill (`block` tokens per chunk, default 128) with
 //! eviction back to the budget after every block, and one eviction per
-//! decode step once over budget. Protected sinks/recent rows of the budget
-//! stay protected. Cost per hook: the base scorer, one `merge_rows` (the
-//! pseudo-outputs), one Q·K pass of the outputs against V and the row norms
-//! of V (ops), O(L) host work per head.
+//! decode step once over budget, after that step's attention (whose
+//! evidence feeds the base scorer). Protected sinks/recent tokens of the
+//! budget stay protected, and so do the base method's own
+//! ([`Scorer::protects`]: SnapKV's window, TOVA's current token).
+//!
+//! `‖o − v_j‖` is computed directly from the difference in f32 by
+//! [`crate::ops::value_distances`] (the expanded form
+//! `‖o‖² − 2 o·v + ‖v‖²` cancels exactly where CAOTE matters, `v_j ≈ o`).
+//! Cost per hook: the base scorer and one `value_distances` (two passes
+//! over V: the weighted sums, then the distances), O(L) host work per head.
 #![forbid(unsafe_code)]
 
-use super::evidence::{check_scores, evict_by_scores};
-use super::{Budget, Capabilities, KvPolicy, Needs, Plan, Scorer, StepCtx};
-use crate::backend::{Backend, Ops};
-use crate::cache::{LayerKv, row_sq_norms};
+use super::evidence::{Compaction, check_scores, evict_by_scores};
+use super::{Budget, Capabilities, Heads, KvPolicy, Needs, Plan, Scorer, StepCtx};
+use crate::backend::{Backend, Ops, evidence_blocks};
+use crate::cache::KvView;
 use crate::dtype::Element;
 use crate::error::{Error, Result, config, shape};
-use crate::layout::{IndexList, Ragged};
 use crate::ops;
 
 /// GQA rule of [`Caote`].
@@ -97,14 +102,17 @@ impl<B: Backend, T: Element> Scorer<B, T> for Box<dyn Scorer<B, T>> {
     fn name(&self) -> &'static str {
         self.as_ref().name()
     }
-    fn needs(&self) -> Needs {
-        self.as_ref().needs()
+    fn needs(&self, heads: Heads) -> Needs {
+        self.as_ref().needs(heads)
     }
-    fn score(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Vec<Vec<f64>>> {
-        self.as_mut().score(ctx)
+    fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
+        self.as_mut().score(ctx, heads)
     }
-    fn retain(&mut self, layer: usize, keep: &IndexList) -> Result<()> {
-        self.as_mut().retain(layer, keep)
+    fn retain(&mut self, layer: usize, c: &Compaction) -> Result<()> {
+        self.as_mut().retain(layer, c)
+    }
+    fn protects(&self) -> (usize, usize) {
+        self.as_ref().protects()
     }
     fn reset(&mut self) {
         self.as_mut().reset()
@@ -129,109 +137,74 @@ pub(crate) fn to_simplex(op: &'static str, h: &[f64]) -> Result<Vec<f64>> {
     }
 }
 
-/// CAOTE scores per (sequence `b`, query head `h`) (index `b * Hq + h`) for
-/// given weights `alpha` (each summing to 1 over its segment; not
-/// renormalised here): `c_j = α_j/(1 − α_j) · ‖o − v_j‖` with
-/// `o = Σ_i α_i v_i`, or `v̄` when `fast`. `+∞` where `1 − α_j < 1e-6`.
-///
-/// `o` is built with [`ops::merge_rows`], `o · v_j` with [`ops::qk_logits`]
-/// and `‖v_j‖²` from the row norms, so `‖o − v_j‖² = ‖o‖² − 2 o·v_j + ‖v_j‖²`
-/// (clamped at 0) never touches V on the host.
+/// CAOTE scores per block of `heads` (per (sequence, query head) for
+/// [`Heads::PerHead`], else per (sequence, KV head)) for given weights
+/// `alpha` (each summing to 1 over its segment; not renormalised here):
+/// `c_j = α_j/(1 − α_j) · ‖o − v_j‖` with `o = Σ_i α_i v_i`, or `v̄` when
+/// `fast`. `+∞` where `1 − α_j < 1e-6`. The distances come from
+/// [`ops::value_distances`] (direct differences in f32, on the backend).
 pub fn caote_scores<B: Ops, T: Element>(
     backend: &B,
-    cache: &LayerKv<B, T>,
+    kv: &dyn KvView<B, T>,
+    heads: Heads,
     alpha: &[Vec<f64>],
     fast: bool,
 ) -> Result<Vec<Vec<f64>>> {
     const OP: &str = "caote_scores";
-    let geom = *cache.geom();
-    let segs = cache.segments();
-    let (hq, d) = (geom.num_q_heads(), geom.head_dim());
-    let batch = segs.batch();
-    if alpha.len() != batch * hq {
+    let geom = *kv.geom();
+    let segs = kv.segments();
+    let blocks = evidence_blocks(&geom, segs, heads, &vec![1; segs.batch()])?;
+    if alpha.len() != blocks.num_segments() {
         return Err(shape(
             OP,
             format!(
-                "{} weight vectors for {batch} sequences x {hq} query heads",
-                alpha.len()
+                "{} weight vectors for {} blocks",
+                alpha.len(),
+                blocks.num_segments()
             ),
         ));
     }
-    let mut lens = Vec::with_capacity(batch * hq);
-    let mut members = Vec::new();
-    let mut weights = Vec::new();
-    for b in 0..batch {
-        for h in 0..hq {
-            let s = segs.index(b, geom.kv_head(h));
-            let a = &alpha[b * hq + h];
-            if a.len() != segs.len_of(s) {
-                return Err(shape(
-                    OP,
-                    format!(
-                        "(sequence {b}, head {h}): {} weights for {} tokens",
-                        a.len(),
-                        segs.len_of(s)
-                    ),
-                ));
-            }
-            if let Some(x) = a.iter().find(|x| !x.is_finite()) {
-                return Err(Error::NonFinite {
-                    op: OP,
-                    what: format!("weight {x}"),
-                });
-            }
-            lens.push(a.len() as u32);
-            let n = a.len().max(1) as f64;
-            for (i, &w) in a.iter().enumerate() {
-                members.push((segs.offset(s) + i) as u32);
-                weights.push(if fast { (1.0 / n) as f32 } else { w as f32 });
-            }
+    let mut w = Vec::with_capacity(blocks.total());
+    for (i, a) in alpha.iter().enumerate() {
+        if a.len() != blocks.len_of(i) {
+            return Err(shape(
+                OP,
+                format!(
+                    "block {i}: {} weights for {} tokens",
+                    a.len(),
+                    blocks.len_of(i)
+                ),
+            ));
         }
+        if let Some(x) = a.iter().find(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                op: OP,
+                what: format!("weight {x}"),
+            });
+        }
+        w.extend(a.iter().map(|&x| x as f32));
     }
-    let groups = Ragged::from_lens(&lens)?;
-    let mut o = backend.zeros::<T>(batch * hq * d)?;
-    ops::merge_rows(backend, d, &groups, &members, &weights, cache.v(), &mut o)?;
-    let q_rows = Ragged::uniform(batch, 1)?;
-    let p = ops::QkParams {
-        geom,
-        q_rows: &q_rows,
-        segments: segs,
-        causal: false,
-        scale: Some(1.0),
-    };
-    let layout = ops::qk_layout(&p)?;
-    let mut ov = backend.zeros::<f32>(layout.blocks.total())?;
-    ops::qk_logits(backend, &p, &o, cache.v(), &mut ov)?;
-    let ov = backend.download(&ov)?;
-    let vv = row_sq_norms(backend, cache.v(), d)?;
-    let oh = backend.download(&o)?;
-    let mut out = Vec::with_capacity(batch * hq);
-    for b in 0..batch {
-        for h in 0..hq {
-            let i = b * hq + h;
-            let s = segs.index(b, geom.kv_head(h));
-            let oo: f64 = oh[i * d..(i + 1) * d]
-                .iter()
-                .map(|x| x.to_f64() * x.to_f64())
-                .sum();
-            let blk = &ov[layout.blocks.range(i)];
-            let c = alpha[i]
-                .iter()
-                .enumerate()
-                .map(|(j, &a)| {
-                    let d2 =
-                        (oo - 2.0 * f64::from(blk[j]) + f64::from(vv[segs.offset(s) + j])).max(0.0);
+    let wb = backend.upload(&w)?;
+    let mut dist = backend.zeros::<f32>(blocks.total())?;
+    ops::value_distances(backend, geom, segs, heads, fast, &wb, kv.v(), &mut dist)?;
+    let dist = backend.download(&dist)?;
+    Ok(alpha
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let dv = &dist[blocks.range(i)];
+            a.iter()
+                .zip(dv)
+                .map(|(&a, &dj)| {
                     if 1.0 - a < 1e-6 {
                         f64::INFINITY
                     } else {
-                        a / (1.0 - a) * d2.sqrt()
+                        a / (1.0 - a) * f64::from(dj)
                     }
                 })
-                .collect();
-            out.push(c);
-        }
-    }
-    Ok(out)
+                .collect()
+        })
+        .collect())
 }
 
 /// Exact output change when a whole set `S` is evicted at once (host-side
@@ -273,66 +246,66 @@ pub fn joint_eviction_error(alpha: &[f64], values: &[f64], set: &[usize]) -> Res
 }
 
 impl<S> Caote<S> {
+    /// The scorer's group treatment: per query head for the root-sum-square
+    /// rule, the group mean for [`CaoteGqa::MeanScores`].
+    fn heads(&self) -> Heads {
+        match self.cfg.gqa {
+            CaoteGqa::RootSumSquares => Heads::PerHead,
+            CaoteGqa::MeanScores => Heads::Mean,
+        }
+    }
+
     fn step<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan>
     where
         S: Scorer<B, T>,
     {
         const OP: &str = "Caote";
-        let segs = ctx.cache.segments();
+        let segs = ctx.kv.segments();
         let g = *ctx.geom();
-        let (hq, hkv) = (g.num_q_heads(), g.num_kv_heads());
-        let raw = self.scorer.score(ctx)?;
-        check_scores(OP, ctx, &raw)?;
+        let hkv = g.num_kv_heads();
+        let heads = self.heads();
+        let raw = self.scorer.score(ctx, heads)?;
+        check_scores(OP, ctx, heads, &raw)?;
+        let mut budget = self.cfg.budget.clone();
+        let (sink, recent) = self.scorer.protects();
+        budget.sink = budget.sink.max(sink);
+        budget.recent = budget.recent.max(recent);
         let needs_eviction = (0..segs.num_segments()).try_fold(false, |acc, s| {
-            let bud = self.cfg.budget.resolve(
+            let bud = budget.resolve(
                 OP,
                 ctx.layer,
                 ctx.num_layers,
                 s % hkv,
                 hkv,
-                ctx.cache.seen(s / hkv),
+                ctx.kv.seen(s / hkv),
             )?;
             Ok::<bool, Error>(acc || segs.len_of(s) > bud)
         })?;
         if !needs_eviction {
             return Ok(Plan::KeepAll);
         }
-        let mut alpha = raw
+        let alpha = raw
             .iter()
             .map(|h| to_simplex(OP, h))
             .collect::<Result<Vec<_>>>()?;
-        if self.cfg.gqa == CaoteGqa::MeanScores {
+        let c = caote_scores(ctx.backend, ctx.kv, heads, &alpha, self.cfg.fast)?;
+        let kv_scores: Vec<Vec<f64>> = if heads == Heads::PerHead {
             let grp = g.group();
-            for b in 0..ctx.batch() {
-                for kv in 0..hkv {
-                    let base = b * hq + kv * grp;
-                    let n = alpha[base].len();
-                    let mean: Vec<f64> = (0..n)
-                        .map(|j| (0..grp).map(|k| alpha[base + k][j]).sum::<f64>() / grp as f64)
-                        .collect();
-                    for k in 0..grp {
-                        alpha[base + k] = mean.clone();
-                    }
-                }
-            }
-        }
-        let c = caote_scores(ctx.backend, ctx.cache, &alpha, self.cfg.fast)?;
-        let grp = g.group();
-        let mut kv_scores = Vec::with_capacity(segs.num_segments());
-        for b in 0..ctx.batch() {
-            for kv in 0..hkv {
-                let base = b * hq + kv * grp;
-                let n = c[base].len();
-                kv_scores.push(
-                    (0..n)
+            (0..ctx.batch() * hkv)
+                .map(|si| {
+                    let (b, kv) = (si / hkv, si % hkv);
+                    let base = b * g.num_q_heads() + kv * grp;
+                    (0..c[base].len())
                         .map(|j| (0..grp).map(|k| c[base + k][j].powi(2)).sum::<f64>().sqrt())
-                        .collect::<Vec<f64>>(),
-                );
-            }
-        }
-        let plan = evict_by_scores(OP, ctx, &self.cfg.budget, &kv_scores)?;
-        if let Plan::Evict(keep) = &plan {
-            self.scorer.retain(ctx.layer, keep)?;
+                        .collect()
+                })
+                .collect()
+        } else {
+            c
+        };
+        let (plan, comp) = evict_by_scores(OP, ctx, &budget, &kv_scores)?;
+        if let Some(comp) = comp {
+            self.scorer.retain(ctx.layer, &comp)?;
         }
         Ok(plan)
     }
@@ -343,11 +316,9 @@ impl<B: Ops, T: Element, S: Scorer<B, T>> KvPolicy<B, T> for Caote<S> {
         if self.cfg.fast { "fast_caote" } else { "caote" }
     }
     fn capabilities(&self) -> Capabilities {
-        let mut needs = self.scorer.needs();
-        needs.values = true;
         Capabilities {
             evicts: true,
-            needs,
+            needs: self.scorer.needs(self.heads()),
             prefill_block: Some(self.cfg.block),
             ..Capabilities::default()
         }

@@ -1,10 +1,21 @@
-use crate::backend::{QkMeta, ScoreOps};
+use crate::backend::{DistMeta, QkMeta, ScoreOps, score::value_distances_host};
 use crate::dtype::Element;
 use crate::error::Result;
 
 use super::{Reference, dot};
 
 impl ScoreOps for Reference {
+    fn value_distances<T: Element>(
+        &self,
+        meta: &DistMeta,
+        w: &Vec<f32>,
+        v: &Vec<T>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        value_distances_host(meta, w, v, out);
+        Ok(())
+    }
+
     fn qk_logits<T: Element>(
         &self,
         meta: &QkMeta,

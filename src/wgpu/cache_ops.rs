@@ -119,16 +119,10 @@ impl CacheOps for Wgpu {
     fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut WgpuBuffer<T>) -> Result<()> {
         const OP: &str = "compact_rows";
         let w = meta.width();
-        let segs = meta.segments();
-        let mut pairs = Vec::new();
-        for s in 0..segs.num_segments() {
-            let off = segs.offset(s);
-            for (i, &j) in meta.keep().list(s).iter().enumerate() {
-                if i != j as usize {
-                    pairs.push(u32c(OP, off + i)?);
-                    pairs.push(u32c(OP, off + j as usize)?);
-                }
-            }
+        let mut pairs = Vec::with_capacity(2 * meta.moves().len());
+        for &(dst, src) in meta.moves() {
+            pairs.push(dst);
+            pairs.push(src);
         }
         if pairs.is_empty() {
             return Ok(());
