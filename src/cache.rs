@@ -518,24 +518,29 @@ impl<B: Ops, T: Element> KvCache<B, T> {
         Self::relayout(backend, l, caps)
     }
 
-    /// Trims every segment's capacity of `layer` to its length plus a small
-    /// headroom (`max(16, len / 8)` rows) when that frees memory: what the
-    /// driver does at the end of a prefill and after an eviction leaves
-    /// the layer under half full.
+    /// Sets every segment's capacity of `layer` to its length plus a small
+    /// headroom (`max(16, len / 8)` rows), unless every segment is already
+    /// within that headroom of it: what the driver does at the end of a
+    /// prefill (so the first decode steps do not double the buffers) and
+    /// after an eviction leaves the layer under half full.
     pub fn trim(&mut self, backend: &B, layer: usize) -> Result<()> {
         let l = self.layer_mut(layer)?;
+        let fits = l
+            .segs
+            .lens()
+            .iter()
+            .zip(&l.caps)
+            .all(|(&n, &c)| c > n && c - n <= headroom(n));
+        if fits {
+            return Ok(());
+        }
         let caps: Vec<u32> = l
             .segs
             .lens()
             .iter()
             .map(|&n| n.saturating_add(headroom(n)))
             .collect();
-        let now: u64 = l.caps.iter().map(|&c| u64::from(c)).sum();
-        let new: u64 = caps.iter().map(|&c| u64::from(c)).sum();
-        if new < now {
-            Self::relayout(backend, l, caps)?;
-        }
-        Ok(())
+        Self::relayout(backend, l, caps)
     }
 
     /// [`KvCache::trim`] when the layer uses less than half its capacity.

@@ -988,3 +988,129 @@ fn bad_input_is_a_clear_error() {
         "diagonal 0 missing"
     );
 }
+
+// ------------------------------------------- selections restrict prefill chunks
+
+/// DAM through `Session::prefill` (chunked: DAM's own 512-token blocks, or
+/// 16 here) equals one `prefill_attention` with DAM's prefill mask over the
+/// whole prompt: the chunk hook's masks take effect.
+#[test]
+fn dam_prefill_through_session_equals_masked_prefill() {
+    let map = synthetic_map();
+    let dam = Dam::calibrate(&dam_cfg(), &[vec![&map[..], &map[..]]]).unwrap();
+    let g = geom(2, 1, 4);
+    let mut r = Rng::new(8);
+    let n = 90;
+    let (q, k, v) = (r.vec(n * 8), r.vec(n * 4), r.vec(n * 4));
+    let rows = Ragged::from_lens(&[n as u32]).unwrap();
+    let cfg = SessionConfig {
+        prefill_chunk: Some(16),
+        ..SessionConfig::default()
+    };
+    let mut s = Session::new(Reference, g, 1, 1, Box::new(dam.clone()), cfg).unwrap();
+    let got = s
+        .prefill(
+            &rows,
+            &[LayerInput {
+                q: &q,
+                k: &k,
+                v: &v,
+            }],
+        )
+        .unwrap()
+        .remove(0);
+    let c = s.cache().layer(0).unwrap();
+    let mask = dam.prefill_mask(0, &g, &rows, c.segments()).unwrap();
+    let mut want = vec![0.0f32; q.len()];
+    let p = PrefillParams {
+        geom: g,
+        q_rows: &rows,
+        segments: c.segments(),
+        causal: true,
+        mask: Some(&mask),
+        scale: None,
+        normalizer: &Normalizer::Softmax,
+    };
+    ops::prefill_attention(&Reference, &p, &q, c.k(), c.v(), &mut want).unwrap();
+    assert_eq!(got, want);
+    let mut dense = vec![0.0f32; q.len()];
+    let p = PrefillParams { mask: None, ..p };
+    ops::prefill_attention(&Reference, &p, &q, c.k(), c.v(), &mut dense).unwrap();
+    assert_ne!(got, dense, "the mask is sparse: it must change the output");
+}
+
+/// TokenSelect through `Session::prefill_chunk_layer`: each chunk's output
+/// equals `prefill_attention` with `selection_prefill_mask` of the selection
+/// TokenSelect makes for that chunk (recomputed by a twin policy on a twin
+/// cache).
+#[test]
+fn token_select_prefill_through_session_equals_masked_prefill() {
+    let g = geom(2, 1, 4);
+    let mut r = Rng::new(9);
+    let (chunk, chunks) = (12usize, 5usize);
+    let n = chunk * chunks;
+    let (q, k) = (r.vec(n * 8), r.vec(n * 4));
+    let cfg = TokenSelectConfig {
+        n_init: 2,
+        k: 5,
+        n_local: 3,
+        chunk,
+        ..TokenSelectConfig::default()
+    };
+    let mut s = Session::new(
+        Reference,
+        g,
+        1,
+        1,
+        Box::new(TokenSelect::new(cfg.clone()).unwrap()),
+        SessionConfig::default(),
+    )
+    .unwrap();
+    let mut twin = TokenSelect::new(cfg).unwrap();
+    let mut tc = KvCache::<Reference, f32>::new(&Reference, g, 1, 1).unwrap();
+    let rows = Ragged::from_lens(&[chunk as u32]).unwrap();
+    let mut sparse_chunks = 0;
+    for c in 0..chunks {
+        let qc = q[c * chunk * 8..(c + 1) * chunk * 8].to_vec();
+        let kc = k[c * chunk * 4..(c + 1) * chunk * 4].to_vec();
+        let got = s
+            .prefill_chunk_layer(
+                0,
+                &rows,
+                &LayerInput {
+                    q: &qc,
+                    k: &kc,
+                    v: &kc,
+                },
+                c + 1 == chunks,
+            )
+            .unwrap();
+        s.end_prefill_chunk();
+        tc.append(&Reference, 0, &rows, &kc, &kc, None).unwrap();
+        let cx = StepCtx {
+            phase: Phase::PrefillSelect,
+            ..ctx(&tc, 0, &qc, &rows, c)
+        };
+        let l = tc.layer(0).unwrap();
+        let mask = match twin.before_prefill_chunk(&cx).unwrap() {
+            Plan::Select(list) => {
+                sparse_chunks += 1;
+                Some(selection_prefill_mask(&list, &g, &rows, l.segments()).unwrap())
+            }
+            _ => None,
+        };
+        let mut want = vec![0.0f32; qc.len()];
+        let p = PrefillParams {
+            geom: g,
+            q_rows: &rows,
+            segments: l.segments(),
+            causal: true,
+            mask: mask.as_ref(),
+            scale: None,
+            normalizer: &Normalizer::Softmax,
+        };
+        ops::prefill_attention(&Reference, &p, &qc, l.k(), l.v(), &mut want).unwrap();
+        assert_eq!(got, want, "chunk {c}");
+    }
+    assert!(sparse_chunks >= 3, "later chunks select ({sparse_chunks})");
+}

@@ -49,6 +49,10 @@ use crate::error::{Error, Result, budget, config};
 use crate::layout::{Ragged, Segments};
 use crate::ops;
 
+/// To-be-merged tokens scored against the centres at once (bounds the
+/// cosine matrix held in memory).
+const MERGE_CHUNK: usize = 512;
+
 /// Over which tokens the means of the Global-Local alignment are taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AlignOver {
@@ -334,30 +338,14 @@ impl<B: Ops, T: Element> Ems<B, T> {
             return Ok(Plan::Evict(keep));
         }
 
-        // Cosines of every to-merge token against its head's centres (ops).
+        // Cosines of every to-merge token against its head's centres (ops),
+        // in chunks of `MERGE_CHUNK` tokens so memory stays O(chunk × K).
         let abs = |s: usize, rows: &[u32]| {
             rows.iter()
                 .map(|&j| (segs.offset(s) + j as usize) as u32)
                 .collect::<Vec<u32>>()
         };
-        let t_rows: Vec<u32> = (0..nseg).flat_map(|s| abs(s, &tbm[s])).collect();
-        let c_rows: Vec<u32> = (0..nseg).flat_map(|s| abs(s, &centres[s])).collect();
-        let q_rows = Ragged::from_lens(&tbm.iter().map(|v| v.len() as u32).collect::<Vec<_>>())?;
-        let c_segs = Segments::packed(
-            nseg,
-            1,
-            &centres.iter().map(|v| v.len() as u32).collect::<Vec<_>>(),
-        )?;
         let be = ctx.backend;
-        let dots = |buf: &B::Buffer<T>| -> Result<Vec<f32>> {
-            let mut a = be.zeros::<T>(t_rows.len() * d)?;
-            let mut c = be.zeros::<T>(c_rows.len() * d)?;
-            ops::gather_rows(be, d, &t_rows, buf, &mut a)?;
-            ops::gather_rows(be, d, &c_rows, buf, &mut c)?;
-            row_dots(be, &a, &c, d, &q_rows, &c_segs)
-        };
-        let kd = dots(ctx.kv.k())?;
-        let vd = dots(ctx.kv.v())?;
         let kn = row_sq_norms(be, ctx.kv.k(), d)?;
         let vn = row_sq_norms(be, ctx.kv.v(), d)?;
         let norm = |sq: &[f32], r: usize| f64::from(sq[r].max(0.0)).sqrt();
@@ -368,41 +356,54 @@ impl<B: Ops, T: Element> Ems<B, T> {
         let mut v_weights = Vec::new();
         let mut k_weights = Vec::new();
         let mut k_norms = Vec::new();
-        let mut off = 0usize;
         for s in 0..nseg {
-            let (nt, nc) = (tbm[s].len(), centres[s].len());
-            if nt == 0 {
+            let nc = centres[s].len();
+            if tbm[s].is_empty() || nc == 0 {
                 continue;
             }
+            let c_rows = abs(s, &centres[s]);
+            let c_segs = Segments::packed(1, 1, &[nc as u32])?;
             // Slot 0 is the zero class, slot c + 1 is centre c.
             let mut slot_members: Vec<Vec<u32>> = vec![Vec::new(); nc + 1];
-            for (ti, &t) in tbm[s].iter().enumerate() {
-                let tr = segs.offset(s) + t as usize;
-                let (tk, tv) = (norm(&kn, tr), norm(&vn, tr));
-                let mut best: Option<(usize, f64)> = None;
-                for (ci, &c) in centres[s].iter().enumerate() {
-                    let cr = segs.offset(s) + c as usize;
-                    let (ck, cv) = (norm(&kn, cr), norm(&vn, cr));
-                    if tk == 0.0 || tv == 0.0 || ck == 0.0 || cv == 0.0 {
-                        continue;
-                    }
-                    let cos_k = f64::from(kd[off + ti * nc + ci]) / (tk * ck);
-                    let cos_v = f64::from(vd[off + ti * nc + ci]) / (tv * cv);
-                    if cfg.sign_guard && (cos_k <= 0.0 || cos_v <= 0.0) {
-                        continue;
-                    }
-                    let r = cos_k * cos_v;
-                    if best.is_none_or(|(_, br)| r > br) {
-                        best = Some((ci, r));
-                    }
-                }
-                let slot = match best {
-                    Some((ci, r)) if r >= cfg.theta => ci + 1,
-                    _ => 0,
+            for chunk in tbm[s].chunks(MERGE_CHUNK) {
+                let t_rows = abs(s, chunk);
+                let q_rows = Ragged::from_lens(&[chunk.len() as u32])?;
+                let dots = |buf: &B::Buffer<T>| -> Result<Vec<f32>> {
+                    let mut a = be.zeros::<T>(t_rows.len() * d)?;
+                    let mut c = be.zeros::<T>(c_rows.len() * d)?;
+                    ops::gather_rows(be, d, &t_rows, buf, &mut a)?;
+                    ops::gather_rows(be, d, &c_rows, buf, &mut c)?;
+                    row_dots(be, &a, &c, d, &q_rows, &c_segs)
                 };
-                slot_members[slot].push(t);
+                let kd = dots(ctx.kv.k())?;
+                let vd = dots(ctx.kv.v())?;
+                for (ti, &t) in chunk.iter().enumerate() {
+                    let tr = segs.offset(s) + t as usize;
+                    let (tk, tv) = (norm(&kn, tr), norm(&vn, tr));
+                    let mut best: Option<(usize, f64)> = None;
+                    for (ci, &c) in centres[s].iter().enumerate() {
+                        let cr = segs.offset(s) + c as usize;
+                        let (ck, cv) = (norm(&kn, cr), norm(&vn, cr));
+                        if tk == 0.0 || tv == 0.0 || ck == 0.0 || cv == 0.0 {
+                            continue;
+                        }
+                        let cos_k = f64::from(kd[ti * nc + ci]) / (tk * ck);
+                        let cos_v = f64::from(vd[ti * nc + ci]) / (tv * cv);
+                        if cfg.sign_guard && (cos_k <= 0.0 || cos_v <= 0.0) {
+                            continue;
+                        }
+                        let r = cos_k * cos_v;
+                        if best.is_none_or(|(_, br)| r > br) {
+                            best = Some((ci, r));
+                        }
+                    }
+                    let slot = match best {
+                        Some((ci, r)) if r >= cfg.theta => ci + 1,
+                        _ => 0,
+                    };
+                    slot_members[slot].push(t);
+                }
             }
-            off += nt * nc;
             for (ci, ms) in slot_members.iter().enumerate().skip(1) {
                 if ms.is_empty() {
                     continue;
