@@ -159,6 +159,7 @@ impl Default for SessionConfig {
 struct EvidenceBufs<B: Backend> {
     probs: Option<B::Buffer<f32>>,
     logits: Option<B::Buffer<f32>>,
+    output: Option<B::Buffer<f32>>,
     col: Option<B::Buffer<f32>>,
     win: Option<B::Buffer<f32>>,
 }
@@ -168,6 +169,7 @@ impl<B: Backend> EvidenceBufs<B> {
         Self {
             probs: None,
             logits: None,
+            output: None,
             col: None,
             win: None,
         }
@@ -504,6 +506,7 @@ impl<B: Ops, T: Element> Session<B, T> {
         let evidence = Evidence {
             probs: None,
             logits: None,
+            output: None,
             col_sums: col.map(|(h, b)| (h, &*b)),
             window: win.map(|(w, b)| (w, &*b)),
         };
@@ -530,6 +533,7 @@ impl<B: Ops, T: Element> Session<B, T> {
                 Evidence {
                     probs: None,
                     logits: None,
+                    output: None,
                     col_sums: needs
                         .prefill_col_sums
                         .and_then(|h| self.ev.col.as_ref().map(|b| (h, b))),
@@ -642,6 +646,11 @@ impl<B: Ops, T: Element> Session<B, T> {
         } else {
             None
         };
+        let mut output = if needs.decode_output {
+            Some(ensure(be, &mut self.ev.output, q_rows.total() * hq * d)?)
+        } else {
+            None
+        };
         let mut out = be.zeros::<T>(q_rows.total() * hq * d)?;
         let p = ops::DecodeParams {
             geom: self.geom,
@@ -665,12 +674,14 @@ impl<B: Ops, T: Element> Session<B, T> {
                 probs: probs.as_mut().map(|(h, b)| (*h, &mut **b)),
                 logits: logits.as_deref_mut(),
                 stats: None,
+                output: output.as_deref_mut(),
             },
             true,
         )?;
         let evidence = Evidence {
             probs: probs.map(|(h, b)| (h, &*b)),
             logits: logits.map(|b| &*b),
+            output: output.map(|b| &*b),
             col_sums: None,
             window: None,
         };

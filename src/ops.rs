@@ -316,7 +316,8 @@ pub fn qk_logits<B: ScoreOps, T: Element>(
 /// `weights`-weighted sum of the block's segment's value rows (`fast`: their
 /// mean; `weights` is then ignored and may be empty); see [`DistMeta`].
 /// `weights` and `out` are laid out by [`evidence_blocks`]`(geom, segments,
-/// heads, &[1; batch])` (CAOTE's eviction errors).
+/// heads, &[1; batch])` (CAOTE's eviction errors); `centers`, when given,
+/// receives every block's `o` (`[blocks, D]`, f32).
 #[allow(clippy::too_many_arguments)]
 pub fn value_distances<B: ScoreOps, T: Element>(
     b: &B,
@@ -327,6 +328,7 @@ pub fn value_distances<B: ScoreOps, T: Element>(
     weights: &B::Buffer<f32>,
     v: &B::Buffer<T>,
     out: &mut B::Buffer<f32>,
+    centers: Option<&mut B::Buffer<f32>>,
 ) -> Result<()> {
     const OP: &str = "value_distances";
     check_geom_segs(OP, &geom, segments)?;
@@ -336,6 +338,15 @@ pub fn value_distances<B: ScoreOps, T: Element>(
     }
     check_kv(b, OP, "v", v, segments, geom.head_dim())?;
     check_len(b, OP, "out", out, blocks.total())?;
+    if let Some(c) = &centers {
+        check_len(
+            b,
+            OP,
+            "centers",
+            *c,
+            blocks.num_segments() * geom.head_dim(),
+        )?;
+    }
     let meta = DistMeta {
         geom,
         segs: segments.clone(),
@@ -343,7 +354,7 @@ pub fn value_distances<B: ScoreOps, T: Element>(
         blocks,
         fast,
     };
-    b.value_distances(&meta, weights, v, out)
+    b.value_distances(&meta, weights, v, out, centers)
 }
 
 // ------------------------------------------------------------------ selection
@@ -668,6 +679,9 @@ pub(crate) fn decode_attention_impl<B: AttnOps, T: Element>(
             let n = evidence_blocks(&p.geom, p.segments, Heads::PerHead, &ones)?.total();
             check_at_least(b, OP, "evidence logits", *buf, n)?;
         }
+    }
+    if let Some(buf) = &ev.output {
+        check_at_least(b, OP, "evidence output", *buf, qn)?;
     }
     if let Some(buf) = &ev.stats {
         check_at_least(

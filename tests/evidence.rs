@@ -156,6 +156,7 @@ fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
                 let mut probs = b.zeros::<f32>(blocks.total()).unwrap();
                 let mut logits = b.zeros::<f32>(per_head.total()).unwrap();
                 let mut stats = b.zeros::<f32>(batch * hq).unwrap();
+                let mut out_f32 = b.zeros::<f32>(q.len()).unwrap();
                 let mut out = b.zeros::<T>(q.len()).unwrap();
                 let (qb, kb, vb) = (
                     b.upload(&q).unwrap(),
@@ -173,6 +174,7 @@ fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
                         probs: Some((heads, &mut probs)),
                         logits: Some(&mut logits),
                         stats: Some(&mut stats),
+                        output: Some(&mut out_f32),
                     },
                 )
                 .unwrap();
@@ -202,6 +204,45 @@ fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
                     tol_z,
                     &format!("{ctx} logits"),
                 );
+                // The f32 output: Σ_j p_j v_j from the full matrix; its
+                // storage-dtype rounding is the attention output.
+                let of = b.download(&out_f32).unwrap();
+                let want_o: Vec<f64> = (0..batch * hq)
+                    .flat_map(|i| {
+                        let (bi, h) = (i / hq, i % hq);
+                        let s = segs.index(bi, geom.kv_head(h));
+                        let off = segs.offset(s);
+                        let w = &exp_p[bi][h];
+                        (0..d)
+                            .map(|c| {
+                                w.iter()
+                                    .enumerate()
+                                    .map(|(j, &pj)| pj * v[(off + j) * d + c].to_f64())
+                                    .sum::<f64>()
+                            })
+                            .collect::<Vec<f64>>()
+                    })
+                    .collect();
+                let tol_o =
+                    if T::DTYPE == DType::F32 || b.name() == "reference" || b.name() == "cpu" {
+                        2e-5
+                    } else {
+                        // Backends that round-trip the stored output.
+                        8e-3
+                    };
+                close(&of, &want_o, tol_o, &format!("{ctx} output"));
+                // The stored output is the f32 one rounded once (the
+                // reference rounds from f64, which may differ at a tie).
+                if b.name() != "reference" {
+                    let stored = b.download(&out).unwrap();
+                    for (o, s) in of.iter().zip(&stored) {
+                        assert_eq!(
+                            T::from_f32(*o),
+                            *s,
+                            "{ctx}: output evidence vs stored output"
+                        );
+                    }
+                }
                 // Statistic: softmax ln Σ e^z; entmax τ reproduces the weights.
                 let st = b.download(&stats).unwrap();
                 for bi in 0..batch {

@@ -118,6 +118,7 @@ fn step(
             probs: probs.as_mut().map(|(h, b)| (*h, b)),
             logits: logits.as_mut(),
             stats: None,
+            output: None,
         },
     )
     .unwrap();
@@ -126,6 +127,7 @@ fn step(
         evidence: Evidence {
             probs: probs.as_ref().map(|(h, b)| (*h, b)),
             logits: logits.as_ref(),
+            output: None,
             col_sums: None,
             window: None,
         },

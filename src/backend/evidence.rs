@@ -19,6 +19,7 @@
 //! | [`DecodeEvidence::probs`] | decode | 1 | `reduce_h p_{b,h,j}` |
 //! | [`DecodeEvidence::logits`] | decode | 1 (per query head) | `z_{b,h,j} = scale · q · k_j` |
 //! | [`DecodeEvidence::stats`] | decode | `[batch, Hq]` | softmax: `ln Σ_j e^{z_j}` over attended tokens (`-inf` when none); entmax: τ with `p_j = [(α−1) z_j − τ]_+^{1/(α−1)}` |
+//! | [`DecodeEvidence::output`] | decode | `[batch, Hq, D]` | the attention output in f32, before rounding to the storage dtype (backends without a kernel for it round-trip the stored output) |
 //! | [`PrefillEvidence::col_sums`] | prefill | 1 | `reduce_h Σ_i p_{b,h,i,j}` over the chunk's queries `i` |
 //! | [`PrefillEvidence::window`] (summed) | prefill | 1 | `reduce_h Σ_{i ∈ last W} p_{b,h,i,j}` |
 //! | [`PrefillEvidence::window`] (rows) | prefill | `min(W, n_q(b))` | `reduce_h p_{b,h,i,j}`, `i` = the r-th of the last queries, oldest first |
@@ -99,6 +100,8 @@ pub struct DecodeEvidence<'e, B: Backend> {
     pub logits: Option<&'e mut B::Buffer<f32>>,
     /// Normaliser statistic per (sequence, query head), `[batch, Hq]`.
     pub stats: Option<&'e mut B::Buffer<f32>>,
+    /// The output in f32, `[batch, Hq, D]`.
+    pub output: Option<&'e mut B::Buffer<f32>>,
 }
 
 impl<B: Backend> Default for DecodeEvidence<'_, B> {
@@ -107,6 +110,7 @@ impl<B: Backend> Default for DecodeEvidence<'_, B> {
             probs: None,
             logits: None,
             stats: None,
+            output: None,
         }
     }
 }
@@ -114,7 +118,10 @@ impl<B: Backend> Default for DecodeEvidence<'_, B> {
 impl<B: Backend> DecodeEvidence<'_, B> {
     /// No output requested.
     pub fn is_empty(&self) -> bool {
-        self.probs.is_none() && self.logits.is_none() && self.stats.is_none()
+        self.probs.is_none()
+            && self.logits.is_none()
+            && self.stats.is_none()
+            && self.output.is_none()
     }
 }
 
@@ -296,9 +303,19 @@ pub(crate) mod fallback {
         meta: &DecodeMeta<'_>,
         q: &B::Buffer<T>,
         k: &B::Buffer<T>,
+        out: &B::Buffer<T>,
         ev: &mut DecodeEvidence<'_, B>,
     ) -> Result<()> {
         if ev.is_empty() {
+            return Ok(());
+        }
+        if let Some(buf) = ev.output.as_deref_mut() {
+            // The stored output, widened (its storage rounding included).
+            let mut o: Vec<f32> = b.download(out)?.iter().map(|x| x.to_f32()).collect();
+            o.resize(b.buffer_len(buf), 0.0);
+            *buf = b.upload(&o)?;
+        }
+        if ev.probs.is_none() && ev.logits.is_none() && ev.stats.is_none() {
             return Ok(());
         }
         let (geom, segs) = (&meta.geom, meta.segs);

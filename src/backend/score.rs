@@ -109,12 +109,14 @@ impl DistMeta {
     }
 }
 
-/// The specification of `value_distances` on host slices, in f64.
+/// The specification of `value_distances` on host slices, in f64; writes
+/// the weighted sums to `centers` (`[blocks, D]`) when given.
 pub(crate) fn value_distances_host<T: Element>(
     meta: &DistMeta,
     w: &[f32],
     v: &[T],
     out: &mut [f32],
+    mut centers: Option<&mut [f32]>,
 ) {
     let d = meta.geom.head_dim();
     for i in 0..meta.blocks.num_segments() {
@@ -132,6 +134,11 @@ pub(crate) fn value_distances_host<T: Element>(
                 *a += wj * x.to_f64();
             }
         }
+        if let Some(c) = centers.as_deref_mut() {
+            for (dst, &a) in c[i * d..(i + 1) * d].iter_mut().zip(&o) {
+                *dst = a as f32;
+            }
+        }
         for j in 0..len {
             let row = &v[(off + j) * d..][..d];
             let d2: f64 = o
@@ -147,20 +154,29 @@ pub(crate) fn value_distances_host<T: Element>(
 /// Scoring ops.
 pub trait ScoreOps: Backend {
     /// Distances of value rows to the weighted value sum (see
-    /// [`DistMeta`]). The default downloads `weights` and `v`, runs
-    /// the f64 specification on the host and uploads the result: backends without a
-    /// kernel (wgpu, CUDA) use it.
+    /// [`DistMeta`]), and the sums themselves (`centers`, `[blocks, D]`
+    /// f32) when asked. The default downloads `weights` and `v`, runs the
+    /// f64 specification on the host and uploads the result: backends
+    /// without a kernel (wgpu, CUDA) use it.
     fn value_distances<T: Element>(
         &self,
         meta: &DistMeta,
         weights: &Self::Buffer<f32>,
         v: &Self::Buffer<T>,
         out: &mut Self::Buffer<f32>,
+        centers: Option<&mut Self::Buffer<f32>>,
     ) -> Result<()> {
         let w = self.download(weights)?;
         let vh = self.download(v)?;
         let mut o = vec![0.0f32; self.buffer_len(out)];
-        value_distances_host(meta, &w, &vh, &mut o);
+        match centers {
+            Some(c) => {
+                let mut ch = vec![0.0f32; self.buffer_len(c)];
+                value_distances_host(meta, &w, &vh, &mut o, Some(&mut ch));
+                *c = self.upload(&ch)?;
+            }
+            None => value_distances_host(meta, &w, &vh, &mut o, None),
+        }
         *out = self.upload(&o)?;
         Ok(())
     }

@@ -468,7 +468,14 @@ fn decode<T: Element>(
                 }
             });
 
-        if !ev.is_empty() {
+        if let Some(o) = ev.output.as_deref_mut() {
+            // The combined f32 rows, before rounding to the storage dtype.
+            for u in 0..units {
+                let c = &comb[u * g * d..u * g * d + gh * d];
+                o[u * gh * d..(u + 1) * gh * d].copy_from_slice(c);
+            }
+        }
+        if ev.probs.is_some() || ev.logits.is_some() || ev.stats.is_some() {
             let tau: &[f32] = if entmax { &ws.tau[..units * g] } else { &[] };
             let ctx = EvidenceCtx {
                 plan: &plan,

@@ -26,6 +26,7 @@ impl ScoreOps for Cpu {
         w: &Vec<f32>,
         v: &Vec<T>,
         out: &mut Vec<f32>,
+        centers: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let isa = self.isa;
         let (geom, segs) = (&meta.geom, &meta.segs);
@@ -37,16 +38,24 @@ impl ScoreOps for Cpu {
         };
         let mut parts = Vec::with_capacity(segs.num_segments());
         let mut rest: &mut [f32] = out;
+        let mut crest: &mut [f32] = match centers {
+            Some(c) => c.as_mut_slice(),
+            None => &mut [],
+        };
+        let with_centers = !crest.is_empty();
         let mut at = 0usize;
         for s in 0..segs.num_segments() {
             let n = gh * segs.len_of(s);
             let (a, b) = std::mem::take(&mut rest).split_at_mut(n);
-            parts.push((s, at, a));
+            let nc = if with_centers { gh * d } else { 0 };
+            let (ca, cb) = std::mem::take(&mut crest).split_at_mut(nc);
+            parts.push((s, at, a, ca));
             rest = b;
+            crest = cb;
             at += n;
         }
         self.install(|| {
-            parts.into_par_iter().for_each(|(s, at, o)| {
+            parts.into_par_iter().for_each(|(s, at, o, cen)| {
                 let (off, len) = (segs.offset(s), segs.len_of(s));
                 if len == 0 {
                     return;
@@ -66,6 +75,9 @@ impl ScoreOps for Cpu {
                     } else {
                         let p = &w[at..at + gh * len];
                         simd::weighted_rows_strided(isa, acc, gh, p, len, vrows, d);
+                    }
+                    if !cen.is_empty() {
+                        cen.copy_from_slice(acc);
                     }
                     for j in 0..len {
                         simd::to_f32_slice(isa, &vrows[j * d..(j + 1) * d], row);

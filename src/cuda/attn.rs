@@ -486,7 +486,7 @@ impl AttnOps for CudaBackend {
             out,
             "decode_attention",
         )?;
-        evidence::fallback::decode(self, meta, q, k, ev)
+        evidence::fallback::decode(self, meta, q, k, out, ev)
     }
 
     fn prefill_attention<T: Element>(

@@ -172,6 +172,20 @@ impl<X: Copy> RowState<X> {
         Ok(())
     }
 
+    /// Takes the cache's current shape as synced (vectors of the segments'
+    /// lengths filled with `fill`), without checking how it got there.
+    pub(crate) fn adopt<B: Backend, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>, fill: X) {
+        let geom = ctx.geom();
+        let (hq, hkv) = (geom.num_q_heads(), geom.num_kv_heads());
+        let segs = ctx.kv.segments();
+        let nblocks = ctx.batch() * self.heads.blocks_per_seq(geom);
+        self.rows = (0..nblocks)
+            .map(|i| vec![fill; segs.len_of(segment_of(i, self.heads, hq, hkv))])
+            .collect();
+        self.lens = segs.lens().to_vec();
+        self.seen = (0..ctx.batch()).map(|b| ctx.kv.seen(b) as u32).collect();
+    }
+
     /// The group treatment of the blocks.
     pub(crate) fn heads(&self) -> Heads {
         self.heads

@@ -18,7 +18,8 @@
 use super::evidence::{Compaction, RowState, evict_by_scores, layer_slot};
 use super::tova::to_kv_scores;
 use super::{
-    Budget, Capabilities, GqaReduce, Heads, KvPolicy, Needs, Phase, Plan, Scorer, StepCtx,
+    Budget, Capabilities, GqaReduce, Heads, KvPolicy, Needs, Phase, Plan, ScoreUpdate, Scorer,
+    StepCtx,
 };
 use crate::backend::Ops;
 use crate::dtype::Element;
@@ -97,6 +98,10 @@ impl<B: Ops, T: Element> Scorer<B, T> for H2oScorer {
     }
     fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
         Ok(self.accumulate(ctx, heads)?.rows.clone())
+    }
+    /// The sums grow by each decode step's weights.
+    fn update(&self) -> ScoreUpdate {
+        ScoreUpdate::Accumulate
     }
     fn retain(&mut self, layer: usize, c: &Compaction) -> Result<()> {
         if let Some(Some(st)) = self.acc.get_mut(layer) {

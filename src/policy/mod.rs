@@ -107,6 +107,8 @@ pub struct Needs {
     pub decode_probs: Option<Heads>,
     /// Decode: the raw scaled logits per query head.
     pub decode_logits: bool,
+    /// Decode: the attention output in f32.
+    pub decode_output: bool,
     /// Prefill: column sums of each chunk's attention weights.
     pub prefill_col_sums: Option<Heads>,
     /// Prefill: the weights of each chunk's last queries.
@@ -183,6 +185,8 @@ pub struct Evidence<'a, B: Backend> {
     pub probs: Option<(Heads, &'a B::Buffer<f32>)>,
     /// Decode logits per query head.
     pub logits: Option<&'a B::Buffer<f32>>,
+    /// Decode output in f32, `[batch, Hq, D]`.
+    pub output: Option<&'a B::Buffer<f32>>,
     /// Prefill column sums.
     pub col_sums: Option<(Heads, &'a B::Buffer<f32>)>,
     /// Prefill window.
@@ -194,6 +198,7 @@ impl<B: Backend> Default for Evidence<'_, B> {
         Self {
             probs: None,
             logits: None,
+            output: None,
             col_sums: None,
             window: None,
         }
@@ -281,6 +286,23 @@ impl<B: Backend, T: Element> StepCtx<'_, B, T> {
         let ones = vec![1; self.batch()];
         self.host("decode logits", self.evidence.logits, Heads::PerHead, &ones)
     }
+    /// The decode output in f32 on the host, `[batch, Hq, D]`.
+    pub fn decode_output(&self) -> Result<Vec<f32>> {
+        let buf = self.evidence.output.ok_or_else(|| {
+            crate::error::config(
+                "StepCtx",
+                "the decode output evidence was not computed (declare it in Needs)",
+            )
+        })?;
+        let g = self.geom();
+        let n = self.batch() * g.num_q_heads() * g.head_dim();
+        let mut v = self.backend.download(buf)?;
+        if v.len() < n {
+            return Err(shape("StepCtx", "the decode output evidence is too short"));
+        }
+        v.truncate(n);
+        Ok(v)
+    }
     /// The prefill column sums on the host (one row per block).
     pub fn col_sums(&self) -> Result<HostBlocks> {
         let heads = self.evidence.col_sums.map_or(Heads::Sum, |p| p.0);
@@ -341,6 +363,11 @@ pub trait KvPolicy<B: Backend, T: Element>: Send {
     fn on_decode_step(&mut self, _ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         Ok(Plan::KeepAll)
     }
+    /// Named work counters of the policy so far (e.g. CAOTE's full passes,
+    /// the Selection Cache's hits), for reports and tests; empty by default.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Forgets all per-request state.
     fn reset(&mut self) {}
 }
@@ -368,8 +395,26 @@ pub trait Scorer<B: Backend, T: Element>: Send {
     fn protects(&self) -> (usize, usize) {
         (0, 0)
     }
+    /// How the raw scores change over a decode step (lets CAOTE move its
+    /// pseudo-output without a pass over V).
+    fn update(&self) -> ScoreUpdate {
+        ScoreUpdate::Other
+    }
     /// Forgets all state.
     fn reset(&mut self) {}
+}
+
+/// How a [`Scorer`]'s raw scores `H` change from one decode step to the
+/// next, with `p` that step's attention weights over every cached row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScoreUpdate {
+    /// No rule that CAOTE can follow incrementally (it re-scores fully).
+    #[default]
+    Other,
+    /// `H ← H + p` (H2O): `Σ_j H_j v_j` grows by the attention output.
+    Accumulate,
+    /// `H = p` (TOVA): `Σ_j H_j v_j` is the attention output.
+    Current,
 }
 
 /// How scores of the query heads of a GQA group become one score per KV head.

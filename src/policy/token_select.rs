@@ -676,6 +676,10 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for TokenSelect {
     fn select_for_attention(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         self.select(ctx)
     }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.total_cache_stats();
+        vec![("cache_hits", c.hits), ("cache_lookups", c.lookups)]
+    }
     fn reset(&mut self) {
         for l in &mut self.layers {
             l.seqs.clear();

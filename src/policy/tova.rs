@@ -17,7 +17,8 @@
 
 use super::evidence::{blocks_f64, evict_by_scores, reduce_group};
 use super::{
-    Budget, Capabilities, GqaReduce, Heads, KvPolicy, Needs, Phase, Plan, Scorer, StepCtx, Window,
+    Budget, Capabilities, GqaReduce, Heads, KvPolicy, Needs, Phase, Plan, ScoreUpdate, Scorer,
+    StepCtx, Window,
 };
 use crate::backend::Ops;
 use crate::dtype::Element;
@@ -64,6 +65,10 @@ impl<B: Ops, T: Element> Scorer<B, T> for TovaScorer {
     /// attends to itself).
     fn protects(&self) -> (usize, usize) {
         (0, 1)
+    }
+    /// The scores are each decode step's weights.
+    fn update(&self) -> ScoreUpdate {
+        ScoreUpdate::Current
     }
     fn score(&mut self, ctx: &StepCtx<'_, B, T>, _heads: Heads) -> Result<Vec<Vec<f64>>> {
         let blocks = match ctx.phase {

@@ -148,6 +148,17 @@ impl AttnOps for Reference {
                 if let Some(st) = ev.stats.as_deref_mut() {
                     st[b * hq + h] = row_stat(&z, &w, alpha) as f32;
                 }
+                if let Some(o) = ev.output.as_deref_mut() {
+                    let mut acc = vec![0.0f64; d];
+                    for (&j, &wj) in tokens.iter().zip(&w) {
+                        for (a, x) in acc.iter_mut().zip(&v[(off + j) * d..][..d]) {
+                            *a += wj * x.to_f64();
+                        }
+                    }
+                    for (dst, a) in o[row..row + d].iter_mut().zip(acc) {
+                        *dst = a as f32;
+                    }
+                }
                 probs.push(scatter_row(len, &tokens, &w, 0.0));
                 logits.push(scatter_row(len, &tokens, &z, f64::NEG_INFINITY));
             }

@@ -11,8 +11,9 @@ impl ScoreOps for Reference {
         w: &Vec<f32>,
         v: &Vec<T>,
         out: &mut Vec<f32>,
+        centers: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        value_distances_host(meta, w, v, out);
+        value_distances_host(meta, w, v, out, centers.map(|c| c.as_mut_slice()));
         Ok(())
     }
 

@@ -266,7 +266,7 @@ impl AttnOps for Wgpu {
             v,
             out,
         )?;
-        evidence::fallback::decode(self, meta, q, k, ev)
+        evidence::fallback::decode(self, meta, q, k, out, ev)
     }
 
     fn prefill_attention<T: Element>(
