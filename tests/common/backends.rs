@@ -12,10 +12,23 @@
 //! vector ISA the machine has; `KVSIEVE_ISA` narrows the list).
 //!
 //! GPU backends that find no device print `SKIPPED(<backend>): <reason>`;
-//! with `KVSIEVE_REQUIRE=<backend>[,<backend>]` a skip is a failure.
+//! with `KVSIEVE_REQUIRE=<backend>[,<backend>]` a skip is a failure. The `cuda`
+//! arm runs on the CPU SIMT simulator (feature `cuda-sim`) when there is no GPU,
+//! or always under `KVSIEVE_REQUIRE=cuda-sim`.
 
-/// True when the environment demands that `backend` runs.
+/// True when the environment demands that `backend` runs (`cuda-sim`, the CUDA backend on
+/// its CPU simulator, demands the `cuda` arm too).
 pub fn required(backend: &str) -> bool {
+    std::env::var("KVSIEVE_REQUIRE")
+        .map(|v| {
+            v.split(',')
+                .any(|b| b.trim() == backend || (backend == "cuda" && b.trim() == "cuda-sim"))
+        })
+        .unwrap_or(false)
+}
+
+/// True when `KVSIEVE_REQUIRE` names exactly `backend` (no alias).
+fn required_exactly(backend: &str) -> bool {
     std::env::var("KVSIEVE_REQUIRE")
         .map(|v| v.split(',').any(|b| b.trim() == backend))
         .unwrap_or(false)
@@ -30,15 +43,34 @@ pub fn skip(backend: &str, reason: &str) {
     eprintln!("SKIPPED({backend}): {reason}");
 }
 
-/// The shared CUDA backend of this test binary (device 0, opened once so kernels compile
-/// once), or why it is unavailable.
+/// The shared CUDA backend of this test binary (opened once so kernels compile once), or
+/// why it is unavailable: device 0; with the feature `cuda-sim`, the CPU simulator when
+/// there is no device (unless `KVSIEVE_REQUIRE=cuda` demands a device) or when
+/// `KVSIEVE_REQUIRE=cuda-sim` asks for it.
 #[cfg(feature = "cuda")]
 pub fn cuda() -> Result<&'static kvsieve::cuda::CudaBackend, String> {
     static DEV: std::sync::OnceLock<Result<kvsieve::cuda::CudaBackend, String>> =
         std::sync::OnceLock::new();
-    DEV.get_or_init(|| kvsieve::cuda::CudaBackend::new(0).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(Clone::clone)
+    DEV.get_or_init(open_cuda).as_ref().map_err(Clone::clone)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda() -> Result<kvsieve::cuda::CudaBackend, String> {
+    use kvsieve::cuda::CudaBackend;
+    #[cfg(feature = "cuda-sim")]
+    if required_exactly("cuda-sim") {
+        return CudaBackend::simulator().map_err(|e| e.to_string());
+    }
+    match CudaBackend::new(0) {
+        Ok(b) => Ok(b),
+        #[cfg(feature = "cuda-sim")]
+        Err(e) if !required_exactly("cuda") => {
+            let sim = CudaBackend::simulator().map_err(|s| format!("{e}; {s}"))?;
+            eprintln!("cuda: no device ({e}): the CUDA arm runs on the SIMT simulator");
+            Ok(sim)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The ISAs the `cpu` arm runs: every available one not above
