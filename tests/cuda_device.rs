@@ -13,7 +13,7 @@ use common::backends::{cuda, skip};
 use common::*;
 use half::bf16;
 use kvsieve::cuda::{CudaBackend, KernelId};
-use kvsieve::ops::{self, DecodeParams, EntmaxPrefillParams};
+use kvsieve::ops::{self, DecodeParams, EntmaxPrefillParams, PrefillParams};
 use kvsieve::reference::Reference;
 use kvsieve::*;
 
@@ -502,4 +502,127 @@ fn every_kernel_is_launched() {
         never.is_empty(),
         "kernels of src/cuda/kernels.rs never launched: {never:?} (add a case here)"
     );
+}
+
+/// Random shapes the grid of the conformance suite does not hold (any head dim up to 256,
+/// GQA groups 1–12, ragged batches with empty segments, every restriction and scope,
+/// random α), decode and prefill against the reference on f32 storage.
+#[test]
+fn random_shapes_match_reference() {
+    let Some(b) = device() else { return };
+    let tol = Tolerance {
+        rel: 1e-4,
+        abs: 5e-5,
+    };
+    let mut rng = Rng::new(std::env::var("FUZZ_SEED").map(|s| s.parse().unwrap()).unwrap_or(2026));
+    let cases = if b.is_simulator() { std::env::var("FUZZ_N").map(|s| s.parse().unwrap()).unwrap_or(40) } else { 200 };
+    for case in 0..cases {
+        let d = 1 + rng.below(256);
+        let (hkv, g) = (1 + rng.below(3), 1 + rng.below(12));
+        let hq = hkv * g;
+        let batch = 1 + rng.below(3);
+        let geom = HeadGeometry::new(hq, hkv, d).unwrap();
+        let lens: Vec<u32> = (0..batch * hkv)
+            .map(|_| match rng.below(4) {
+                0 => rng.below(3) as u32,
+                _ => rng.below(700) as u32,
+            })
+            .collect();
+        let segs = Segments::packed(batch, hkv, &lens).unwrap();
+        let q: Vec<f32> = normal_vec(&mut rng, batch * hq * d, 2.0);
+        let k: Vec<f32> = normal_vec(&mut rng, segs.rows_needed().max(1) * d, 1.0);
+        let v: Vec<f32> = normal_vec(&mut rng, segs.rows_needed().max(1) * d, 1.0);
+        let norm = match rng.below(3) {
+            0 => Normalizer::Softmax,
+            1 => Normalizer::Entmax {
+                alpha: 1.1 + rng.uniform() as f32 * 1.4,
+            },
+            _ => Normalizer::EntmaxPerHead {
+                alphas: (0..hq).map(|_| 1.1 + rng.uniform() as f32 * 1.4).collect(),
+            },
+        };
+        let scope = if rng.below(2) == 0 {
+            Scope::KvHead
+        } else {
+            Scope::QueryHead
+        };
+        let lists = match scope {
+            Scope::KvHead => batch * hkv,
+            Scope::QueryHead => batch * hq,
+        };
+        let len_of = |i: usize| match scope {
+            Scope::KvHead => lens[i],
+            Scope::QueryHead => lens[(i / hq) * hkv + (i % hq) / g],
+        };
+        let sets: Vec<IndexSet> = (0..lists)
+            .map(|i| {
+                IndexSet::from_unsorted(
+                    (0..len_of(i))
+                        .filter(|_| rng.uniform() < 0.4)
+                        .collect(),
+                )
+            })
+            .collect();
+        let list = IndexList::from_sets(scope, &sets).unwrap();
+        let masks: Vec<BitMask> = (0..lists)
+            .map(|i| {
+                BitMask::from_bools(
+                    &(0..len_of(i))
+                        .map(|_| rng.uniform() < 0.5)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let masks = MaskList::from_masks(scope, &masks).unwrap();
+        let restrict = match rng.below(3) {
+            0 => Restrict::Dense,
+            1 => Restrict::Indices(&list),
+            _ => Restrict::Mask(&masks),
+        };
+        let p = DecodeParams {
+            geom,
+            segments: &segs,
+            scale: None,
+            normalizer: &norm,
+            restrict,
+        };
+        let mut want = vec![0.0f32; q.len()];
+        ops::decode_attention(&Reference, &p, &q, &k, &v, &mut want).unwrap();
+        let mut got = b.zeros::<f32>(q.len()).unwrap();
+        let (qd, kd, vd) = (
+            b.upload(&q).unwrap(),
+            b.upload(&k).unwrap(),
+            b.upload(&v).unwrap(),
+        );
+        ops::decode_attention(b, &p, &qd, &kd, &vd, &mut got).unwrap();
+        let w = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let ctx = format!("case {case}: decode {geom:?} lens {lens:?} {norm:?} {restrict:?}");
+        assert_close(&w(&b.download(&got).unwrap()), &w(&want), tol, &ctx);
+
+        // Prefill: up to 5 causal query rows per sequence (at most its shortest segment).
+        let nq: Vec<u32> = (0..batch)
+            .map(|s| {
+                let shortest = (0..hkv).map(|h| lens[s * hkv + h]).min().unwrap_or(0);
+                (1 + rng.below(5) as u32).min(shortest)
+            })
+            .collect();
+        let q_rows = Ragged::from_lens(&nq).unwrap();
+        let qp: Vec<f32> = normal_vec(&mut rng, q_rows.total() * hq * d, 2.0);
+        let causal = rng.below(2) == 0;
+        let pp = PrefillParams {
+            geom,
+            q_rows: &q_rows,
+            segments: &segs,
+            causal,
+            mask: None,
+            scale: None,
+            normalizer: &norm,
+        };
+        let mut want = vec![0.0f32; qp.len()];
+        ops::prefill_attention(&Reference, &pp, &qp, &k, &v, &mut want).unwrap();
+        let mut got = b.zeros::<f32>(qp.len()).unwrap();
+        ops::prefill_attention(b, &pp, &b.upload(&qp).unwrap(), &kd, &vd, &mut got).unwrap();
+        let ctx = format!("case {case}: prefill {geom:?} lens {lens:?} q {nq:?} causal={causal} {norm:?}");
+        assert_close(&w(&b.download(&got).unwrap()), &w(&want), tol, &ctx);
+    }
 }

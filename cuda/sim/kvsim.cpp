@@ -13,10 +13,11 @@
 // Memory: the kernel translation units are compiled with -fsanitize=thread and the hooks the
 // compiler calls before every load and store (__tsan_read4, ...) are defined here. An access
 // must be on the thread's own stack (locals), inside a buffer of the launch (writes only to
-// output buffers; naturally aligned), or in the host thread's TLS block, where `__shared__`
-// variables live (kvsim.h); shared words are checked for races between barriers and for
-// reads of words no thread of the block wrote. Any other access fails the launch before it
-// happens. This file is compiled without instrumentation.
+// output buffers; naturally aligned; a word of an output that one block wrote is not touched
+// by another), or in the host thread's TLS block, where `__shared__` variables live
+// (kvsim.h); shared words are checked for races between barriers and for reads of words no
+// thread of the block wrote. Any other access fails the launch before it happens. This file
+// is compiled without instrumentation.
 
 #include "kvsim.h"
 
@@ -94,9 +95,12 @@ struct Buf {
     uintptr_t lo, hi;
     int param;
     bool writable;
+    // Output buffers: per byte, 1 + the linear index of the block that wrote it in this
+    // launch (0: none), allocated at the first write.
+    std::vector<uint32_t> owner;
 };
 
-// Shadow of one 4-byte shared word: who touched it since the last barrier (`epoch`), and
+// Shadow of one byte of shared memory: who touched it since the last barrier (`epoch`), and
 // whether a thread of the current block (`block`) wrote it.
 struct Shadow {
     uint32_t epoch = 0, block = 0;
@@ -110,6 +114,7 @@ struct Launch {
     std::vector<Buf> bufs;
     uint64_t params[kMaxParams] = {};
     int nparams = 0;
+    uint32_t block_id = 0;  // 1 + linear index of the running block
     bool failed = false;
     std::string err;
     Site barrier_site{"", 0};  // of the last released barrier
@@ -307,8 +312,8 @@ std::string describe(const Fiber& g) {
 void shared_access(Sim& s, uintptr_t a, std::size_t n, int kind, void* pc) {
     // kind: 0 read, 1 write, 2 atomic
     const int32_t t = (int32_t)s.cur->linear;
-    for (uintptr_t w = a & ~uintptr_t(3); w < a + n; w += 4) {
-        Shadow& sh = s.shadow[(w - s.sh_lo) >> 2];
+    for (uintptr_t w = a; w < a + n; ++w) {
+        Shadow& sh = s.shadow[w - s.sh_lo];
         if (sh.epoch != s.epoch) {
             sh.epoch = s.epoch;
             sh.writer = sh.reader = sh.atomic = -1;
@@ -318,25 +323,46 @@ void shared_access(Sim& s, uintptr_t a, std::size_t n, int kind, void* pc) {
         int32_t them = -1;
         if (kind == 0) {
             if (sh.block != s.block_gen)
-                fail(s, s.cur, "reads shared memory that no thread of this block has written (word %#lx, code %s)",
+                fail(s, s.cur, "reads shared memory that no thread of this block has written (byte %#lx, code %s)",
                      (unsigned long)w, code_at(pc).c_str());
-            if (other(sh.writer)) { what = "reads a shared word that another thread wrote"; them = sh.writer; }
-            else if (other(sh.atomic)) { what = "reads a shared word that another thread updated atomically"; them = sh.atomic; }
+            if (other(sh.writer)) { what = "reads shared memory that another thread wrote"; them = sh.writer; }
+            else if (other(sh.atomic)) { what = "reads shared memory that another thread updated atomically"; them = sh.atomic; }
             sh.reader = sh.reader == -1 || sh.reader == t ? t : -2;
         } else {
-            if (other(sh.writer)) { what = "writes a shared word that another thread wrote"; them = sh.writer; }
-            else if (other(sh.reader)) { what = "writes a shared word that another thread read"; them = sh.reader; }
-            else if (kind == 1 && other(sh.atomic)) { what = "writes a shared word that another thread updated atomically"; them = sh.atomic; }
+            if (other(sh.writer)) { what = "writes shared memory that another thread wrote"; them = sh.writer; }
+            else if (other(sh.reader)) { what = "writes shared memory that another thread read"; them = sh.reader; }
+            else if (kind == 1 && other(sh.atomic)) { what = "writes shared memory that another thread updated atomically"; them = sh.atomic; }
             if (kind == 1) sh.writer = t;
             else sh.atomic = sh.atomic == -1 || sh.atomic == t ? t : -2;
             sh.block = s.block_gen;
         }
         if (what) {
             std::string who = them >= 0 ? "thread " + coords(s.fibers[them]->tid) : std::string("several threads");
-            fail(s, s.cur, "shared-memory race: %s (%s) since the last barrier (%s; word %#lx, code %s)", what,
+            fail(s, s.cur, "shared-memory race: %s (%s) since the last barrier (%s; byte %#lx, code %s)", what,
                  who.c_str(), s.L->barrier_site.line ? where(s.L->barrier_site).c_str() : "block start",
                  (unsigned long)w, code_at(pc).c_str());
         }
+    }
+}
+
+// Blocks run in any order on a device: a word of an output written by one block must not be
+// written or read by another block of the same launch (atomics excepted).
+void global_order(Sim& s, Buf& b, uintptr_t a, std::size_t n, int kind, void* pc) {
+    const Launch& L = *s.L;
+    if (b.owner.empty()) {
+        if (kind == 0) return;  // nothing written yet
+        b.owner.assign(b.hi - b.lo, 0);
+    }
+    for (uintptr_t i = a - b.lo; i < a + n - b.lo; ++i) {
+        const uint32_t o = b.owner[i];
+        if (o && o != L.block_id) {
+            const uint32_t other = o - 1, gx = L.grid.x, gy = L.grid.y;
+            const uint3 ob{other % gx, (other / gx) % gy, other / (gx * gy)};
+            fail(s, s.cur,
+                 "%s byte %lu of parameter %d, which block %s wrote in this launch (blocks run in any order; code %s)",
+                 kind == 0 ? "reads" : "writes", (unsigned long)i, b.param, coords(ob).c_str(), code_at(pc).c_str());
+        }
+        if (kind == 1) b.owner[i] = L.block_id;
     }
 }
 
@@ -348,12 +374,13 @@ inline void access(void* p, std::size_t n, int kind, bool aligned, void* pc) {
     if (a - f.lo < f.hi - f.lo && a + n <= f.hi) return;  // a local of this thread
     if (aligned && n > 1 && (a & (n - 1)))
         fail(*s, s->cur, "misaligned %zu-byte access at %#lx (code %s)", n, (unsigned long)a, code_at(pc).c_str());
-    const Launch& L = *s->L;
-    for (const Buf& b : L.bufs) {
+    Launch& L = *s->L;
+    for (Buf& b : L.bufs) {
         if (a >= b.lo && a + n <= b.hi) {
             if (kind != 0 && !b.writable)
                 fail(*s, s->cur, "writes to parameter %d, a read-only input buffer (byte %lu of %lu; code %s)", b.param,
                      (unsigned long)(a - b.lo), (unsigned long)(b.hi - b.lo), code_at(pc).c_str());
+            if (b.writable && kind != 2) global_order(*s, b, a, n, kind, pc);
             return;
         }
     }
@@ -404,16 +431,32 @@ int find_tls(struct dl_phdr_info* info, std::size_t, void* data) {
     return 0;
 }
 
+// Frees a host thread's simulator (fiber stacks, shadow memory) when the thread exits.
+struct SimOwner {
+    Sim* s = nullptr;
+    ~SimOwner() {
+        if (!s) return;
+        for (Fiber* f : s->fibers) {
+            munmap(f->mem, kGuard + kStack);
+            delete f;
+        }
+        delete s;
+        tls = nullptr;
+    }
+};
+thread_local SimOwner owner;
+
 Sim& sim() {
     if (tls) return *tls;
-    Sim* s = new Sim();  // one per host thread that launches; lives as long as the thread
+    Sim* s = new Sim();  // one per host thread that launches; freed when the thread exits
+    owner.s = s;
     TlsInfo t;
     t.code = reinterpret_cast<uintptr_t>(&find_tls);
     dl_iterate_phdr(find_tls, &t);
     const std::size_t span = t.memsz + 2 * t.align + 64;
-    s->sh_lo = (reinterpret_cast<uintptr_t>(&tls_marker) - span) & ~uintptr_t(3);
+    s->sh_lo = reinterpret_cast<uintptr_t>(&tls_marker) - span;
     s->sh_size = 2 * span;
-    s->shadow.resize(s->sh_size / 4 + 2);
+    s->shadow.resize(s->sh_size + 16);
     tls = s;
     return *s;
 }
@@ -646,6 +689,7 @@ unsigned atomic_op(AtomicOp op, void* addr, unsigned v, unsigned cmp) {
         case ATOMIC_ADD_F32: *p = f32_bits(bits_f32(old) + bits_f32(v)); break;
         case ATOMIC_MAX_U32: *p = old > v ? old : v; break;
         case ATOMIC_CAS_U32: if (old == cmp) *p = v; break;
+        case ATOMIC_OR_U32: *p = old | v; break;
     }
     return old;
 }
@@ -745,7 +789,7 @@ int kvsim_launch(const char* name, const uint32_t* grid, const uint32_t* block, 
             if (a.buf >= 0 && (std::size_t)a.buf < nbufs) {
                 L.params[i] = reinterpret_cast<uint64_t>(bufs[a.buf].ptr);
                 const uintptr_t lo = reinterpret_cast<uintptr_t>(bufs[a.buf].ptr);
-                L.bufs.push_back(Buf{lo, lo + bufs[a.buf].len, (int)i, bufs[a.buf].writable != 0});
+                L.bufs.push_back(Buf{lo, lo + bufs[a.buf].len, (int)i, bufs[a.buf].writable != 0, {}});
             } else {
                 L.params[i] = 0;
             }
@@ -768,6 +812,7 @@ int kvsim_launch(const char* name, const uint32_t* grid, const uint32_t* block, 
         for (unsigned y = 0; y < grid[1] && !L.failed; ++y)
             for (unsigned x = 0; x < grid[0] && !L.failed; ++x) {
                 L.bid = uint3{x, y, z};
+                L.block_id = 1 + x + grid[0] * (y + grid[1] * z);
                 run_block(s);
             }
     s.L = nullptr;

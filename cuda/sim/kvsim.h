@@ -41,7 +41,7 @@ enum WarpOp { SHFL_IDX, SHFL_XOR, SHFL_DOWN, SHFL_UP, BALLOT, SYNCWARP };
 // One warp intrinsic: every lane of `mask` must reach the same call with the same mask.
 // Shuffles return the source lane's `bits`; ballot and syncwarp return the ballot of `bits != 0`.
 uint64_t warp_op(Site s, WarpOp op, unsigned mask, uint64_t bits, int arg, int width);
-enum AtomicOp { ATOMIC_ADD_U32, ATOMIC_ADD_F32, ATOMIC_MAX_U32, ATOMIC_CAS_U32 };
+enum AtomicOp { ATOMIC_ADD_U32, ATOMIC_ADD_F32, ATOMIC_MAX_U32, ATOMIC_CAS_U32, ATOMIC_OR_U32 };
 unsigned atomic_op(AtomicOp op, void* addr, unsigned v, unsigned cmp);
 // Fails the launch unless `p` is a multiple of `align` (a vector load a device would refuse).
 void check_aligned(Site s, const void* p, unsigned align);
@@ -133,6 +133,7 @@ inline float atomicAdd(float* p, float v) {
     return kvsim::bits_f32(kvsim::atomic_op(kvsim::ATOMIC_ADD_F32, p, kvsim::f32_bits(v), 0));
 }
 inline unsigned atomicMax(unsigned* p, unsigned v) { return kvsim::atomic_op(kvsim::ATOMIC_MAX_U32, p, v, 0); }
+inline unsigned atomicOr(unsigned* p, unsigned v) { return kvsim::atomic_op(kvsim::ATOMIC_OR_U32, p, v, 0); }
 inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) {
     return kvsim::atomic_op(kvsim::ATOMIC_CAS_U32, p, v, cmp);
 }

@@ -32,6 +32,17 @@ extern "C" __global__ void __launch_bounds__(256) sim_ok_reduce(const u32* in, u
     }
 }
 
+// 16-bit data at byte granularity: threads of a block write neighbouring halves of shared
+// words, and consecutive blocks of 63 threads share a 4-byte word of `out` (no conflict on a
+// byte-addressed device, so none here). out[63 b + t] = x[63 b + 62 - t].
+extern "C" __global__ void sim_ok_halves(const u16* x, u16* out) {
+    __shared__ u16 s[64];
+    const u32 t = threadIdx.x, base = 63 * blockIdx.x;
+    s[t] = x[base + t];
+    __syncthreads();
+    out[base + t] = s[62 - t];
+}
+
 // out[i] = f32 -> f16 -> f32 and f32 -> bf16 -> f32 of x[i] (the portable conversions).
 extern "C" __global__ void sim_ok_convert(const float* x, float* out, u32 n) {
     const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -125,4 +136,17 @@ extern "C" __global__ void sim_bad_misaligned(const float* x, float* out, u32 n)
 // Declared for at most 64 threads per block.
 extern "C" __global__ void __launch_bounds__(64) sim_bad_bounded(const float* x, float* out, u32 n) {
     out[threadIdx.x] = x[threadIdx.x % n];
+}
+
+// Every block writes out[0..n): the last block wins on this simulator, any block on a device.
+extern "C" __global__ void sim_bad_blocks_overlap(const float* x, float* out, u32 n) {
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) out[i] = x[i] + (float)blockIdx.x;
+}
+
+// Block b reads what block b - 1 wrote (in order here, in any order on a device).
+extern "C" __global__ void sim_bad_reads_other_block(const float* x, float* out, u32 n) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = x[i];
+    if (blockIdx.x > 0 && threadIdx.x == 0) out[i] += out[i - 1];
 }

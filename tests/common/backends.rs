@@ -16,29 +16,23 @@
 //! arm runs on the CPU SIMT simulator (feature `cuda-sim`) when there is no GPU,
 //! or always under `KVSIEVE_REQUIRE=cuda-sim`.
 
-/// True when the environment demands that `backend` runs (`cuda-sim`, the CUDA backend on
-/// its CPU simulator, demands the `cuda` arm too).
+/// True when the environment demands that `backend` runs.
 pub fn required(backend: &str) -> bool {
-    std::env::var("KVSIEVE_REQUIRE")
-        .map(|v| {
-            v.split(',')
-                .any(|b| b.trim() == backend || (backend == "cuda" && b.trim() == "cuda-sim"))
-        })
-        .unwrap_or(false)
-}
-
-/// True when `KVSIEVE_REQUIRE` names exactly `backend` (no alias).
-fn required_exactly(backend: &str) -> bool {
     std::env::var("KVSIEVE_REQUIRE")
         .map(|v| v.split(',').any(|b| b.trim() == backend))
         .unwrap_or(false)
 }
 
-/// Reports a skip loudly, or panics when the backend is required.
+/// Reports a skip loudly, or panics when the backend is required (the `cuda` arm is also
+/// required by `cuda-sim`, the CUDA backend on its CPU simulator).
 pub fn skip(backend: &str, reason: &str) {
     assert!(
         !required(backend),
         "KVSIEVE_REQUIRE={backend} but the backend is unavailable: {reason}"
+    );
+    assert!(
+        !(backend == "cuda" && required("cuda-sim")),
+        "KVSIEVE_REQUIRE=cuda-sim but the CUDA simulator is unavailable: {reason}"
     );
     eprintln!("SKIPPED({backend}): {reason}");
 }
@@ -58,13 +52,13 @@ pub fn cuda() -> Result<&'static kvsieve::cuda::CudaBackend, String> {
 fn open_cuda() -> Result<kvsieve::cuda::CudaBackend, String> {
     use kvsieve::cuda::CudaBackend;
     #[cfg(feature = "cuda-sim")]
-    if required_exactly("cuda-sim") {
+    if required("cuda-sim") {
         return CudaBackend::simulator().map_err(|e| e.to_string());
     }
     match CudaBackend::new(0) {
         Ok(b) => Ok(b),
         #[cfg(feature = "cuda-sim")]
-        Err(e) if !required_exactly("cuda") => {
+        Err(e) if !required("cuda") => {
             let sim = CudaBackend::simulator().map_err(|s| format!("{e}; {s}"))?;
             eprintln!("cuda: no device ({e}): the CUDA arm runs on the SIMT simulator");
             Ok(sim)

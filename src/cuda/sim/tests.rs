@@ -94,6 +94,24 @@ fn reductions_ballots_shuffles_and_atomics_give_known_answers() {
 }
 
 #[test]
+fn neighbouring_16_bit_elements_do_not_conflict() {
+    let x: Vec<u16> = (0..63 * 5).map(|i| i as u16).collect();
+    let xb = sim_bytes(bytemuck::cast_slice(&x));
+    let mut out = sim_bytes(&vec![0u8; 2 * x.len()]);
+    launch(
+        "sim_ok_halves",
+        (5, 1, 1),
+        (63, 1, 1),
+        &mut [Arg::In(&xb), Arg::Out(&mut out)],
+    )
+    .unwrap();
+    let got: Vec<u16> = bytemuck::pod_collect_to_vec(bytes_of(&out));
+    for (i, &g) in got.iter().enumerate() {
+        assert_eq!(g, (63 * (i / 63) + 62 - i % 63) as u16, "element {i}");
+    }
+}
+
+#[test]
 fn half_conversions_match_the_half_crate() {
     let mut x = vec![
         0.0f32,
@@ -250,7 +268,7 @@ fn shared_write_write_race_is_reported() {
         "sim_bad_shared_race",
         &[
             "thread (1,0,0)",
-            "shared-memory race: writes a shared word that another thread wrote (thread (0,0,0))",
+            "shared-memory race: writes shared memory that another thread wrote (thread (0,0,0))",
         ],
     );
 }
@@ -262,7 +280,7 @@ fn shared_read_before_the_barrier_is_reported() {
         "sim_bad_missing_barrier",
         &[
             "thread (1,0,0)",
-            "reads a shared word that another thread wrote (thread (0,0,0))",
+            "reads shared memory that another thread wrote (thread (0,0,0))",
         ],
     );
 }
@@ -332,4 +350,29 @@ fn launch_shape_and_signature_mismatches_are_reported() {
     );
     let unknown = launch("no_such_kernel", (1, 1, 1), (32, 1, 1), &mut []);
     assert!(unknown.unwrap_err().to_string().contains("no kernel named"));
+}
+
+#[test]
+fn blocks_writing_the_same_output_are_reported() {
+    expect_failure(
+        run_xon("sim_bad_blocks_overlap", 2, 32, 64, 64, 64),
+        "sim_bad_blocks_overlap",
+        &[
+            "block (1,0,0), thread (0,0,0)",
+            "writes byte 0 of parameter 1, which block (0,0,0) wrote in this launch",
+        ],
+    );
+    assert!(run_xon("sim_bad_blocks_overlap", 1, 32, 64, 64, 64).is_ok());
+}
+
+#[test]
+fn reading_another_blocks_output_is_reported() {
+    expect_failure(
+        run_xon("sim_bad_reads_other_block", 2, 32, 64, 64, 64),
+        "sim_bad_reads_other_block",
+        &[
+            "block (1,0,0), thread (0,0,0)",
+            "reads byte 124 of parameter 1, which block (0,0,0) wrote in this launch",
+        ],
+    );
 }
