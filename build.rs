@@ -68,7 +68,10 @@ mod sim {
                 .trim_start();
             let mut bounds = "0".to_string();
             if let Some(b) = s.strip_prefix("kvsim_scan_bounds") {
-                let b = b.trim_start().strip_prefix('(').expect("__launch_bounds__(");
+                let b = b
+                    .trim_start()
+                    .strip_prefix('(')
+                    .expect("__launch_bounds__(");
                 let mut depth = 1;
                 let end = b
                     .char_indices()
@@ -86,7 +89,10 @@ mod sim {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            assert!(!name.is_empty(), "cuda-sim: no kernel name after __global__");
+            assert!(
+                !name.is_empty(),
+                "cuda-sim: no kernel name after __global__"
+            );
             found.push((name, bounds));
         }
         found

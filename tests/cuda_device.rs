@@ -305,7 +305,10 @@ fn cover_dtype<T: Element>(b: &CudaBackend) {
     let segs = Segments::uniform(1, 2, 40).unwrap();
     let src: Vec<T> = normal_vec(&mut rng, segs.rows_needed() * width, 1.0);
     let idx: Vec<u32> = (0..30).map(|i| (i * 7) % 80).collect();
-    let (mut want, mut got) = (vec![T::default(); 30 * width], b.zeros::<T>(30 * width).unwrap());
+    let (mut want, mut got) = (
+        vec![T::default(); 30 * width],
+        b.zeros::<T>(30 * width).unwrap(),
+    );
     ops::gather_rows(&Reference, width, &idx, &src, &mut want).unwrap();
     ops::gather_rows(b, width, &idx, &b.upload(&src).unwrap(), &mut got).unwrap();
     assert_eq!(b.download(&got).unwrap(), want, "gather_rows {}", T::DTYPE);
@@ -327,8 +330,14 @@ fn cover_dtype<T: Element>(b: &CudaBackend) {
     assert_eq!(b.download(&got).unwrap(), want, "scatter_rows {}", T::DTYPE);
     let groups = Ragged::from_lens(&[2, 3]).unwrap();
     let (members, weights) = ([1u32, 5, 9, 2, 70], [0.5f32, 0.25, 1.0, -1.0, 2.0]);
-    let (mut want, mut got) = (vec![T::default(); 2 * width], b.zeros::<T>(2 * width).unwrap());
-    ops::merge_rows(&Reference, width, &groups, &members, &weights, &src, &mut want).unwrap();
+    let (mut want, mut got) = (
+        vec![T::default(); 2 * width],
+        b.zeros::<T>(2 * width).unwrap(),
+    );
+    ops::merge_rows(
+        &Reference, width, &groups, &members, &weights, &src, &mut want,
+    )
+    .unwrap();
     let up_src = b.upload(&src).unwrap();
     ops::merge_rows(b, width, &groups, &members, &weights, &up_src, &mut got).unwrap();
     assert_close(
@@ -453,9 +462,24 @@ fn cover_dtype<T: Element>(b: &CudaBackend) {
             rel: 5e-2,
             abs: 5e-2,
         };
-        assert_close(&w32(&b.download(&gq).unwrap()), &w32(&dq), bt, &format!("{ctx} dq"));
-        assert_close(&w32(&b.download(&gk).unwrap()), &w32(&dk), bt, &format!("{ctx} dk"));
-        assert_close(&w32(&b.download(&gv).unwrap()), &w32(&dv), bt, &format!("{ctx} dv"));
+        assert_close(
+            &w32(&b.download(&gq).unwrap()),
+            &w32(&dq),
+            bt,
+            &format!("{ctx} dq"),
+        );
+        assert_close(
+            &w32(&b.download(&gk).unwrap()),
+            &w32(&dk),
+            bt,
+            &format!("{ctx} dk"),
+        );
+        assert_close(
+            &w32(&b.download(&gv).unwrap()),
+            &w32(&dv),
+            bt,
+            &format!("{ctx} dv"),
+        );
     }
 }
 
@@ -472,14 +496,24 @@ fn every_kernel_is_launched() {
     let (mut want, mut got) = (vec![0.0f32; x.len()], b.zeros::<f32>(x.len()).unwrap());
     ops::softmax_rows(&Reference, &rows, &x, &mut want).unwrap();
     ops::softmax_rows(b, &rows, &xd, &mut got).unwrap();
-    assert_close(&w32(&b.download(&got).unwrap()), &w32(&want), F32, "softmax_rows");
+    assert_close(
+        &w32(&b.download(&got).unwrap()),
+        &w32(&want),
+        F32,
+        "softmax_rows",
+    );
     ops::entmax_rows(&Reference, &rows, &[1.5], &x, &mut want).unwrap();
     ops::entmax_rows(b, &rows, &[1.5], &xd, &mut got).unwrap();
     let tol = Tolerance {
         rel: 0.0,
         abs: 1e-5,
     };
-    assert_close(&w32(&b.download(&got).unwrap()), &w32(&want), tol, "entmax_rows");
+    assert_close(
+        &w32(&b.download(&got).unwrap()),
+        &w32(&want),
+        tol,
+        "entmax_rows",
+    );
     let want = ops::topk_rows(&Reference, &rows, 7, Scope::KvHead, &x).unwrap();
     let got = ops::topk_rows(b, &rows, 7, Scope::KvHead, &xd).unwrap();
     assert_eq!(got.indices(), want.indices(), "topk_rows");
@@ -514,8 +548,18 @@ fn random_shapes_match_reference() {
         rel: 1e-4,
         abs: 5e-5,
     };
-    let mut rng = Rng::new(std::env::var("FUZZ_SEED").map(|s| s.parse().unwrap()).unwrap_or(2026));
-    let cases = if b.is_simulator() { std::env::var("FUZZ_N").map(|s| s.parse().unwrap()).unwrap_or(40) } else { 200 };
+    let mut rng = Rng::new(
+        std::env::var("FUZZ_SEED")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(2026),
+    );
+    let cases = if b.is_simulator() {
+        std::env::var("FUZZ_N")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(40)
+    } else {
+        200
+    };
     for case in 0..cases {
         let d = 1 + rng.below(256);
         let (hkv, g) = (1 + rng.below(3), 1 + rng.below(12));
@@ -556,11 +600,7 @@ fn random_shapes_match_reference() {
         };
         let sets: Vec<IndexSet> = (0..lists)
             .map(|i| {
-                IndexSet::from_unsorted(
-                    (0..len_of(i))
-                        .filter(|_| rng.uniform() < 0.4)
-                        .collect(),
-                )
+                IndexSet::from_unsorted((0..len_of(i)).filter(|_| rng.uniform() < 0.4).collect())
             })
             .collect();
         let list = IndexList::from_sets(scope, &sets).unwrap();
@@ -622,7 +662,9 @@ fn random_shapes_match_reference() {
         ops::prefill_attention(&Reference, &pp, &qp, &k, &v, &mut want).unwrap();
         let mut got = b.zeros::<f32>(qp.len()).unwrap();
         ops::prefill_attention(b, &pp, &b.upload(&qp).unwrap(), &kd, &vd, &mut got).unwrap();
-        let ctx = format!("case {case}: prefill {geom:?} lens {lens:?} q {nq:?} causal={causal} {norm:?}");
+        let ctx = format!(
+            "case {case}: prefill {geom:?} lens {lens:?} q {nq:?} causal={causal} {norm:?}"
+        );
         assert_close(&w(&b.download(&got).unwrap()), &w(&want), tol, &ctx);
     }
 }

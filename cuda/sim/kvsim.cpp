@@ -146,7 +146,7 @@ extern "C" void kvsim_start();
 // stores the stack pointer in *save_sp and resumes the context saved at to_sp. A new fiber's
 // stack is laid out so that the switch "returns" into kvsim_start, which calls r13(r12).
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .type kvsim_switch,@function
 kvsim_switch:
@@ -179,6 +179,7 @@ kvsim_start:
     callq *%r13
     ud2
     .size kvsim_start, .-kvsim_start
+    .popsection
 )");
 #endif
 

@@ -203,12 +203,20 @@ impl CudaBackend {
     /// Entry names of every kernel this backend instance has launched (sorted): coverage
     /// tests check it against [`KernelId::entries`].
     pub fn launched_kernels(&self) -> Vec<&'static str> {
-        let set = self.cache.launched.lock().unwrap_or_else(|p| p.into_inner());
+        let set = self
+            .cache
+            .launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         set.iter().copied().collect()
     }
 
     pub(crate) fn record_launch(&self, name: &'static str) {
-        let mut set = self.cache.launched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self
+            .cache
+            .launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         set.insert(name);
     }
 

@@ -135,7 +135,9 @@ pub(crate) fn has_kernel(name: &str) -> Result<()> {
     if kernel_names().iter().any(|n| n == name) {
         Ok(())
     } else {
-        Err(sim_err(format!("no kernel named `{name}` in the simulator build")))
+        Err(sim_err(format!(
+            "no kernel named `{name}` in the simulator build"
+        )))
     }
 }
 
