@@ -540,7 +540,9 @@ fn every_kernel_is_launched() {
 
 /// Random shapes the grid of the conformance suite does not hold (any head dim up to 256,
 /// GQA groups 1–12, ragged batches with empty segments, every restriction and scope,
-/// random α), decode and prefill against the reference on f32 storage.
+/// random α), decode and prefill against the reference on f32 storage. 40 cases on the
+/// simulator, 200 on a GPU; `KVSIEVE_FUZZ_SEED` and `KVSIEVE_FUZZ_CASES` (simulator) change
+/// the seed and the count.
 #[test]
 fn random_shapes_match_reference() {
     let Some(b) = device() else { return };
@@ -549,12 +551,12 @@ fn random_shapes_match_reference() {
         abs: 5e-5,
     };
     let mut rng = Rng::new(
-        std::env::var("FUZZ_SEED")
+        std::env::var("KVSIEVE_FUZZ_SEED")
             .map(|s| s.parse().unwrap())
             .unwrap_or(2026),
     );
     let cases = if b.is_simulator() {
-        std::env::var("FUZZ_N")
+        std::env::var("KVSIEVE_FUZZ_CASES")
             .map(|s| s.parse().unwrap())
             .unwrap_or(40)
     } else {
