@@ -129,6 +129,7 @@ struct Sim {
     ucontext_t sched_uc;
 #endif
     Launch* L = nullptr;
+    std::vector<unsigned> warp_waiting;  // per warp: lanes waiting at a warp intrinsic or exited
     uintptr_t sh_lo = 0, sh_size = 0;
     std::vector<Shadow> shadow;
     uint32_t epoch = 0, block_gen = 0;
@@ -464,6 +465,12 @@ Sim& sim() {
 
 // ------------------------------------------------------------------ warp intrinsics
 
+inline unsigned popc(unsigned x) {  // without -mpopcnt, __builtin_popcount is a libgcc call
+    x = x - ((x >> 1) & 0x55555555u);
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+    return (((x + (x >> 4)) & 0x0f0f0f0fu) * 0x01010101u) >> 24;
+}
+
 // Completes the intrinsic that thread `t` just reached if every lane of its mask is there.
 void try_warp(Sim& s, unsigned t) {
     Launch& L = *s.L;
@@ -471,6 +478,10 @@ void try_warp(Sim& s, unsigned t) {
     const unsigned base = t & ~31u, lane = t & 31u;
     const unsigned lanes = std::min(32u, L.nthreads - base);
     const Wait& w = f.w;
+    // Fewer lanes waiting (or exited) in this warp than the mask names: nothing to decide yet.
+    if (s.warp_waiting[t >> 5] < popc(w.mask) && ((w.mask >> lane) & 1u) &&
+        !(lanes < 32 && (w.mask >> lanes)))
+        return;
     if (w.width < 1 || w.width > 32 || (w.width & (w.width - 1)))
         fail(s, &f, "%s (%s) with width %d (must be a power of two up to 32)", op_name(w.op), where(w.site).c_str(), w.width);
     if (!((w.mask >> lane) & 1u))
@@ -516,6 +527,7 @@ void try_warp(Sim& s, unsigned t) {
     }
     for (unsigned l = 0; l < 32; ++l)
         if ((w.mask >> l) & 1u) s.fibers[base + l]->state = RUNNABLE;
+    s.warp_waiting[t >> 5] -= popc(w.mask);
 }
 
 // ------------------------------------------------------------------ blocks and launches
@@ -604,6 +616,7 @@ void run_block(Sim& s) {
     ++s.block_gen;
     L.barrier_site = Site{"", 0};
     for (unsigned t = 0; t < L.nthreads; ++t) fiber_init(s, *s.fibers[t]);
+    s.warp_waiting.assign((L.nthreads + 31) / 32, 0);
     unsigned done = 0, at_barrier = 0;
     for (;;) {
         bool progress = false;
@@ -615,7 +628,9 @@ void run_block(Sim& s) {
             if (L.failed) return;
             if (f.state == DONE) {
                 ++done;
+                ++s.warp_waiting[t >> 5];
             } else if (f.state == WAIT_WARP) {
+                ++s.warp_waiting[t >> 5];
                 try_warp(s, t);
                 if (L.failed) return;
             } else if (f.state == WAIT_BARRIER && ++at_barrier == L.nthreads) {

@@ -232,8 +232,8 @@ fn shuffle_with_exited_lanes_is_reported() {
         run_xon("sim_bad_diverged_shuffle", 1, 32, 32, 32, 32),
         "sim_bad_diverged_shuffle",
         &[
-            "warp divergence: __shfl_xor_sync (cuda/common.cuh:",
-            "waits for lane 1, thread (1,0,0), which exited",
+            "thread (0,0,0): warp divergence: it waits at __shfl_xor_sync (cuda/common.cuh:",
+            "but lane 1 of its mask (thread (1,0,0)) exited",
         ],
     );
 }
