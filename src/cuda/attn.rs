@@ -10,9 +10,7 @@
 //! - entmax: `qk_logits` into a workspace, `entmax_rows` (threshold per query row),
 //!   `decode_attention_pv` (V rows only for tokens with a non-zero weight), combine.
 
-use cudarc::driver::CudaSlice;
-
-use super::device::CudaBackend;
+use super::device::{CudaBackend, DeviceBytes};
 use super::kernels::{self, KernelId, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
@@ -197,9 +195,9 @@ pub(crate) fn prefill_plan<'a>(
 
 /// Device copies of a plan's tables.
 struct PlanBufs {
-    work: CudaSlice<u8>,
-    idx: CudaSlice<u8>,
-    mask: CudaSlice<u8>,
+    work: DeviceBytes,
+    idx: DeviceBytes,
+    mask: DeviceBytes,
 }
 
 fn plan_bufs(be: &CudaBackend, plan: &Plan<'_>) -> Result<PlanBufs> {
@@ -213,13 +211,13 @@ fn plan_bufs(be: &CudaBackend, plan: &Plan<'_>) -> Result<PlanBufs> {
 /// Output of the entmax threshold pass, kept for entmax prefill.
 pub(crate) struct EntmaxState {
     /// Logits workspace, row `o` at `o_base[o]`, `items[o]` entries.
-    pub ws: CudaSlice<u8>,
-    pub o_base: CudaSlice<u8>,
+    pub ws: DeviceBytes,
+    pub o_base: DeviceBytes,
     pub items: Vec<u32>,
     /// (zmax, τ shifted) per output row.
-    pub tau: CudaSlice<u8>,
+    pub tau: DeviceBytes,
     /// α per output row.
-    pub alpha_rows: CudaSlice<u8>,
+    pub alpha_rows: DeviceBytes,
 }
 
 /// Writes the Q·K logits of every unit's items: `out[o_base[o] + i]`, `-inf` past the
@@ -230,9 +228,9 @@ pub(crate) fn logits<T: Element>(
     plan: &Plan<'_>,
     geom: &HeadGeometry,
     scale: f32,
-    q: &CudaSlice<u8>,
-    k: &CudaSlice<u8>,
-    out: &mut CudaSlice<u8>,
+    q: &DeviceBytes,
+    k: &DeviceBytes,
+    out: &mut DeviceBytes,
     o_base: &[u32],
     o_cols: &[u32],
     op: &'static str,
@@ -293,8 +291,8 @@ pub(crate) fn entmax_thresholds<T: Element>(
     geom: &HeadGeometry,
     scale: f32,
     alphas: &[f32],
-    q: &CudaSlice<u8>,
-    k: &CudaSlice<u8>,
+    q: &DeviceBytes,
+    k: &DeviceBytes,
     op: &'static str,
 ) -> Result<EntmaxState> {
     let hq = geom.num_q_heads();

@@ -1,6 +1,6 @@
 //! Cache ops on the GPU: gather, scatter, two-phase in-place compaction, weighted merge.
 
-use super::device::CudaBackend;
+use super::device::{CudaBackend, DeviceBytes};
 use super::kernels::{GATHER, KernelId, MERGE, PerDtype, SCATTER, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
@@ -22,8 +22,8 @@ fn copy_blocks(total: usize) -> u32 {
 fn move_rows<T: Element>(
     be: &CudaBackend,
     (kernel, names): (KernelId, &PerDtype),
-    src: &cudarc::driver::CudaSlice<u8>,
-    dst: &mut cudarc::driver::CudaSlice<u8>,
+    src: &DeviceBytes,
+    dst: &mut DeviceBytes,
     rows: &[u32],
     width: usize,
 ) -> Result<()> {
