@@ -35,9 +35,9 @@ pub enum ShaderId {
     ScatterRows,
     /// `shaders/merge_rows.wgsl`.
     MergeRows,
-    /// `shaders/decode_attention.wgsl`.
+    /// `shaders/decode_attention.wgsl` (the attention, its split path, evidence).
     DecodeAttention,
-    /// `shaders/prefill_attention.wgsl`.
+    /// `shaders/prefill_attention.wgsl` (the attention, its split path, evidence).
     PrefillAttention,
     /// `shaders/entmax_prefill.wgsl`.
     EntmaxPrefill,
@@ -118,6 +118,8 @@ impl ShaderId {
                 "decode_attention_norm",
                 "decode_attention_pv",
                 "decode_attention_reduce",
+                "decode_attention_ev_probs",
+                "decode_attention_ev_logits",
             ],
             ShaderId::PrefillAttention => &[
                 "prefill_attention",
@@ -125,6 +127,7 @@ impl ShaderId {
                 "prefill_attention_norm",
                 "prefill_attention_pv",
                 "prefill_attention_reduce",
+                "prefill_attention_evidence",
             ],
             ShaderId::EntmaxPrefill => &["entmax_prefill"],
             ShaderId::Pack => &["pack"],
