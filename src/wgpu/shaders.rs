@@ -23,6 +23,8 @@ pub enum ShaderId {
     EntmaxRows,
     /// `shaders/qk_logits.wgsl`.
     QkLogits,
+    /// `shaders/value_distances.wgsl`.
+    ValueDistances,
     /// `shaders/topk_rows.wgsl`.
     TopkRows,
     /// `shaders/count_above.wgsl`.
@@ -51,10 +53,11 @@ pub enum ShaderId {
 
 impl ShaderId {
     /// Every shader, in a fixed order.
-    pub const ALL: [ShaderId; 15] = [
+    pub const ALL: [ShaderId; 16] = [
         ShaderId::SoftmaxRows,
         ShaderId::EntmaxRows,
         ShaderId::QkLogits,
+        ShaderId::ValueDistances,
         ShaderId::TopkRows,
         ShaderId::CountAbove,
         ShaderId::GatherRows,
@@ -75,6 +78,7 @@ impl ShaderId {
             ShaderId::SoftmaxRows => "softmax_rows",
             ShaderId::EntmaxRows => "entmax_rows",
             ShaderId::QkLogits => "qk_logits",
+            ShaderId::ValueDistances => "value_distances",
             ShaderId::TopkRows => "topk_rows",
             ShaderId::CountAbove => "count_above",
             ShaderId::GatherRows => "gather_rows",
@@ -106,6 +110,7 @@ impl ShaderId {
             ShaderId::SoftmaxRows => &["softmax_rows"],
             ShaderId::EntmaxRows => &["entmax_rows"],
             ShaderId::QkLogits => &["qk_logits"],
+            ShaderId::ValueDistances => &["value_distances"],
             ShaderId::TopkRows => &["topk_rows"],
             ShaderId::CountAbove => &["count_above"],
             ShaderId::GatherRows => &["gather_rows"],
@@ -141,6 +146,7 @@ impl ShaderId {
             ShaderId::SoftmaxRows => include_str!("../../shaders/softmax_rows.wgsl"),
             ShaderId::EntmaxRows => include_str!("../../shaders/entmax_rows.wgsl"),
             ShaderId::QkLogits => include_str!("../../shaders/qk_logits.wgsl"),
+            ShaderId::ValueDistances => include_str!("../../shaders/value_distances.wgsl"),
             ShaderId::TopkRows => include_str!("../../shaders/topk_rows.wgsl"),
             ShaderId::CountAbove => include_str!("../../shaders/count_above.wgsl"),
             ShaderId::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),
