@@ -1,12 +1,13 @@
 //! `gather_rows`, `scatter_rows`, `compact_rows`, `merge_rows`: one
-//! invocation per element.
+//! invocation per element (per `u32` word for `compact_rows` on rows of
+//! whole words, which moves them in place).
 
 use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 use crate::dtype::{DType, Element};
 use crate::error::Result;
 
 use super::device::{Rec, groups_for, padded_bytes, u32c};
-use super::shaders::ShaderId;
+use super::shaders::{ShaderId, StorageVariant};
 use super::{Wgpu, WgpuBuffer, f32_bits, out_target, pack_into};
 
 /// Runs `shader` (compact or scatter) into a widened copy of `buf` — so rows
@@ -116,6 +117,12 @@ impl CacheOps for Wgpu {
         write_rows(self, OP, ShaderId::GatherRows, &words, elems, src, dst)
     }
 
+    /// Rows of whole `u32` words (f32, or 16-bit with an even width) move in
+    /// place, one invocation per word: sources and destinations of a
+    /// compaction are disjoint rows, so no invocation reads a word another
+    /// writes, and the cost is the moved rows, not the buffer. 16-bit rows of
+    /// odd width share a word with their neighbour and go through a widened
+    /// copy of the whole buffer instead.
     fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut WgpuBuffer<T>) -> Result<()> {
         const OP: &str = "compact_rows";
         let w = meta.width();
@@ -126,6 +133,24 @@ impl CacheOps for Wgpu {
         }
         if pairs.is_empty() {
             return Ok(());
+        }
+        let row_bytes = w * std::mem::size_of::<T>();
+        if row_bytes.is_multiple_of(4) {
+            let wpr = row_bytes / 4;
+            let n = pairs.len() / 2 * wpr;
+            let mut words = vec![u32c(OP, n)?, u32c(OP, wpr)?];
+            words.extend(pairs);
+            let mut rec = Rec::new(&self.ctx, OP);
+            let m = rec.words(&words);
+            rec.dispatch_at(
+                ShaderId::CompactRows,
+                "compact_rows_words",
+                StorageVariant::F32,
+                &[],
+                &[(0, &m), (3, &buf.raw)],
+                groups_for(n),
+            )?;
+            return rec.submit();
         }
         let elems = pairs.len() / 2 * w;
         let mut words = vec![u32c(OP, elems)?, u32c(OP, w)?];

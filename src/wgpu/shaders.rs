@@ -31,7 +31,7 @@ pub enum ShaderId {
     CountAbove,
     /// `shaders/gather_rows.wgsl`.
     GatherRows,
-    /// `shaders/compact_rows.wgsl`.
+    /// `shaders/compact_rows.wgsl` (two entry points: in place by words, widened).
     CompactRows,
     /// `shaders/scatter_rows.wgsl`.
     ScatterRows,
@@ -114,7 +114,7 @@ impl ShaderId {
             ShaderId::TopkRows => &["topk_rows"],
             ShaderId::CountAbove => &["count_above"],
             ShaderId::GatherRows => &["gather_rows"],
-            ShaderId::CompactRows => &["compact_rows"],
+            ShaderId::CompactRows => &["compact_rows", "compact_rows_words"],
             ShaderId::ScatterRows => &["scatter_rows"],
             ShaderId::MergeRows => &["merge_rows"],
             ShaderId::DecodeAttention => &[
