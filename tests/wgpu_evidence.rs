@@ -6,8 +6,8 @@
 //! attended token; `value_distances` for every group treatment and dtype,
 //! including rows that nearly equal their weighted sum (where the expanded
 //! form `‖o‖² − 2 o·v + ‖v‖²` would cancel); whole-buffer equality of
-//! compaction for rows of whole words (moved in place) and rows that share a
-//! word (16-bit, odd width: the widened path).
+//! compaction and scatter for rows of whole words (written in place) and
+//! rows that share a word (16-bit, odd width: the widened path).
 #![cfg(feature = "wgpu")]
 
 mod common;
@@ -570,5 +570,40 @@ fn compact_rows_both_paths_match_reference() {
         compact_case::<f32>(&b, width, 1 + width as u64);
         compact_case::<f16>(&b, width, 2 + width as u64);
         compact_case::<bf16>(&b, width, 3 + width as u64);
+    }
+}
+
+fn scatter_case<T: Element>(b: &Wgpu, width: usize, seed: u64) {
+    let rows = 37;
+    let mut rng = Rng::new(seed);
+    let dst: Vec<T> = normal_vec(&mut rng, rows * width, 1.0);
+    for n in [1usize, 5, rows] {
+        let mut idx: Vec<u32> = (0..rows as u32).collect();
+        for i in (1..idx.len()).rev() {
+            idx.swap(i, rng.below(i + 1));
+        }
+        idx.truncate(n);
+        let src: Vec<T> = normal_vec(&mut rng, n * width, 1.0);
+        let mut want = dst.clone();
+        ops::scatter_rows(&Reference, width, &idx, &src, &mut want).unwrap();
+        let mut got = b.upload(&dst).unwrap();
+        ops::scatter_rows(b, width, &idx, &b.upload(&src).unwrap(), &mut got).unwrap();
+        assert_eq!(
+            b.download(&got).unwrap(),
+            want,
+            "scatter_rows {} width {width}, {n} rows",
+            T::DTYPE
+        );
+    }
+}
+
+/// The same two paths for `scatter_rows` (appending tokens to a cache).
+#[test]
+fn scatter_rows_both_paths_match_reference() {
+    let Some(b) = wgpu_device() else { return };
+    for width in [64usize, 65, 1, 2] {
+        scatter_case::<f32>(&b, width, 4 + width as u64);
+        scatter_case::<f16>(&b, width, 5 + width as u64);
+        scatter_case::<bf16>(&b, width, 6 + width as u64);
     }
 }

@@ -33,7 +33,7 @@ pub enum ShaderId {
     GatherRows,
     /// `shaders/compact_rows.wgsl` (two entry points: in place by words, widened).
     CompactRows,
-    /// `shaders/scatter_rows.wgsl`.
+    /// `shaders/scatter_rows.wgsl` (two entry points: in place by words, widened).
     ScatterRows,
     /// `shaders/merge_rows.wgsl`.
     MergeRows,
@@ -115,7 +115,7 @@ impl ShaderId {
             ShaderId::CountAbove => &["count_above"],
             ShaderId::GatherRows => &["gather_rows"],
             ShaderId::CompactRows => &["compact_rows", "compact_rows_words"],
-            ShaderId::ScatterRows => &["scatter_rows"],
+            ShaderId::ScatterRows => &["scatter_rows", "scatter_rows_words"],
             ShaderId::MergeRows => &["merge_rows"],
             ShaderId::DecodeAttention => &[
                 "decode_attention",
