@@ -502,8 +502,7 @@ fn value_distances_match_reference() {
 /// Rows that nearly equal their weighted sum (a constant row of magnitude
 /// 100–200 plus noise of 1e-3): the distances are about 1e-2 and the direct
 /// form keeps them within f32 rounding of `o` (measured 2e-5); the expanded
-/// form loses them to cancellation (it returns 0 here, errors up to
-/// `sqrt(D · 4e4 · 2^-24)` ≈ 0.4).
+/// form loses them to cancellation (swapped in as a check, it returned 0).
 #[test]
 fn value_distances_do_not_cancel() {
     let Some(b) = wgpu_device() else { return };
