@@ -2,8 +2,9 @@
 //! every logit `z_ij = scale · q_i · k_j` in f64, masked, normalised row by
 //! row with the reference normalisers (`softmax_f64` / `entmax_f64`), then
 //! summed and reduced over the GQA group as each output asks. The
-//! attention ops compute the same quantities inside their own pass (CPU)
-//! or in one extra pass (GPU fallbacks); nothing here shares their code.
+//! attention ops compute the same quantities inside their own pass (CPU,
+//! wgpu) or in one extra pass (the CUDA backend's host fallback); nothing
+//! here shares their code.
 
 mod common;
 

@@ -227,7 +227,7 @@ pub(crate) fn reduce_heads_into(
 /// extra Q·K pass on the device (`qk_logits`), then the weights are
 /// normalised on the host (f64, the reference's normalisers) and uploaded.
 /// Costs one more read of the keys and O(rows) host work per query.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
+#[cfg(feature = "cuda")]
 pub(crate) mod fallback {
     use super::*;
     use crate::backend::{

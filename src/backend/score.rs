@@ -157,7 +157,7 @@ pub trait ScoreOps: Backend {
     /// [`DistMeta`]), and the sums themselves (`centers`, `[blocks, D]`
     /// f32) when asked. The default downloads `weights` and `v`, runs the
     /// f64 specification on the host and uploads the result: backends
-    /// without a kernel (wgpu, CUDA) use it.
+    /// without a kernel (CUDA today) use it.
     fn value_distances<T: Element>(
         &self,
         meta: &DistMeta,
