@@ -110,6 +110,62 @@ pub trait KvView<B: Backend, T: Element> {
 /// A [`KvView`] over buffers and host metadata an engine owns (no copy).
 /// `positions` and `arrivals` are indexed like the K/V rows (`[rows]`),
 /// `seen` has one entry per sequence.
+///
+/// An engine that keeps its own KV runs a policy's hook over a `KvParts`
+/// and applies destructive plans itself: `ops::drop_rows` /
+/// `ops::compact_rows` on K and V, and the same moves on its per-row
+/// metadata ([`crate::policy::Compaction`]).
+///
+/// ```
+/// use kvsieve::backend::{DecodeEvidence, Heads, evidence_blocks};
+/// use kvsieve::cache::{KvParts, KvView};
+/// use kvsieve::ops::{self, DecodeParams};
+/// use kvsieve::policy::{Budget, Compaction, Evidence, KvPolicy, Phase, Plan, StepCtx, Tova, TovaConfig};
+/// use kvsieve::{HeadGeometry, Normalizer, Ragged, Restrict, Segments, reference::Reference};
+///
+/// # fn main() -> kvsieve::Result<()> {
+/// // The engine's cache: one sequence, one KV head, D = 2, 4 tokens (the
+/// // newest last) in a buffer of 8 rows.
+/// let geom = HeadGeometry::new(1, 1, 2)?;
+/// let mut segs = Segments::with_capacity(1, 1, 8, vec![4])?;
+/// let mut k = vec![1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+/// let mut v = k.clone();
+/// let mut positions: Vec<u32> = (0..8).collect();
+/// let mut arrivals: Vec<u32> = (0..8).collect();
+/// let seen = vec![4u32];
+/// let q = vec![2.0f32, 0.0];
+/// // Attention with the evidence TOVA asks for (its current query's weights).
+/// let mut tova = Tova::new(TovaConfig { budget: Budget::tokens(3), ..TovaConfig::default() })?;
+/// let heads = KvPolicy::<Reference, f32>::needs(&tova, 0).decode_probs.unwrap_or(Heads::Mean);
+/// let mut probs = vec![0.0f32; evidence_blocks(&geom, &segs, heads, &[1])?.total()];
+/// let mut out = vec![0.0f32; 2];
+/// let p = DecodeParams { geom, segments: &segs, scale: Some(1.0), normalizer: &Normalizer::Softmax, restrict: Restrict::Dense };
+/// ops::decode_attention_with(&Reference, &p, &q, &k, &v, &mut out,
+///     DecodeEvidence { probs: Some((heads, &mut probs)), ..DecodeEvidence::default() })?;
+/// let plan = {
+///     let kv = KvParts::new(&Reference, KvParts {
+///         geom, segments: &segs, k: &k, v: &v, positions: &positions, arrivals: &arrivals, seen: &seen,
+///     })?;
+///     let ctx = StepCtx {
+///         backend: &Reference, layer: 0, num_layers: 1, kv: &kv, queries: &q,
+///         q_rows: &Ragged::uniform(1, 1)?, step: 0, phase: Phase::Decode, scale: Some(1.0),
+///         evidence: Evidence { probs: Some((heads, &probs)), ..Evidence::default() },
+///     };
+///     tova.on_decode_step(&ctx)?
+/// };
+/// // TOVA drops the token the query attends to least (row 1, key [0, 1]).
+/// let Plan::Drop(drop) = plan else { unreachable!() };
+/// assert_eq!(drop.list(0), &[1]);
+/// let c = Compaction::from_drop(&segs, &drop);
+/// let new_segs = ops::drop_rows(&Reference, 2, &segs, &drop, &mut k)?;
+/// ops::drop_rows(&Reference, 2, &segs, &drop, &mut v)?;
+/// c.apply(0, &mut positions);
+/// c.apply(0, &mut arrivals);
+/// segs = new_segs;
+/// assert_eq!(segs.lens(), &[3]);
+/// assert_eq!(&positions[..3], &[0, 3, 2]); // the newest token took the freed row
+/// # Ok(()) }
+/// ```
 pub struct KvParts<'a, B: Backend, T: Element> {
     /// Head geometry.
     pub geom: HeadGeometry,

@@ -548,6 +548,66 @@ pub fn compact_rows<B: CacheOps, T: Element>(
     Ok(new_segs)
 }
 
+/// Removes the rows in `drop` (scope `KvHead`, one sorted list per
+/// segment) from every segment of `buf` in place: the compaction of
+/// [`compact_rows`] for the complement, in O(dropped rows) (see
+/// [`crate::cache::drop_moves`]). Returns the new segments.
+pub fn drop_rows<B: CacheOps, T: Element>(
+    b: &B,
+    width: usize,
+    segs: &Segments,
+    drop: &IndexList,
+    buf: &mut B::Buffer<T>,
+) -> Result<Segments> {
+    const OP: &str = "drop_rows";
+    let rows = check_width(b, OP, width, buf)?;
+    if rows < segs.rows_needed() {
+        return Err(shape(
+            OP,
+            format!(
+                "buffer has {rows} rows, segments need {}",
+                segs.rows_needed()
+            ),
+        ));
+    }
+    if drop.scope() != Scope::KvHead || drop.num_lists() != segs.num_segments() {
+        return Err(shape(
+            OP,
+            format!(
+                "drop must hold one KvHead-scoped list per segment ({}), got {} {:?} lists",
+                segs.num_segments(),
+                drop.num_lists(),
+                drop.scope()
+            ),
+        ));
+    }
+    let mut lens = Vec::with_capacity(segs.num_segments());
+    let mut moves = Vec::new();
+    for s in 0..segs.num_segments() {
+        let (list, len) = (drop.list(s), segs.len_of(s));
+        if let Some(&last) = list.last()
+            && last as usize >= len
+        {
+            return Err(shape(
+                OP,
+                format!("segment {s}: index {last} >= length {len}"),
+            ));
+        }
+        let off = segs.offset(s) as u32;
+        moves.extend(
+            crate::cache::drop_moves(len, list)
+                .into_iter()
+                .map(|(d, r)| (off + d, off + r)),
+        );
+        lens.push((len - list.len()) as u32);
+    }
+    let new_segs = segs.shrink_to(lens)?;
+    if !moves.is_empty() {
+        b.compact_rows(&CompactMeta { width, moves }, buf)?;
+    }
+    Ok(new_segs)
+}
+
 /// `dst[g] = Σ_{i ∈ groups.range(g)} weights[i] · src[members[i]]`.
 pub fn merge_rows<B: CacheOps, T: Element>(
     b: &B,
