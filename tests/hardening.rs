@@ -1,14 +1,81 @@
 //! Regression tests of the fuzzing findings of issue #17, one test (or one
 //! test body) per finding, named after it:
 //!
+//! 1. `entmax_alpha_above_2_is_never_all_zeros` (τ bracket passing max s);
 //! 3. `*_rejects_mismatched_*`, `mask_list_get_out_of_range_is_false`
 //!    (panics on mismatched geometry / segments);
 //! 4. `*_overflow*`, `*_too_large*` (integer overflow in size computations,
 //!    allocations sized by user input).
 
+mod common;
+
+use common::*;
+use kvsieve::entmax::{
+    EntmaxOptions, TauBracket, entmax_bisect, entmax_bisect_f64, entmax_exact_f64, entmax_halley,
+    entmax_halley_f64,
+};
 use kvsieve::ops;
 use kvsieve::reference::Reference;
 use kvsieve::*;
+
+// ------------------------------------------------------------------ finding 1
+
+#[test]
+fn entmax_alpha_above_2_is_never_all_zeros() {
+    // The reproducers of the issue.
+    let r = entmax_halley(&[0.0; 195], 4.0, &EntmaxOptions::default()).unwrap();
+    let s: f64 = r.probs.iter().map(|&p| f64::from(p)).sum();
+    assert!((s - 1.0).abs() < 1e-5, "sum {s}: {:?}", &r.probs[..4]);
+    for &p in &r.probs {
+        assert!((f64::from(p) - 1.0 / 195.0).abs() < 1e-7, "{p}");
+    }
+    let rows = Ragged::uniform(1, 2).unwrap();
+    let mut out = vec![0.0f32; 2];
+    for isa in backends::cpu_isas() {
+        let cpu = kvsieve::cpu::Cpu::with_isa(isa);
+        ops::entmax_rows(&cpu, &rows, &[65.5], &vec![0.0f32, 0.0], &mut out).unwrap();
+        assert_eq!(out, vec![0.5, 0.5], "{isa}");
+    }
+    // Every solver, α > 2 up to the huge, rows of ties where τ_hi + ε > max s.
+    let o = EntmaxOptions::new(200, 1e-9);
+    for alpha in [2.5f32, 4.0, 8.0, 65.5, 1e3, 1e9, 1e30] {
+        for n in [2usize, 3, 195, 4099] {
+            let want = 1.0 / n as f64;
+            let z32 = vec![0.0f32; n];
+            let z64 = vec![0.0f64; n];
+            let a = f64::from(alpha);
+            let ctx = format!("alpha {alpha} n {n}");
+            for p in [
+                entmax_halley(&z32, alpha, &o).unwrap().probs,
+                entmax_bisect(&z32, alpha, &o).unwrap().probs,
+            ] {
+                assert_close(&wide32(&p), &vec![want; n], F32, &ctx);
+            }
+            for p in [
+                entmax_halley_f64(&z64, a, &o).unwrap().probs,
+                entmax_bisect_f64(&z64, a, &o).unwrap().probs,
+                entmax_exact_f64(&z64, a).unwrap().0,
+            ] {
+                assert_close(&p, &vec![want; n], STRICT, &ctx);
+            }
+        }
+    }
+    // The update rule itself: a Halley candidate at or past `max s` is never
+    // returned, even inside the ε margin above `hi`.
+    let mut br = TauBracket::new(-1.0, -1e-9).below(0.0);
+    // f = 0.5, f' = −1e3, f'' = 0 from τ = −0.5: Newton goes to 0.0 > hi.
+    let step = br.halley(-0.5, 0.5, -1.0, 0.0);
+    assert!(step.tau < 0.0 && step.fallback, "{step:?}");
+    let mut br = TauBracket::for_row(0.0, 195, 4.0);
+    for _ in 0..200 {
+        let t = br.halley(br.hi, 1e-3, -1e-12, 0.0).tau;
+        assert!(t < 0.0, "{t}");
+    }
+}
+
+fn wide32(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| f64::from(v)).collect()
+}
 
 // ------------------------------------------------------------------ finding 3
 
