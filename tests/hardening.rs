@@ -2,10 +2,18 @@
 //! test body) per finding, named after it:
 //!
 //! 1. `entmax_alpha_above_2_is_never_all_zeros` (τ bracket passing max s);
+//! 2. `cpu_entmax_is_accurate_for_every_alpha` (f32 τ for α > 2 and α → 1);
 //! 3. `*_rejects_mismatched_*`, `mask_list_get_out_of_range_is_false`
 //!    (panics on mismatched geometry / segments);
 //! 4. `*_overflow*`, `*_too_large*` (integer overflow in size computations,
-//!    allocations sized by user input).
+//!    allocations sized by user input);
+//! 6. `finite_inputs_give_finite_outputs` (logit and value-sum overflow).
+//!
+//! Findings 1, 3 and 4 concern host code and run once; 2 and 6 compare the
+//! CPU backend (every ISA) with the reference. The GPU kernels solve τ in
+//! f32 and cannot form logits past the f32 range (no f64 in WGSL): their
+//! limits are written down in `docs/numerics.md`, so 2 and 6 run on the
+//! reference and the CPU only (`reference_and_cpu!`).
 
 mod common;
 
@@ -14,9 +22,41 @@ use kvsieve::entmax::{
     EntmaxOptions, TauBracket, entmax_bisect, entmax_bisect_f64, entmax_exact_f64, entmax_halley,
     entmax_halley_f64,
 };
-use kvsieve::ops;
+use kvsieve::ops::{self, DecodeParams, PrefillParams};
 use kvsieve::reference::Reference;
 use kvsieve::*;
+
+/// Expands generic bodies `fn body<B: Ops>(b: &B)` for the reference and
+/// the CPU backend under every ISA (see the module docs for why not GPUs).
+macro_rules! reference_and_cpu {
+    ($($body:ident),* $(,)?) => {
+        mod reference {
+            $(
+                #[test]
+                fn $body() {
+                    super::$body(&kvsieve::reference::Reference);
+                }
+            )*
+        }
+        mod cpu {
+            $(
+                #[test]
+                fn $body() {
+                    for isa in $crate::common::backends::cpu_isas() {
+                        eprintln!("cpu backend, isa = {isa}");
+                        super::$body(&kvsieve::cpu::Cpu::with_isa(isa));
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// The attention tolerance of `docs/numerics.md` (f32 storage).
+const ATTN: Tolerance = Tolerance {
+    rel: 1e-4,
+    abs: 5e-5,
+};
 
 // ------------------------------------------------------------------ finding 1
 
@@ -75,6 +115,169 @@ fn entmax_alpha_above_2_is_never_all_zeros() {
 
 fn wide32(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| f64::from(v)).collect()
+}
+
+// ------------------------------------------------------------------ finding 2
+
+/// α values across (1, ∞): just above 1, the f32 search range [1.125, 2] and
+/// its edges, above 2 up to huge.
+const ALPHAS: [f32; 17] = [
+    1.000_000_1,
+    1.001,
+    1.01,
+    1.05,
+    1.1,
+    1.124,
+    1.125,
+    1.25,
+    2.0,
+    2.01,
+    2.5,
+    4.0,
+    8.0,
+    65.5,
+    1e3,
+    1e9,
+    1e30,
+];
+
+/// One-head decodes with V in [1, 2] (the setting), α across (1, ∞),
+/// and row entmax on the same logits.
+fn cpu_entmax_is_accurate_for_every_alpha<B: Ops>(b: &B) {
+    let mut rng = Rng::new(17);
+    let geom = HeadGeometry::new(1, 1, 16).unwrap();
+    for n in [7usize, 300, 1100] {
+        let segs = Segments::uniform(1, 1, n).unwrap();
+        let q: Vec<f32> = normal_vec(&mut rng, 16, 2.0);
+        let k: Vec<f32> = normal_vec(&mut rng, n * 16, 1.0);
+        let v: Vec<f32> = (0..n * 16).map(|_| 1.0 + rng.uniform() as f32).collect();
+        for alpha in ALPHAS {
+            let norm = Normalizer::Entmax { alpha };
+            let p = DecodeParams {
+                geom,
+                segments: &segs,
+                scale: None,
+                normalizer: &norm,
+                restrict: Restrict::Dense,
+            };
+            let mut want = vec![0.0f32; 16];
+            ops::decode_attention(&Reference, &p, &q, &k, &v, &mut want).unwrap();
+            let mut got = b.zeros::<f32>(16).unwrap();
+            let (qb, kb, vb) = (up(b, &q), up(b, &k), up(b, &v));
+            ops::decode_attention(b, &p, &qb, &kb, &vb, &mut got).unwrap();
+            let ctx = format!("{} decode n={n} alpha={alpha}", b.name());
+            assert_close(&wide32(&down(b, &got)), &wide32(&want), ATTN, &ctx);
+            // Row entmax of logits with the spread of attention logits.
+            let rows = Ragged::uniform(1, n).unwrap();
+            let x: Vec<f32> = normal_vec(&mut rng, n, 2.0);
+            let mut want = vec![0.0f32; n];
+            ops::entmax_rows(&Reference, &rows, &[alpha], &x, &mut want).unwrap();
+            let mut got = b.zeros::<f32>(n).unwrap();
+            ops::entmax_rows(b, &rows, &[alpha], &up(b, &x), &mut got).unwrap();
+            let ctx = format!("{} entmax_rows n={n} alpha={alpha}", b.name());
+            let got = down(b, &got);
+            assert_close(&wide32(&got), &wide32(&want), ENTMAX_ROWS, &ctx);
+            assert_simplex(&got, 1e-5, &ctx);
+        }
+    }
+    // Prefill: causal, GQA 2, per-head α on both sides of the f32 range.
+    let geom = HeadGeometry::new(4, 2, 16).unwrap();
+    let nq = 40;
+    let segs = Segments::uniform(1, 2, 90).unwrap();
+    let q_rows = Ragged::uniform(1, nq).unwrap();
+    let q: Vec<f32> = normal_vec(&mut rng, nq * 4 * 16, 2.0);
+    let k: Vec<f32> = normal_vec(&mut rng, 180 * 16, 1.0);
+    let v: Vec<f32> = (0..180 * 16).map(|_| 1.0 + rng.uniform() as f32).collect();
+    for alphas in [
+        vec![1.000_000_1f32, 1.5, 4.0, 65.5],
+        vec![1e9, 1.01, 2.0, 8.0],
+    ] {
+        let norm = Normalizer::EntmaxPerHead { alphas };
+        let p = PrefillParams {
+            geom,
+            q_rows: &q_rows,
+            segments: &segs,
+            causal: true,
+            mask: None,
+            scale: None,
+            normalizer: &norm,
+        };
+        let mut want = vec![0.0f32; q.len()];
+        ops::prefill_attention(&Reference, &p, &q, &k, &v, &mut want).unwrap();
+        let mut got = b.zeros::<f32>(q.len()).unwrap();
+        let (qb, kb, vb) = (up(b, &q), up(b, &k), up(b, &v));
+        ops::prefill_attention(b, &p, &qb, &kb, &vb, &mut got).unwrap();
+        let ctx = format!("{} prefill {norm:?}", b.name());
+        assert_close(&wide32(&down(b, &got)), &wide32(&want), ATTN, &ctx);
+    }
+}
+
+/// α > 2 where τ lies closer to an entry than f64 resolves: `s = [0, −a]`
+/// has `τ = −a − u` with `u = (1 − a^e)^(α−1)` (`e = 1/(α−1)`; for α = 65.5
+/// and the `a` below, `u ≈ 1e-121`) and the weights `[a^e, 1 − a^e]` up to a
+/// relative `u/a`. Bisection on τ gave `[0.64, 0.36]` for α = 65.5.
+#[test]
+fn entmax_weights_near_a_kink_are_exact() {
+    for (alpha, a) in [
+        (65.5f64, 0.415_622_558_687_644_75f64),
+        (8.0, 0.9),
+        (1e3, 0.5),
+    ] {
+        let e = 1.0 / (alpha - 1.0);
+        let want = [a.powf(e), 1.0 - a.powf(e)];
+        let z = [0.0, -a / (alpha - 1.0)];
+        let (p, _) = entmax_exact_f64(&z, alpha).unwrap();
+        assert_close(&p, &want, STRICT, &format!("reference alpha {alpha}"));
+        // The CPU on the same f32 logits: rows and a one-token-dimension decode.
+        let z32 = [0.0f32, (-a / (alpha - 1.0)) as f32];
+        let (p32, _) =
+            entmax_exact_f64(&[0.0, f64::from(z32[1])], alpha).expect("reference of the f32 row");
+        for isa in backends::cpu_isas() {
+            let cpu = kvsieve::cpu::Cpu::with_isa(isa);
+            let mut out = vec![0.0f32; 2];
+            let rows = Ragged::uniform(1, 2).unwrap();
+            ops::entmax_rows(&cpu, &rows, &[alpha as f32], &z32.to_vec(), &mut out).unwrap();
+            let ctx = format!("cpu {isa} rows alpha {alpha}");
+            assert_close(&wide32(&out), &p32, F32, &ctx);
+            let geom = HeadGeometry::new(1, 1, 1).unwrap();
+            let segs = Segments::uniform(1, 1, 2).unwrap();
+            let norm = Normalizer::Entmax {
+                alpha: alpha as f32,
+            };
+            let p = DecodeParams {
+                geom,
+                segments: &segs,
+                scale: Some(1.0),
+                normalizer: &norm,
+                restrict: Restrict::Dense,
+            };
+            let mut got = vec![0.0f32];
+            ops::decode_attention(
+                &cpu,
+                &p,
+                &vec![1.0f32],
+                &z32.to_vec(),
+                &vec![1.0, 0.0],
+                &mut got,
+            )
+            .unwrap();
+            let ctx = format!("cpu {isa} decode alpha {alpha}");
+            assert_close(&[f64::from(got[0])], &p32[..1], F32, &ctx);
+        }
+    }
+}
+
+/// The entmax-rows contract of `docs/numerics.md`: 1e-5 per probability.
+const ENTMAX_ROWS: Tolerance = Tolerance {
+    rel: 0.0,
+    abs: 1e-5,
+};
+
+fn up<B: Backend, T: Element>(b: &B, x: &[T]) -> B::Buffer<T> {
+    b.upload(x).expect("upload")
+}
+fn down<B: Backend, T: Element>(b: &B, x: &B::Buffer<T>) -> Vec<T> {
+    b.download(x).expect("download")
 }
 
 // ------------------------------------------------------------------ finding 3
@@ -240,3 +443,107 @@ fn cache_ops_reject_overflowing_width() {
     ops::scatter_rows(&b, 2, &[1], &vec![5.0f32, 6.0], &mut dst).unwrap();
     assert_eq!(dst, vec![0.0, 0.0, 5.0, 6.0]);
 }
+
+// ------------------------------------------------------------------ finding 6
+
+/// Decode and prefill, one head of dimension 1 (the reproducers) and
+/// of dimension 3, every normaliser and restriction: finite inputs of any
+/// magnitude give the reference's finite outputs.
+fn finite_inputs_give_finite_outputs<B: Ops>(b: &B) {
+    let norms = [
+        Normalizer::Softmax,
+        Normalizer::Entmax { alpha: 1.5 },
+        Normalizer::Entmax { alpha: 1.05 },
+        Normalizer::Entmax { alpha: 4.0 },
+    ];
+    // (q, k, v, expected out), D = 1, two tokens.
+    let cases: [(f32, [f32; 2], [f32; 2], f32); 5] = [
+        (1e20, [1e20, 1e20], [1.0, 1.0], 1.0),
+        (1e20, [1e20, -1e20], [1.0, 2.0], 1.0),
+        (-1e20, [1e20, 1e20], [1.0, 3.0], 2.0),
+        (1.0, [0.5, 0.5], [3e38, 3e38], 3e38),
+        (1.0, [0.5, 0.5], [f32::MAX, f32::MAX], f32::MAX),
+    ];
+    let geom = HeadGeometry::new(1, 1, 1).unwrap();
+    let segs = Segments::uniform(1, 1, 2).unwrap();
+    let list = IndexList::from_sets(Scope::KvHead, &[IndexSet::all(2)]).unwrap();
+    let mask = MaskList::from_masks(Scope::KvHead, &[BitMask::ones(2)]).unwrap();
+    for norm in &norms {
+        for &(q, k, v, want) in &cases {
+            for restrict in [
+                Restrict::Dense,
+                Restrict::Indices(&list),
+                Restrict::Mask(&mask),
+            ] {
+                let p = DecodeParams {
+                    geom,
+                    segments: &segs,
+                    scale: None,
+                    normalizer: norm,
+                    restrict,
+                };
+                let mut out = b.zeros::<f32>(1).unwrap();
+                let (qb, kb, vb) = (up(b, &[q]), up(b, &k), up(b, &v));
+                ops::decode_attention(b, &p, &qb, &kb, &vb, &mut out).unwrap();
+                let got = down(b, &out)[0];
+                let ctx = format!(
+                    "{} decode {norm:?} {restrict:?} q={q} k={k:?} v={v:?}",
+                    b.name()
+                );
+                assert!(got.is_finite(), "{ctx}: {got}");
+                assert_close(&[f64::from(got)], &[f64::from(want)], F32, &ctx);
+            }
+            // Prefill: both queries see both keys.
+            let q_rows = Ragged::uniform(1, 2).unwrap();
+            let p = PrefillParams {
+                geom,
+                q_rows: &q_rows,
+                segments: &segs,
+                causal: false,
+                mask: None,
+                scale: None,
+                normalizer: norm,
+            };
+            let mut out = b.zeros::<f32>(2).unwrap();
+            let (qb, kb, vb) = (up(b, &[q, q]), up(b, &k), up(b, &v));
+            ops::prefill_attention(b, &p, &qb, &kb, &vb, &mut out).unwrap();
+            let got = down(b, &out);
+            let ctx = format!("{} prefill {norm:?} q={q} k={k:?} v={v:?}", b.name());
+            assert!(got.iter().all(|x| x.is_finite()), "{ctx}: {got:?}");
+            assert_close(&wide32(&got), &[f64::from(want); 2], F32, &ctx);
+        }
+    }
+    // D = 3 with one overflowing logit among ordinary ones, GQA 2, a long
+    // segment (several decode blocks), against the reference.
+    let geom = HeadGeometry::new(2, 1, 3).unwrap();
+    let n = 1100;
+    let segs = Segments::uniform(1, 1, n).unwrap();
+    let mut rng = Rng::new(6);
+    let mut k: Vec<f32> = normal_vec(&mut rng, n * 3, 1.0);
+    k[700 * 3] = 3e19;
+    k[701 * 3] = 2.9e19;
+    let v: Vec<f32> = (0..n * 3).map(|i| (i % 7) as f32 * 4e37).collect();
+    let q = vec![2e19f32, 0.5, -0.5, 1.0, 1.0, 1.0];
+    for norm in &norms {
+        let p = DecodeParams {
+            geom,
+            segments: &segs,
+            scale: None,
+            normalizer: norm,
+            restrict: Restrict::Dense,
+        };
+        let mut want = vec![0.0f32; 6];
+        ops::decode_attention(&Reference, &p, &q, &k, &v, &mut want).unwrap();
+        assert!(want.iter().all(|x| x.is_finite()), "{want:?}");
+        let mut out = b.zeros::<f32>(6).unwrap();
+        let (qb, kb, vb) = (up(b, &q), up(b, &k), up(b, &v));
+        ops::decode_attention(b, &p, &qb, &kb, &vb, &mut out).unwrap();
+        let ctx = format!("{} long decode {norm:?}", b.name());
+        assert_close(&wide32(&down(b, &out)), &wide32(&want), ATTN, &ctx);
+    }
+}
+
+reference_and_cpu!(
+    cpu_entmax_is_accurate_for_every_alpha,
+    finite_inputs_give_finite_outputs
+);

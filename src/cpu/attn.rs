@@ -14,15 +14,26 @@
 //!    ([`simd::scores_rows_strided`] / [`simd::scores_gather`] for lists and
 //!    masks: rows are gathered, never copied);
 //! 2. softmax: per head `m = max`, `p = exp(s − m)`, `l = Σp`, and
-//!    `acc = Σ p_j v_j` ([`simd::weighted_rows_strided`] /
+//!    `acc = Σ (p_j / l) v_j` ([`simd::weighted_rows_strided`] /
 //!    [`simd::weighted_gather`]);
-//!    entmax: scores and per-head block maxima only, then τ per (unit, head)
-//!    over all its blocks (Halley–bisection on [`simd::pow_relu_sum`]), then,
-//!    again per block in parallel, `p = [s − τ]_+^{1/(α−1)}`, `l = Σp` and
-//!    `acc`, where V rows whose weight is zero for every head are never read;
-//! 3. per unit, blocks are combined in block order: softmax
-//!    `out = Σ_b e^{m_b − M} acc_b / Σ_b e^{m_b − M} l_b`, entmax
-//!    `out = Σ_b acc_b / Σ_b l_b` (renormalised).
+//!    entmax with α ∈ [1.125, 2]: scores and per-head block maxima only, then
+//!    τ per (unit, head) over all its blocks (Halley–bisection on
+//!    [`simd::pow_relu_sum`]), then, again per block in parallel,
+//!    `p = [s − τ]_+^{1/(α−1)}`, `l = Σp` and `acc = Σ (p_j / l) v_j`, where
+//!    V rows whose weight is zero for every head are never read; heads with
+//!    other α take the f64 path (`exact.rs`: f64 logits, τ and weights, f64
+//!    value sum) per (unit, head) in step 3;
+//! 3. per unit, blocks are combined in block order with the weights
+//!    `w_b = e^{m_b − M} l_b` (softmax) or `w_b = l_b` (entmax):
+//!    `out = Σ_b (w_b / Σ_c w_c) acc_b`.
+//!
+//! Each `acc_b` and the combination are convex combinations of V rows, so the
+//! value sums cannot overflow where the reference's output is finite
+//! (`v = [3e38, 3e38]` gives `3e38`). Logits can: `q · k` of finite f32
+//! inputs reaches `inf` (or NaN, `inf − inf`) past 3.4e38. A block whose
+//! scores are not all finite marks its unit (block maximum = NaN), and every
+//! head of the unit takes the f64 path: finite inputs give the reference's
+//! finite answer, NaN inputs its NaN.
 //!
 //! Block boundaries depend only on the shapes, so the result is bitwise the
 //! same for any number of threads. Selecting every token (list or mask)
@@ -39,16 +50,20 @@
 //! strip (causal: keys up to the tile's last position), masks with `-inf`,
 //! normalises each row in place (softmax or entmax with f32 τ) and
 //! accumulates `P·V` with [`simd::weighted_rows_strided`] (zero-weight V
-//! rows are skipped).
+//! rows are skipped). Rows are normalised before `P·V`, so the value sum is
+//! a convex combination. Rows of heads whose α needs it, and every row of a
+//! strip whose f32 scores are not all finite (overflow of `q · k`), get their
+//! weights from the f64 path (`exact.rs`) instead.
 #![forbid(unsafe_code)]
 
 use rayon::prelude::*;
 
 use super::Cpu;
+use super::exact::{dot64, needs_f64, weights64};
 use super::isa::Isa;
-use super::norm::{chunked_apply, chunked_sums, entmax_row_inplace, softmax_row_inplace};
+use super::norm::{Cand, chunked_apply, chunked_sums, entmax_row_inplace, softmax_row_inplace};
 use super::simd::{self, PowMode};
-use super::tau::solve_tau;
+use super::tau::{f32_search, solve_tau};
 use super::workspace::{DecodeWs, grow};
 use crate::backend::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
 use crate::dtype::Element;
@@ -255,6 +270,75 @@ fn block_values<T: Element>(
     }
 }
 
+/// Divides a block row of weights by their sum `l` before the value pass
+/// (the block's `acc` is then a convex combination of V rows). Returns the
+/// `l` the combine step uses: 0 (the block is dropped) when `l` is below the
+/// smallest normal f32, whose reciprocal would overflow.
+fn normalize_block(isa: Isa, row: &mut [f32], l: f32) -> f32 {
+    if l >= f32::MIN_POSITIVE && l.is_finite() {
+        simd::scale_f32(isa, row, 1.0 / l);
+        l
+    } else {
+        row.fill(0.0);
+        0.0
+    }
+}
+
+/// Head `i` of a decode unit on the f64 path (`exact.rs`): for a head whose
+/// α needs it, or every head of a unit whose f32 scores are not all finite.
+/// f64 logits over the unit's tokens, the f64 normaliser, the value sum in
+/// f64 (rows of zero weight are not read).
+#[allow(clippy::too_many_arguments)]
+fn decode_head_f64<T: Element>(
+    plan: &Plan<'_, '_>,
+    unit: &Unit<'_>,
+    i: usize,
+    qv: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    cand: &mut Cand,
+) {
+    let d = plan.d;
+    let scale = f64::from(plan.meta.scale);
+    let logit = |j: usize| scale * dot64(qv, &k[(unit.off + j) * d..][..d]);
+    let token = |t: usize| match unit.src {
+        Src::Dense => t,
+        Src::List(l) => l[t] as usize,
+        Src::Mask(_) => t,
+    };
+    let visible = |t: usize| match unit.src {
+        Src::Mask(words) => (words[t / 32] >> (t % 32)) & 1 == 1,
+        _ => true,
+    };
+    // Masked-out positions become -inf (zero weight).
+    cand.z.clear();
+    cand.z.extend((0..unit.stream_len()).map(|t| {
+        if visible(t) {
+            logit(token(t))
+        } else {
+            f64::NEG_INFINITY
+        }
+    }));
+    weights64(&mut cand.z, plan.alpha(unit.h0 + i), &mut cand.f64);
+    let mut acc = [0.0f64; 16];
+    for c0 in (0..d).step_by(16) {
+        let w = (d - c0).min(16);
+        acc[..w].fill(0.0);
+        for (t, &p) in cand.z.iter().enumerate() {
+            if p != 0.0 {
+                let row = &v[(unit.off + token(t)) * d + c0..][..w];
+                for (a, x) in acc[..w].iter_mut().zip(row) {
+                    *a += p * x.to_f64();
+                }
+            }
+        }
+        for (o, &a) in out[c0..c0 + w].iter_mut().zip(&acc[..w]) {
+            *o = T::from_f64(a);
+        }
+    }
+}
+
 /// Splits one workspace block into (header, scores, acc).
 fn split_block(blk: &mut [f32], g: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
     let (hdr, rest) = blk.split_at_mut(1 + 2 * g);
@@ -318,40 +402,78 @@ fn decode<T: Element>(
                 let (hdr, sc, acc) = split_block(blk, g);
                 hdr[0] = nb as f32;
                 block_scores(isa, &qs[u * g * d..], gh, k, d, unit.off, &rows, sc);
+                let mut finite = true;
                 for h in 0..gh {
                     let row = &mut sc[h * BK..h * BK + nb];
-                    let m = simd::max_f32(isa, row);
+                    // NaN marks a unit for the f64 path (see the module docs).
+                    let m = if simd::all_finite(isa, row) {
+                        simd::max_f32(isa, row)
+                    } else {
+                        finite = false;
+                        f32::NAN
+                    };
                     hdr[1 + h] = m;
                     if !entmax {
-                        hdr[1 + g + h] = if m == f32::NEG_INFINITY {
+                        hdr[1 + g + h] = if !m.is_finite() {
                             row.fill(0.0);
                             0.0
                         } else {
-                            simd::exp_sum(isa, row, m)
+                            let l = simd::exp_sum(isa, row, m);
+                            normalize_block(isa, row, l)
                         };
                     }
                 }
-                if !entmax {
+                if !entmax && finite {
                     block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
                 }
             });
 
         if entmax {
-            // Phase 2: τ per (unit, head) over all the unit's blocks.
+            // Phase 2: τ per (unit, head) over all the unit's blocks (α in
+            // [1.125, 2]; other α take the f64 path in phase 4). 2a: the unit
+            // maximum M per head, from the block maxima.
             let tau = grow(&mut ws.tau, units * g);
+            let blocks_ro: &[f32] = blocks;
+            tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
+                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                for (h, t) in tu.iter_mut().enumerate().take(gh) {
+                    *t = bs
+                        .chunks_exact(sb)
+                        .map(|b| b[1 + h])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                }
+            });
+            // 2b: scores shifted by M, so τ is searched near [−1, 0] where f32
+            // resolves it (`s − M` is exact for the candidates `s ≥ M − 1`
+            // when |M| ≥ 2; unshifted, τ ≈ M has the resolution of M, and
+            // none at all below M once |M| ≥ 2^24).
+            let mtab: &[f32] = tau;
+            blocks.par_chunks_mut(sb).enumerate().for_each(|(i, blk)| {
+                let u = unit_of(i);
+                let unit = plan.unit(u);
+                let nb = blk[0] as usize;
+                for h in 0..gh {
+                    let m = mtab[u * g + h];
+                    let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
+                    if m.is_finite() && f32_search(alpha) {
+                        simd::offset_f32(isa, &mut blk[1 + 2 * g + h * BK..][..nb], -m);
+                    }
+                }
+            });
+            // 2c: τ (relative to M) by the f32 search.
             let blocks_ro: &[f32] = blocks;
             tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
                 let unit = plan.unit(u);
                 let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
                 for (h, t) in tu.iter_mut().enumerate().take(gh) {
                     let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
-                    let mode = PowMode::for_alpha(alpha);
-                    let mut max_s = f32::NEG_INFINITY;
-                    let mut n = 0usize;
-                    for blk in bs.chunks_exact(sb) {
-                        max_s = max_s.max(blk[1 + h]);
-                        n += blk[0] as usize;
+                    if !f32_search(alpha) || t.is_nan() {
+                        // The f64 path, in phase 4.
+                        continue;
                     }
+                    let mode = PowMode::for_alpha(alpha);
+                    let n: usize = bs.chunks_exact(sb).map(|b| b[0] as usize).sum();
+                    let max_s = if *t == f32::NEG_INFINITY { *t } else { 0.0 };
                     *t = solve_tau(alpha, max_s, n, |t| {
                         let mut s = (0.0, 0.0, 0.0);
                         for blk in bs.chunks_exact(sb) {
@@ -376,12 +498,18 @@ fn decode<T: Element>(
                     let rows = block_rows(&unit, i - prefix[u], idx);
                     let nb = rows_len(&rows);
                     let (hdr, sc, acc) = split_block(blk, g);
+                    if hdr[1..1 + gh].iter().any(|m| m.is_nan()) {
+                        return;
+                    }
                     for h in 0..gh {
                         let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
                         let row = &mut sc[h * BK..h * BK + nb];
-                        hdr[1 + g + h] =
+                        let l = if f32_search(alpha) {
                             chunked_apply(isa, row, tau[u * g + h], PowMode::for_alpha(alpha))
-                                as f32;
+                        } else {
+                            0.0 // the f64 path, in phase 4
+                        };
+                        hdr[1 + g + h] = normalize_block(isa, row, l as f32);
                     }
                     block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
                 });
@@ -395,7 +523,29 @@ fn decode<T: Element>(
             .enumerate()
             .for_each(|(u, (o, c))| {
                 let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let unit = plan.unit(u);
+                let overflow = bs
+                    .chunks_exact(sb)
+                    .any(|b| b[1..1 + gh].iter().any(|m| m.is_nan()));
+                // Block weight: e^{m_b − M} l_b (softmax) or l_b (entmax).
+                let weight = |blk: &[f32], h: usize, big_m: f32| {
+                    let f = if entmax {
+                        1.0
+                    } else if blk[1 + h] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (blk[1 + h] - big_m).exp()
+                    };
+                    f * blk[1 + g + h]
+                };
                 for h in 0..gh {
+                    if overflow || needs_f64(plan.alpha(unit.h0 + h)) {
+                        let qv = &q[(u * gh + h) * d..(u * gh + h + 1) * d];
+                        let oh = &mut o[h * d..(h + 1) * d];
+                        cpu.cands
+                            .with(|cand| decode_head_f64(&plan, &unit, h, qv, k, v, oh, cand));
+                        continue;
+                    }
                     let ch = &mut c[h * d..(h + 1) * d];
                     ch.fill(0.0);
                     let big_m = bs
@@ -404,25 +554,18 @@ fn decode<T: Element>(
                         .fold(f32::NEG_INFINITY, f32::max);
                     let mut l = 0.0f32;
                     if big_m > f32::NEG_INFINITY {
-                        for blk in bs.chunks_exact(sb) {
-                            let f = if entmax {
-                                1.0
-                            } else if blk[1 + h] == f32::NEG_INFINITY {
-                                0.0
-                            } else {
-                                (blk[1 + h] - big_m).exp()
-                            };
-                            if f == 0.0 {
-                                continue;
-                            }
-                            l += f * blk[1 + g + h];
-                            let acc = &blk[1 + 2 * g + g * BK + h * d..][..d];
-                            simd::axpy_multi(isa, ch, 1, &[f], acc);
-                        }
+                        l = bs.chunks_exact(sb).map(|b| weight(b, h, big_m)).sum();
                     }
                     let oh = &mut o[h * d..(h + 1) * d];
-                    if l > 0.0 {
-                        simd::scale_f32(isa, ch, 1.0 / l);
+                    if l > 0.0 && l.is_finite() {
+                        for blk in bs.chunks_exact(sb) {
+                            let w = weight(blk, h, big_m);
+                            if w == 0.0 {
+                                continue;
+                            }
+                            let acc = &blk[1 + 2 * g + g * BK + h * d..][..d];
+                            simd::axpy_multi(isa, ch, 1, &[w / l], acc);
+                        }
                         simd::from_f32_slice(isa, ch, oh);
                     } else {
                         oh.fill(T::default());
@@ -434,12 +577,7 @@ fn decode<T: Element>(
 
 /// Softmax or entmax (f32 τ, renormalised) of one logit row in place.
 /// `-inf` entries get 0; a row with no finite entry becomes zeros.
-pub(crate) fn normalize_inplace(
-    isa: Isa,
-    row: &mut [f32],
-    alpha: Option<f32>,
-    cand: &mut Vec<f32>,
-) {
+pub(crate) fn normalize_inplace(isa: Isa, row: &mut [f32], alpha: Option<f32>, cand: &mut Cand) {
     match alpha {
         None => softmax_row_inplace(isa, row),
         Some(a) => {
@@ -479,6 +617,38 @@ pub(crate) fn mask_bit(words: &[u32], wpr: usize, i: usize, j: usize) -> bool {
     (words[i * wpr + j / 32] >> (j % 32)) & 1 == 1
 }
 
+/// The weights of prefill query row `qi` (of `nq`) of sequence `b`, head `h`
+/// over the strip `row.len()` of its `kv` keys on the f64 path (`exact.rs`):
+/// f64 logits of the visible keys (causality and mask; others `-inf`), the
+/// f64 normaliser, rounded to f32.
+fn prefill_row_f64<T: Element>(
+    meta: &PrefillMeta<'_>,
+    (b, h, qi, nq, kv): (usize, usize, usize, usize, usize),
+    qv: &[T],
+    krows: &[T],
+    row: &mut [f32],
+    cand: &mut Cand,
+) {
+    let d = qv.len();
+    let pos = (kv + qi).checked_sub(nq);
+    let mask = meta.mask.map(|m| (m, m.scope().list_of(b, h, &meta.geom)));
+    let scale = f64::from(meta.scale);
+    cand.z.clear();
+    cand.z.extend((0..row.len()).map(|j| {
+        let seen = (!meta.causal || pos.is_some_and(|p| j <= p))
+            && mask.is_none_or(|(m, li)| m.get(li, qi, j));
+        if seen {
+            scale * dot64(qv, &krows[j * d..(j + 1) * d])
+        } else {
+            f64::NEG_INFINITY
+        }
+    }));
+    weights64(&mut cand.z, meta.normalizer.alpha(h), &mut cand.f64);
+    for (x, &w) in row.iter_mut().zip(&cand.z) {
+        *x = w as f32;
+    }
+}
+
 fn prefill<T: Element>(
     cpu: &Cpu,
     meta: &PrefillMeta<'_>,
@@ -513,7 +683,7 @@ fn prefill<T: Element>(
                     kv
                 };
                 let rows = g * n;
-                cpu.scratch.with(|cand| {
+                cpu.cands.with(|cand| {
                     cpu.scratch.with(|buf| {
                         let buf = grow(buf, rows * d + rows * strip.max(1) + rows * d);
                         let (qs, rest) = buf.split_at_mut(rows * d);
@@ -531,6 +701,7 @@ fn prefill<T: Element>(
                         if strip > 0 {
                             let krows = &k[off * d..(off + strip) * d];
                             simd::scores_rows_strided(isa, qs, rows, krows, d, 1.0, sc, strip);
+                            let finite = simd::all_finite(isa, &sc[..rows * strip]);
                             for hh in 0..g {
                                 let h = kvh * g + hh;
                                 let mask = meta.mask.map(|m| {
@@ -541,6 +712,14 @@ fn prefill<T: Element>(
                                     let row =
                                         &mut sc[(hh * n + i) * strip..(hh * n + i + 1) * strip];
                                     let qi = i0 + i;
+                                    if !finite || needs_f64(meta.normalizer.alpha(h)) {
+                                        // The f64 path (module docs, `exact.rs`).
+                                        let qv = &q[((r0 + i) * hq + h) * d..][..d];
+                                        let kr = &k[off * d..(off + strip) * d];
+                                        let at = (b, h, qi, nq, kv);
+                                        prefill_row_f64(meta, at, qv, kr, row, cand);
+                                        continue;
+                                    }
                                     if meta.causal {
                                         let vis = (kv + qi + 1).saturating_sub(nq).min(strip);
                                         row[vis..].fill(f32::NEG_INFINITY);
