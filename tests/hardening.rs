@@ -390,6 +390,36 @@ fn npy_loader_rejects_overflowing_shape() {
     assert!(r.unwrap_err().to_string().contains("data bytes"));
 }
 
+/// Found by the `loaders` fuzz target: `q` of shape `[T, 0, D]` (no query
+/// head) was accepted, since `0 % Hkv == 0`.
+#[test]
+fn trace_loaders_reject_zero_query_heads() {
+    let npy = |shape: [usize; 3]| {
+        let mut header = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}, {}), }}",
+            shape[0], shape[1], shape[2]
+        );
+        while !(10 + header.len() + 1).is_multiple_of(64) {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((header.len() as u16).to_le_bytes());
+        b.extend(header.as_bytes());
+        b.extend(vec![0u8; 4 * shape.iter().product::<usize>()]);
+        b
+    };
+    let (q, kv) = (npy([2, 0, 4]), npy([2, 1, 4]));
+    let r = kvsieve::eval::io::load_npy_bytes("1", &[[&q, &kv, &kv]]);
+    assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+    let q = npy([2, 2, 4]);
+    let t = kvsieve::eval::io::load_npy_bytes("1", &[[&q, &kv, &kv]]).unwrap();
+    assert_eq!(
+        (t.q_heads, t.kv_heads, t.head_dim, t.decode_steps),
+        (2, 1, 4, 1)
+    );
+}
+
 #[test]
 fn segments_and_ragged_reject_overflow_and_huge_allocations() {
     assert!(is_too_large(Segments::uniform(1 << 40, 1 << 30, 1)));

@@ -174,7 +174,7 @@ fn assemble(
     };
     let [t, hq, d] = q0.shape;
     let hkv = k0.shape[1];
-    if hkv == 0 || hq % hkv != 0 || d == 0 || t == 0 {
+    if hq == 0 || hkv == 0 || hq % hkv != 0 || d == 0 || t == 0 {
         return Err(io_err(
             path,
             format!("bad shapes: q {:?}, k {:?}", q0.shape, k0.shape),
