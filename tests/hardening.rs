@@ -7,7 +7,12 @@
 //!    (panics on mismatched geometry / segments);
 //! 4. `*_overflow*`, `*_too_large*` (integer overflow in size computations,
 //!    allocations sized by user input);
-//! 6. `finite_inputs_give_finite_outputs` (logit and value-sum overflow).
+//! 6. `finite_inputs_give_finite_outputs` (logit and value-sum overflow);
+//!
+//! and the findings of the fuzz targets of `fuzz/` (named after what they
+//! check: `trace_loaders_reject_zero_query_heads`,
+//! `fully_masked_rows_are_zero_with_nan_values`; `tests/ops.rs` has
+//! `nan_rows_are_nan`).
 //!
 //! Findings 1, 3 and 4 concern host code and run once; 2 and 6 compare the
 //! CPU backend (every ISA) with the reference. The GPU kernels solve τ in
@@ -573,7 +578,65 @@ fn finite_inputs_give_finite_outputs<B: Ops>(b: &B) {
     }
 }
 
+/// Found by the `prefill` fuzz target: a prefill row that sees no key came
+/// out NaN on the CPU when another row of its tile attends to a V row
+/// holding NaN (the tiled value pass adds `0 · NaN`). Fully masked rows are
+/// zeros whatever V holds; so are decode heads with an empty selection.
+fn fully_masked_rows_are_zero_with_nan_values<B: Ops>(b: &B) {
+    let geom = HeadGeometry::new(2, 1, 2).unwrap();
+    let segs = Segments::uniform(1, 1, 2).unwrap();
+    let v = vec![f32::NAN, 1.0, 2.0, f32::INFINITY];
+    let (k, q) = (vec![0.5f32; 4], vec![1.0f32; 8]);
+    let norms = [Normalizer::Softmax, Normalizer::Entmax { alpha: 1.5 }];
+    for norm in &norms {
+        // Prefill: query row 0 sees nothing, row 1 everything.
+        let q_rows = Ragged::uniform(1, 2).unwrap();
+        let rows = vec![BitMask::zeros(2), BitMask::ones(2)];
+        let mask = MaskList::from_rows(Scope::KvHead, &[rows]).unwrap();
+        let p = PrefillParams {
+            geom,
+            q_rows: &q_rows,
+            segments: &segs,
+            causal: false,
+            mask: Some(&mask),
+            scale: None,
+            normalizer: norm,
+        };
+        let mut out = b.zeros::<f32>(8).unwrap();
+        let (qb, kb, vb) = (up(b, &q), up(b, &k), up(b, &v));
+        ops::prefill_attention(b, &p, &qb, &kb, &vb, &mut out).unwrap();
+        let got = down(b, &out);
+        assert_eq!(
+            &got[..4],
+            &[0.0; 4],
+            "{} prefill {norm:?}: {got:?}",
+            b.name()
+        );
+        // Decode: head 0 selects nothing, head 1 both tokens.
+        let list = IndexList::from_sets(Scope::QueryHead, &[IndexSet::default(), IndexSet::all(2)])
+            .unwrap();
+        let p = DecodeParams {
+            geom,
+            segments: &segs,
+            scale: None,
+            normalizer: norm,
+            restrict: Restrict::Indices(&list),
+        };
+        let mut out = b.zeros::<f32>(4).unwrap();
+        let qb = up(b, &q[..4]);
+        ops::decode_attention(b, &p, &qb, &kb, &vb, &mut out).unwrap();
+        let got = down(b, &out);
+        assert_eq!(
+            &got[..2],
+            &[0.0; 2],
+            "{} decode {norm:?}: {got:?}",
+            b.name()
+        );
+    }
+}
+
 reference_and_cpu!(
     cpu_entmax_is_accurate_for_every_alpha,
-    finite_inputs_give_finite_outputs
+    finite_inputs_give_finite_outputs,
+    fully_masked_rows_are_zero_with_nan_values
 );

@@ -151,7 +151,9 @@ fn run(u: &mut Unstructured<'_>) -> Res<()> {
                             .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, z), y| {
                                 (a.min(y), z.max(y))
                             });
-                        let slack = 1e-5 * lo.abs().max(hi.abs());
+                        // f32 sums of up to ~1000 weights: rounding of the attention
+                        // tolerance's relative size (docs/numerics.md).
+                        let slack = 1e-4 * lo.abs().max(hi.abs());
                         assert!(
                             x >= lo - slack && x <= hi + slack,
                             "{name} {}: row {b}/{i} head {h} col {c}: {x} outside [{lo}, {hi}]",
@@ -176,7 +178,7 @@ fn run(u: &mut Unstructured<'_>) -> Res<()> {
                 ctx()
             );
             assert!(
-                close(f64::from(a), f64::from(e), 0.0, 1e-5),
+                close(f64::from(a), f64::from(e), 0.0, 1e-4),
                 "cpu sum {a} vs {e} at {i}: {}",
                 ctx()
             );

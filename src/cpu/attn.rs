@@ -736,6 +736,15 @@ fn prefill<T: Element>(
                             }
                             let vrows = &v[off * d..(off + strip) * d];
                             simd::weighted_rows_strided(isa, acc, rows, sc, strip, vrows, d);
+                            // A row that sees no key outputs exact zeros even
+                            // when V holds NaN / inf: the tiled V pass reads a
+                            // V row once for every row of the tile, so its
+                            // 0 · NaN would land in this row too.
+                            for (r, a) in acc.chunks_exact_mut(d).enumerate() {
+                                if sc[r * strip..(r + 1) * strip].iter().all(|&w| w == 0.0) {
+                                    a.fill(0.0);
+                                }
+                            }
                         }
                         for hh in 0..g {
                             let h = kvh * g + hh;
