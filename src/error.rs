@@ -4,10 +4,10 @@
 //! reports what was wrong through one of these variants. No user input can
 //! make kvsieve panic.
 //!
-//! Sizes computed from user-supplied counts go through [`Size`] (exact
+//! Sizes computed from user-supplied counts go through `Size` (exact
 //! arithmetic, so an overflow is an [`Error::TooLarge`] in debug and release
 //! builds alike, never a wrap or a panic), and buffers sized by user input
-//! are allocated by [`try_vec`] (a limit check, then a fallible reservation),
+//! are allocated by `try_vec` (a limit check, then a fallible reservation),
 //! so a tiny input asking for a huge buffer gets an error instead of aborting
 //! the process.
 
