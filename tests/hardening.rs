@@ -455,6 +455,18 @@ fn bitmask_from_indices_rejects_too_large_len() {
     assert_eq!(m.to_indices(), idx);
 }
 
+/// `Backend::zeros` sized by the caller: an error for a length no machine
+/// can hold (the reference used `vec!`, which aborts the process).
+#[test]
+fn backend_zeros_reject_huge_lengths() {
+    for len in [usize::MAX, usize::MAX / 4, 1 << 45] {
+        assert!(is_too_large(Reference.zeros::<f32>(len)));
+        let cpu = kvsieve::cpu::Cpu::new();
+        assert!(cpu.zeros::<f32>(len).is_err(), "cpu zeros({len})");
+    }
+    assert_eq!(Reference.zeros::<f32>(3).unwrap(), vec![0.0; 3]);
+}
+
 #[test]
 fn cache_ops_reject_overflowing_width() {
     let b = Reference;
