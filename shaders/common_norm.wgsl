@@ -152,7 +152,9 @@ fn wg_entmax(lid: u32, start: u32, n: u32, alpha: f32) -> RowNorm {
         var next = 0.5 * (lo + hi);
         if progress {
             let cand = tau - 2.0 * ff * dff / (2.0 * dff * dff - ff * ddff);
-            if cand > lo - HALLEY_EPS && cand < hi + HALLEY_EPS {
+            // Never at or past max s = 0 (`TauBracket::for_row`): for α > 2
+            // and long rows hi + ε > 0, and such a τ empties the support.
+            if cand > lo - HALLEY_EPS && cand < min(hi + HALLEY_EPS, 0.0) {
                 next = cand;
             }
         }
@@ -166,6 +168,10 @@ fn wg_entmax(lid: u32, start: u32, n: u32, alpha: f32) -> RowNorm {
         }
     }
     tau = clamp(tau, lo, hi);
+    if tau >= 0.0 {
+        // hi = -n^(1-α) underflows to -0 for huge α: keep the maximum in the support.
+        tau = lo;
+    }
     var s = 0.0;
     for (var i = lid; i < n; i += WG) {
         let x = lg[start + i];

@@ -64,7 +64,9 @@
 use crate::error::{Error, Result};
 
 /// Half-width `ε` of the Halley acceptance window: a Halley candidate `τ_H` is accepted iff
-/// `τ_lo − ε < τ_H < τ_hi + ε` (value used by the AdaSplash kernels).
+/// `τ_lo − ε < τ_H < τ_hi + ε` (value used by the AdaSplash kernels), and, in
+/// [`TauBracket`], `τ_H < max s` (for α > 2 and long rows `τ_hi = max s − n^(1−α)` lies
+/// within `ε` of `max s`, and a τ at or past `max s` leaves no entry in the support).
 pub const HALLEY_EPS: f64 = 1e-6;
 
 /// Floor applied to `u = s_i − τ` when accumulating `f'` and `f''` for generic α (not for `f`
@@ -321,8 +323,9 @@ pub fn tau_bounds(max_s: f64, n: usize, alpha: f64) -> (f64, f64) {
 /// `ff`, `df`, `ddf` are `f(τ)`, `f'(τ)`, `f''(τ)`. For α = 2 pass `ddf = 0` (Newton).
 /// This is the stateless AdaSplash kernel rule (for kernels with a fixed iteration count). The
 /// solvers of this module use [`TauBracket::halley`], which also tightens the bracket, counts
-/// fallbacks and adds a progress guard that prevents stalls (it does not fire on ordinary
-/// rows with α ≤ 2).
+/// fallbacks, never steps to or past `max s` (this rule does not know `max s`: for α > 2
+/// with `n^(1−α) < ε` a candidate in `[max s, τ_hi + ε)` would zero the row) and adds a
+/// progress guard that prevents stalls (it does not fire on ordinary rows with α ≤ 2).
 pub fn halley_step(ff: f64, df: f64, ddf: f64, tau: f64, lo: f64, hi: f64) -> f64 {
     halley_candidate(ff, df, ddf, tau, lo, hi).unwrap_or(0.5 * (lo + hi))
 }
@@ -342,9 +345,14 @@ fn halley_candidate(ff: f64, df: f64, ddf: f64, tau: f64, lo: f64, hi: f64) -> O
 ///
 /// 1. Tighten: `f(τ) > 0` ⇒ `lo ← max(lo, τ)`; `f(τ) < 0` ⇒ `hi ← min(hi, τ)`.
 /// 2. Halley candidate `τ_H = τ − 2·f·f' / (2·f'² − f·f'')`.
-/// 3. Accept `τ_H` iff `lo − ε < τ_H < hi + ε` (ε = [`HALLEY_EPS`], the AdaSplash
-///    safeguard; NaN/±inf fail) and the progress guard below allows it.
+/// 3. Accept `τ_H` iff `lo − ε < τ_H < min(hi + ε, top)` (ε = [`HALLEY_EPS`], the AdaSplash
+///    safeguard; NaN/±inf fail; `top` = `max s` for [`TauBracket::for_row`]) and the
+///    progress guard below allows it.
 /// 4. Otherwise take the bisection step `τ ← (lo + hi)/2` and count a fallback.
+///
+/// Every τ it returns is below `top` (a midpoint that rounds up to `top`, which needs `lo`
+/// and `top` to be adjacent floats, is replaced by `lo`), so the largest entry stays in the
+/// support and the output can always be renormalised.
 ///
 /// Progress guard (not in the AdaSplash kernels): the update is a bisection step if `τ` lay
 /// outside the bracket when `f(τ)` was evaluated (an accepted candidate in the ε margin, which
@@ -361,6 +369,8 @@ pub struct TauBracket {
     pub lo: f64,
     /// Upper end: `f(hi) ≤ 0`.
     pub hi: f64,
+    /// Strict upper limit of every returned τ (`max s`; `+inf` for [`TauBracket::new`]).
+    top: f64,
     /// Whether the τ of the last call to [`TauBracket::tighten`] lay in `[lo, hi]`.
     in_bracket: bool,
     /// `|f|` at the last two evaluations (most recent first), `+inf` before.
@@ -377,25 +387,35 @@ pub struct TauStep {
 }
 
 impl TauBracket {
-    /// A bracket with explicit ends (`lo ≤ hi`, `f(lo) ≥ 0 ≥ f(hi)`), no previous update.
+    /// A bracket with explicit ends (`lo ≤ hi`, `f(lo) ≥ 0 ≥ f(hi)`), no previous update and
+    /// no `max s` (candidates up to `hi + ε` are accepted; use [`TauBracket::for_row`] or
+    /// [`TauBracket::below`] to keep τ below the row maximum).
     pub fn new(lo: f64, hi: f64) -> Self {
         Self {
             lo,
             hi,
+            top: f64::INFINITY,
             in_bracket: true,
             abs_f: [f64::INFINITY; 2],
         }
     }
 
-    /// The bracket of [`tau_bounds`].
-    pub fn for_row(max_s: f64, n: usize, alpha: f64) -> Self {
-        let (lo, hi) = tau_bounds(max_s, n, alpha);
-        Self::new(lo, hi)
+    /// The same bracket, with every returned τ kept strictly below `max_s`.
+    pub fn below(self, max_s: f64) -> Self {
+        Self { top: max_s, ..self }
     }
 
-    /// `(lo + hi) / 2`, the starting point of both solvers.
+    /// The bracket of [`tau_bounds`], τ kept strictly below `max_s`.
+    pub fn for_row(max_s: f64, n: usize, alpha: f64) -> Self {
+        let (lo, hi) = tau_bounds(max_s, n, alpha);
+        Self::new(lo, hi).below(max_s)
+    }
+
+    /// `(lo + hi) / 2`, the starting point of both solvers (`lo` if the midpoint rounds up
+    /// to `max s`).
     pub fn midpoint(&self) -> f64 {
-        0.5 * (self.lo + self.hi)
+        let m = 0.5 * (self.lo + self.hi);
+        if m < self.top { m } else { self.lo }
     }
 
     /// Tightens the bracket with the sign of `ff = f(tau)`: `ff > 0` ⇒ `lo ← max(lo, τ)`,
@@ -419,7 +439,7 @@ impl TauBracket {
         let progress = self.in_bracket && ff.abs() <= 0.5 * self.abs_f[1];
         self.abs_f = [ff.abs(), self.abs_f[0]];
         let accepted = if progress {
-            halley_candidate(ff, df, ddf, tau, self.lo, self.hi)
+            halley_candidate(ff, df, ddf, tau, self.lo, self.hi).filter(|&t| t < self.top)
         } else {
             None
         };
@@ -818,10 +838,110 @@ pub fn entmax15_exact(z: &[f64]) -> Result<(Vec<f64>, f64)> {
     ))
 }
 
+/// The support and weights of an α > 2 row, solved where f64 resolves them (see
+/// [`entmax_exact_f64`]): every entry `s > v` gets `(s − v + u)^(1/(α−1))`, every entry
+/// `s = v` (the smallest support value) gets `p`, the others 0; `τ = v − u`,
+/// `u = p^(α−1)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Kink {
+    /// Smallest value in the support.
+    pub v: f64,
+    /// `v − τ` (may underflow to 0 while `p` does not).
+    pub u: f64,
+    /// Weight of each entry equal to `v`.
+    pub p: f64,
+}
+
+impl Kink {
+    /// The (unnormalised) weight of an entry with shifted scaled score `s`.
+    #[inline]
+    pub(crate) fn weight(&self, s: f64, c0: f64) -> f64 {
+        if s > self.v {
+            (s - self.v + self.u).powf(c0)
+        } else if s == self.v {
+            self.p
+        } else {
+            0.0
+        }
+    }
+    /// The threshold `τ = v − u`.
+    pub(crate) fn tau(&self) -> f64 {
+        self.v - self.u
+    }
+}
+
+/// [`Kink`] of the entries `c` (shifted scaled scores of one row, max 0, a superset of
+/// the support such as every finite entry or every entry `> −1`; sorted in place,
+/// descending) for α > 2.
+///
+/// 1. The support: with `f(v) = Σ_{c_i > v} (c_i − v)^(1/(α−1)) − 1` non-decreasing as
+///    `v` runs down the sorted values, the smallest support value is the last `v = c_k`
+///    with `f(c_k) < 0` (binary search).
+/// 2. The weight `p` of each entry at `v` (there are `m`): the root of the increasing
+///    `h(p) = m·p + Σ_{c_i > v} (c_i − v + p^(α−1))^(1/(α−1)) − 1` on
+///    `[0, min(1/m, (v − v')^(1/(α−1)))]` (`v'` the next smaller value, or −1), by bisection
+///    until the bracket stops shrinking.
+///
+/// Parametrising by `p` instead of τ is what makes this accurate for α > 2: `p = u^(1/(α−1))`
+/// is steep in `u = v − τ`, so τ itself may need to lie within `1e-120` of `v` (α = 65.5,
+/// `p ≈ 0.0135`), far below the resolution of f64, while `p` is resolved to the last bit.
+pub(crate) fn kink_solve(c: &mut [f64], alpha: f64) -> Kink {
+    let c0 = 1.0 / (alpha - 1.0);
+    c.sort_unstable_by(|a, b| b.total_cmp(a));
+    let f_at = |k: usize| -> f64 {
+        let v = c[k];
+        c[..k]
+            .iter()
+            .take_while(|&&x| x > v)
+            .map(|&x| (x - v).powf(c0))
+            .sum::<f64>()
+            - 1.0
+    };
+    // Largest k with f(c_k) < 0 (f(c_0) = −1).
+    let (mut lo, mut hi) = (0usize, c.len());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if f_at(mid) < 0.0 { lo = mid } else { hi = mid }
+    }
+    let v = c[lo];
+    let first = c.partition_point(|&x| x > v);
+    let last = c.partition_point(|&x| x >= v);
+    let m = (last - first) as f64;
+    let next = c.get(last).copied().unwrap_or(-1.0).max(-1.0);
+    let above = &c[..first];
+    let h = |p: f64| {
+        let u = p.powf(alpha - 1.0);
+        m * p + above.iter().map(|&x| (x - v + u).powf(c0)).sum::<f64>() - 1.0
+    };
+    let (mut plo, mut phi) = (0.0f64, (1.0 / m).min((v - next).powf(c0)));
+    for _ in 0..EXACT_BISECT_MAX_ITER {
+        let mid = 0.5 * (plo + phi);
+        if mid <= plo || mid >= phi {
+            break;
+        }
+        if h(mid) < 0.0 { plo = mid } else { phi = mid }
+    }
+    // The end with the smaller |h|.
+    let p = if h(phi).abs() <= h(plo).abs() {
+        phi
+    } else {
+        plo
+    };
+    Kink {
+        v,
+        u: p.powf(alpha - 1.0),
+        p,
+    }
+}
+
 /// The f64 reference for any α > 1: α = 2 → [`sparsemax_exact`], α = 1.5 →
-/// [`entmax15_exact`], otherwise bisection on the bounds of [`tau_bounds`] until the bracket
-/// cannot shrink in f64 (≤ [`EXACT_BISECT_MAX_ITER`] halvings), output renormalised.
-/// Returns `(p, τ)` with τ in the scaled space `s = (α−1)·z`.
+/// [`entmax15_exact`]; other α < 2: bisection on the bounds of [`tau_bounds`] until the
+/// bracket cannot shrink in f64 (≤ [`EXACT_BISECT_MAX_ITER`] halvings); α > 2: sort, find
+/// the support, and solve for the weight of its smallest entry instead of τ (for α > 2, τ
+/// can lie closer to an entry than f64 resolves: α = 65.5 on `s = [0, −0.4156]` has
+/// `τ = s_1 − 1e-121` and weights `[0.9865, 0.0135]`, which any bisection on τ turns into
+/// `[0.64, 0.36]`). Output renormalised. Returns `(p, τ)` with τ in the scaled space
+/// `s = (α−1)·z`.
 pub fn entmax_exact_f64(z: &[f64], alpha: f64) -> Result<(Vec<f64>, f64)> {
     const OP: &str = "entmax_exact_f64";
     check_alpha(OP, alpha)?;
@@ -834,6 +954,17 @@ pub fn entmax_exact_f64(z: &[f64], alpha: f64) -> Result<(Vec<f64>, f64)> {
     let Some(row) = prepare(OP, z, alpha - 1.0)? else {
         return Ok((vec![0.0; z.len()], f64::NEG_INFINITY));
     };
+    if alpha > 2.0 {
+        let mut c: Vec<f64> = row.s.iter().copied().filter(|x| x.is_finite()).collect();
+        let kink = kink_solve(&mut c, alpha);
+        let c0 = 1.0 / (alpha - 1.0);
+        let mut p: Vec<f64> = row.s.iter().map(|&s| kink.weight(s, c0)).collect();
+        let sum: f64 = p.iter().sum();
+        if sum > 0.0 && sum.is_finite() {
+            p.iter_mut().for_each(|x| *x /= sum);
+        }
+        return Ok((p, kink.tau() + row.offset));
+    }
     let solved = solve_bisect_exact(&row.s, row.n, alpha);
     Ok((solved.p, solved.tau + row.offset))
 }

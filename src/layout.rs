@@ -5,7 +5,7 @@
 //! without checks. See `docs/layouts.md` for the buffer orders.
 #![forbid(unsafe_code)]
 
-use crate::error::{Result, shape};
+use crate::error::{Result, Size, shape, try_vec};
 
 /// Attention head geometry: query heads, KV heads and head dimension.
 ///
@@ -19,8 +19,9 @@ pub struct HeadGeometry {
 }
 
 impl HeadGeometry {
-    /// Validates and builds a geometry. Errors when any count is zero or
-    /// `num_q_heads % num_kv_heads != 0`.
+    /// Validates and builds a geometry. Errors when any count is zero,
+    /// `num_q_heads % num_kv_heads != 0`, or `num_q_heads · head_dim` (the
+    /// width of one token's query row) does not fit in a `u32`.
     pub fn new(num_q_heads: usize, num_kv_heads: usize, head_dim: usize) -> Result<Self> {
         const OP: &str = "HeadGeometry::new";
         if num_q_heads == 0 || num_kv_heads == 0 || head_dim == 0 {
@@ -41,9 +42,9 @@ impl HeadGeometry {
                 ),
             ));
         }
-        if u32::try_from(num_q_heads * head_dim).is_err() {
-            return Err(shape(OP, "num_q_heads * head_dim overflows u32"));
-        }
+        Size::new(OP, "num_q_heads x head_dim (elements)", num_q_heads)
+            .times(head_dim)
+            .get_u32()?;
         Ok(Self {
             num_q_heads,
             num_kv_heads,
@@ -125,10 +126,24 @@ impl Ragged {
         Ok(Self { indptr })
     }
 
-    /// `n` segments of `len` each.
+    /// `n` segments of `len` each (the total must fit in a `u32`).
     pub fn uniform(n: usize, len: usize) -> Result<Self> {
-        let len = u32::try_from(len).map_err(|_| shape("Ragged::uniform", "len overflows u32"))?;
-        Self::from_lens(&vec![len; n])
+        const OP: &str = "Ragged::uniform";
+        let len = Size::new(OP, "segment length", len).get_u32()?;
+        Size::new(OP, "total length (n x len)", n)
+            .times(len as usize)
+            .get_u32()?;
+        let mut indptr = try_vec(
+            OP,
+            "indptr entries",
+            Size::new(OP, "indptr entries", n).plus(1).get()?,
+            0,
+        )?;
+        for (i, x) in indptr.iter_mut().enumerate() {
+            // i · len ≤ n · len ≤ u32::MAX (checked above).
+            *x = i as u32 * len;
+        }
+        Ok(Self { indptr })
     }
 
     /// Number of segments.
@@ -139,11 +154,19 @@ impl Ragged {
     pub fn total(&self) -> usize {
         *self.indptr.last().unwrap_or(&0) as usize
     }
-    /// Range of segment `i`. Panics if `i >= num_segments()` (internal use).
+    /// Range of segment `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= num_segments()` (like slice indexing).
     pub fn range(&self, i: usize) -> std::ops::Range<usize> {
         self.indptr[i] as usize..self.indptr[i + 1] as usize
     }
     /// Length of segment `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= num_segments()` (like slice indexing).
     pub fn len_of(&self, i: usize) -> usize {
         (self.indptr[i + 1] - self.indptr[i]) as usize
     }
@@ -186,9 +209,9 @@ impl Segments {
         lens: Vec<u32>,
     ) -> Result<Self> {
         const OP: &str = "Segments::new";
-        let n = batch
-            .checked_mul(num_kv_heads)
-            .ok_or_else(|| shape(OP, "batch * num_kv_heads overflows"))?;
+        let n = Size::new(OP, "segments (batch x num_kv_heads)", batch)
+            .times(num_kv_heads)
+            .get()?;
         if batch == 0 || num_kv_heads == 0 {
             return Err(shape(
                 OP,
@@ -242,11 +265,22 @@ impl Segments {
     }
 
     /// Every sequence and head of length `len` (the `[batch, kv_heads, len, d]`
-    /// layout of candle / HF caches).
+    /// layout of candle / HF caches). The total number of rows must fit in a
+    /// `u32`.
     pub fn uniform(batch: usize, num_kv_heads: usize, len: usize) -> Result<Self> {
-        let len =
-            u32::try_from(len).map_err(|_| shape("Segments::uniform", "len overflows u32"))?;
-        Self::packed(batch, num_kv_heads, &vec![len; batch * num_kv_heads])
+        const OP: &str = "Segments::uniform";
+        let n = Size::new(OP, "segments (batch x num_kv_heads)", batch)
+            .times(num_kv_heads)
+            .get()?;
+        let len = Size::new(OP, "segment length", len).get_u32()?;
+        Size::new(OP, "rows (batch x num_kv_heads x len)", n)
+            .times(len as usize)
+            .get_u32()?;
+        Self::packed(
+            batch,
+            num_kv_heads,
+            &try_vec(OP, "segment lengths", n, len)?,
+        )
     }
 
     /// A cache with `capacity` rows reserved per (sequence, KV head) and
@@ -265,10 +299,9 @@ impl Segments {
                 format!("segment {i} has length {l} > capacity {capacity}"),
             ));
         }
-        let n = lens.len() as u64;
-        if n * u64::from(cap) > u64::from(u32::MAX) {
-            return Err(shape(OP, "total capacity overflows u32"));
-        }
+        Size::new(OP, "rows (segments x capacity)", lens.len())
+            .times(cap as usize)
+            .get_u32()?;
         let offsets = (0..lens.len() as u32).map(|s| s * cap).collect();
         Self::new(batch, num_kv_heads, offsets, lens)
     }
@@ -405,18 +438,37 @@ pub struct BitMask {
 }
 
 impl BitMask {
+    /// The most bits a mask may have: one per `u32` token position (2^32, in
+    /// 512 MiB of words).
+    pub const MAX_LEN: usize = 1 << 32;
+
     /// Number of `u32` words that hold `len` bits.
     pub const fn words_for(len: usize) -> usize {
         len.div_ceil(32)
     }
     /// All bits clear.
+    ///
+    /// # Panics
+    ///
+    /// If `len > MAX_LEN` or the words cannot be allocated; [`BitMask::try_zeros`]
+    /// returns an error instead.
     pub fn zeros(len: usize) -> Self {
-        Self {
-            len,
-            words: vec![0; Self::words_for(len)],
+        match Self::try_zeros(len) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
         }
     }
-    /// All `len` bits set.
+    /// All bits clear, or [`crate::Error::TooLarge`] when `len > MAX_LEN` or
+    /// the allocator refuses the words.
+    pub fn try_zeros(len: usize) -> Result<Self> {
+        const OP: &str = "BitMask::try_zeros";
+        let len = Size::new(OP, "mask bits", len).at_most(Self::MAX_LEN as u128)?;
+        Ok(Self {
+            len,
+            words: try_vec(OP, "mask words", Self::words_for(len), 0)?,
+        })
+    }
+    /// All `len` bits set (panics like [`BitMask::zeros`]).
     pub fn ones(len: usize) -> Self {
         let mut m = Self::zeros(len);
         for i in 0..len {
@@ -432,18 +484,20 @@ impl BitMask {
         }
         m
     }
-    /// From an index set (indices must be `< len`).
+    /// From an index set (indices must be `< len`, `len ≤ MAX_LEN`).
     pub fn from_indices(len: usize, idx: &IndexSet) -> Result<Self> {
+        const OP: &str = "BitMask::from_indices";
+        Size::new(OP, "mask bits", len).at_most(Self::MAX_LEN as u128)?;
         if idx.bound() > len {
             return Err(shape(
-                "BitMask::from_indices",
+                OP,
                 format!(
                     "index {} out of range for a mask of {len} bits",
                     idx.bound() - 1
                 ),
             ));
         }
-        let mut m = Self::zeros(len);
+        let mut m = Self::try_zeros(len)?;
         for &i in idx.as_slice() {
             m.set(i as usize, true);
         }
@@ -549,7 +603,10 @@ pub struct IndexList {
 impl IndexList {
     /// Builds from one [`IndexSet`] per list.
     pub fn from_sets(scope: Scope, sets: &[IndexSet]) -> Result<Self> {
-        let lens: Vec<u32> = sets.iter().map(|s| s.len() as u32).collect();
+        let lens = sets
+            .iter()
+            .map(|s| Size::new("IndexList::from_sets", "indices in one list", s.len()).get_u32())
+            .collect::<Result<Vec<u32>>>()?;
         let indptr = Ragged::from_lens(&lens)?;
         let indices = sets
             .iter()
@@ -592,6 +649,10 @@ impl IndexList {
         self.indptr.num_segments()
     }
     /// List `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= num_lists()` (like slice indexing).
     pub fn list(&self, i: usize) -> &[u32] {
         &self.indices[self.indptr.range(i)]
     }
@@ -603,14 +664,16 @@ impl IndexList {
     pub fn indices(&self) -> &[u32] {
         &self.indices
     }
-    /// Checks the lists against a geometry and KV segments: one list per
-    /// head of the scope, every index inside its segment.
+    /// Checks the lists against a geometry and KV segments: the segments
+    /// have the geometry's KV heads, one list per head of the scope, every
+    /// index inside its segment.
     pub fn check_against(
         &self,
         op: &'static str,
         geom: &HeadGeometry,
         segs: &Segments,
     ) -> Result<()> {
+        check_kv_heads(op, geom, segs)?;
         let want = self.scope.count(segs.batch(), geom);
         if self.num_lists() != want {
             return Err(shape(
@@ -646,6 +709,22 @@ impl IndexList {
     }
 }
 
+/// Errors unless `segs` has the KV heads of `geom` (else segment indices
+/// computed from the geometry would run past the segments).
+fn check_kv_heads(op: &'static str, geom: &HeadGeometry, segs: &Segments) -> Result<()> {
+    if segs.num_kv_heads() != geom.num_kv_heads() {
+        return Err(shape(
+            op,
+            format!(
+                "segments describe {} KV heads, the geometry has {}",
+                segs.num_kv_heads(),
+                geom.num_kv_heads()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Ragged bit masks, one per (sequence, head) (see [`Scope`]), each
 /// `rows x cols` bits with every row padded to whole `u32` words.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -674,11 +753,15 @@ impl MaskList {
                     ),
                 ));
             }
-            let w = rows.len() * BitMask::words_for(cols);
-            shapes.push((rows.len() as u32, cols as u32));
-            lens.push(
-                u32::try_from(w).map_err(|_| shape("MaskList::from_rows", "mask too large"))?,
-            );
+            const OP: &str = "MaskList::from_rows";
+            let w = Size::new(OP, "words of one mask (rows x words per row)", rows.len())
+                .times(BitMask::words_for(cols))
+                .get_u32()?;
+            shapes.push((
+                Size::new(OP, "mask rows", rows.len()).get_u32()?,
+                Size::new(OP, "mask columns", cols).get_u32()?,
+            ));
+            lens.push(w);
             for m in rows {
                 words.extend_from_slice(m.words());
             }
@@ -704,11 +787,19 @@ impl MaskList {
         self.shapes.len()
     }
     /// `(rows, cols)` of list `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= num_lists()` (like slice indexing).
     pub fn shape_of(&self, i: usize) -> (usize, usize) {
         (self.shapes[i].0 as usize, self.shapes[i].1 as usize)
     }
-    /// Bit (`row`, `col`) of list `i` (false when out of range).
+    /// Bit (`row`, `col`) of list `i` (false when any of the three is out of
+    /// range).
     pub fn get(&self, i: usize, row: usize, col: usize) -> bool {
+        if i >= self.num_lists() {
+            return false;
+        }
         let (rows, cols) = self.shape_of(i);
         if row >= rows || col >= cols {
             return false;
@@ -717,6 +808,10 @@ impl MaskList {
         (self.words[base + col / 32] >> (col % 32)) & 1 == 1
     }
     /// The packed words of list `i`.
+    ///
+    /// # Panics
+    ///
+    /// If `i >= num_lists()` (like slice indexing).
     pub fn words_of(&self, i: usize) -> &[u32] {
         &self.words[self.word_indptr.range(i)]
     }
@@ -725,7 +820,8 @@ impl MaskList {
         &self.word_indptr
     }
     /// Checks shape against a geometry, segments and the number of query rows
-    /// per sequence (`q_rows[b]`; 1 per sequence in decode).
+    /// per sequence (`q_rows[b]`, one entry per sequence; 1 per sequence in
+    /// decode).
     pub fn check_against(
         &self,
         op: &'static str,
@@ -733,6 +829,17 @@ impl MaskList {
         segs: &Segments,
         q_rows: &[usize],
     ) -> Result<()> {
+        check_kv_heads(op, geom, segs)?;
+        if q_rows.len() != segs.batch() {
+            return Err(shape(
+                op,
+                format!(
+                    "{} query-row counts for {} sequences",
+                    q_rows.len(),
+                    segs.batch()
+                ),
+            ));
+        }
         let want = self.scope.count(segs.batch(), geom);
         if self.num_lists() != want {
             return Err(shape(

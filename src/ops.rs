@@ -8,7 +8,7 @@
 
 use crate::backend::*;
 use crate::dtype::Element;
-use crate::error::{Error, Result, budget, shape};
+use crate::error::{Error, Result, Size, budget, shape};
 use crate::layout::{HeadGeometry, IndexList, MaskList, Ragged, Scope, Segments};
 
 /// Checks that α is finite and `> 1`.
@@ -438,7 +438,10 @@ pub fn gather_rows<B: CacheOps, T: Element>(
             format!("index {i} out of range for {rows} source rows"),
         ));
     }
-    check_len(b, OP, "dst", dst, indices.len() * width)?;
+    let n = Size::new(OP, "dst elements (indices x width)", indices.len())
+        .times(width)
+        .get()?;
+    check_len(b, OP, "dst", dst, n)?;
     b.gather_rows(
         &GatherMeta {
             width,
@@ -461,7 +464,10 @@ pub fn scatter_rows<B: CacheOps, T: Element>(
 ) -> Result<()> {
     const OP: &str = "scatter_rows";
     let rows = check_width(b, OP, width, dst)?;
-    check_len(b, OP, "src", src, indices.len() * width)?;
+    let n = Size::new(OP, "src elements (indices x width)", indices.len())
+        .times(width)
+        .get()?;
+    check_len(b, OP, "src", src, n)?;
     if let Some(&i) = indices.iter().find(|&&i| i as usize >= rows) {
         return Err(shape(
             OP,
@@ -643,7 +649,10 @@ pub fn merge_rows<B: CacheOps, T: Element>(
             what: format!("weight {w}"),
         });
     }
-    check_len(b, OP, "dst", dst, groups.num_segments() * width)?;
+    let n = Size::new(OP, "dst elements (groups x width)", groups.num_segments())
+        .times(width)
+        .get()?;
+    check_len(b, OP, "dst", dst, n)?;
     b.merge_rows(
         &MergeMeta {
             width,

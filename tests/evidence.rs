@@ -68,7 +68,7 @@ fn close(got: &[f32], want: &[f64], abs: f64, ctx: &str) {
     }
 }
 
-fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
+fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize, norms: &[Normalizer]) {
     let g = [1, 4, 2][i % 3];
     let geom = HeadGeometry::new(2 * g, 2, [16, 64, 33][i % 3]).unwrap();
     let segs = Segments::with_capacity(
@@ -102,7 +102,7 @@ fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
     let mask = MaskList::from_masks(Scope::QueryHead, &masks).unwrap();
     let scale = f64::from(geom.default_scale());
     let ones = vec![1; batch];
-    for norm in [Normalizer::Softmax, Normalizer::Entmax { alpha: 1.5 }] {
+    for norm in norms {
         for restrict in [
             Restrict::Dense,
             Restrict::Indices(&list),
@@ -143,7 +143,7 @@ fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
                 geom,
                 segments: &segs,
                 scale: None,
-                normalizer: &norm,
+                normalizer: norm,
                 restrict,
             };
             let ctx = format!(
@@ -282,14 +282,30 @@ fn decode_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
     }
 }
 
+/// Softmax and an α whose τ every backend searches in f32.
+const NORMS: [Normalizer; 2] = [Normalizer::Softmax, Normalizer::Entmax { alpha: 1.5 }];
+
+/// α outside [1.125, 2]: the CPU backend's f64 path (`cpu/exact.rs`), whose
+/// evidence is computed apart from the fused pass.
+const NORMS_F64: [Normalizer; 2] = [
+    Normalizer::Entmax { alpha: 1.05 },
+    Normalizer::Entmax { alpha: 4.0 },
+];
+
 fn decode_evidence_matches_full_matrix<B: Ops>(b: &B) {
     for (i, &n) in [1usize, 7, 33, 129, 600, 1100].iter().enumerate() {
-        decode_case::<B, f32>(b, i, n);
+        decode_case::<B, f32>(b, i, n, &NORMS);
     }
-    decode_case::<B, f16>(b, 7, 70);
+    decode_case::<B, f16>(b, 7, 70, &NORMS);
 }
 
-fn prefill_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
+fn decode_evidence_at_extreme_alpha_matches_full_matrix<B: Ops>(b: &B) {
+    for (i, &n) in [7usize, 600].iter().enumerate() {
+        decode_case::<B, f32>(b, i, n, &NORMS_F64);
+    }
+}
+
+fn prefill_case<B: Ops, T: Element>(b: &B, i: usize, n: usize, norms: &[Normalizer]) {
     let g = [1, 4, 2][i % 3];
     let geom = HeadGeometry::new(2 * g, 2, [16, 64, 33][i % 3]).unwrap();
     let nq0 = n.min(21);
@@ -323,7 +339,7 @@ fn prefill_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
     let mask = MaskList::from_rows(Scope::KvHead, &masks).unwrap();
     let scale = f64::from(geom.default_scale());
     let ones = vec![1; batch];
-    for norm in [Normalizer::Softmax, Normalizer::Entmax { alpha: 1.5 }] {
+    for norm in norms {
         for (causal, m) in [(true, None), (false, None), (true, Some(&mask))] {
             // Full matrix: weights[b][h] = nq × len.
             let mut w_all: Vec<Vec<Vec<Vec<f64>>>> = Vec::new();
@@ -365,7 +381,7 @@ fn prefill_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
                 causal,
                 mask: m,
                 scale: None,
-                normalizer: &norm,
+                normalizer: norm,
             };
             let ctx = format!(
                 "{}: prefill {} n={n} {geom:?} {norm:?} causal={causal} mask={}",
@@ -479,12 +495,116 @@ fn prefill_case<B: Ops, T: Element>(b: &B, i: usize, n: usize) {
 
 fn prefill_evidence_matches_full_matrix<B: Ops>(b: &B) {
     for (i, &n) in [1usize, 7, 33, 129, 300].iter().enumerate() {
-        prefill_case::<B, f32>(b, i, n);
+        prefill_case::<B, f32>(b, i, n, &NORMS);
     }
-    prefill_case::<B, f16>(b, 5, 40);
+    prefill_case::<B, f16>(b, 5, 40, &NORMS);
+}
+
+fn prefill_evidence_at_extreme_alpha_matches_full_matrix<B: Ops>(b: &B) {
+    prefill_case::<B, f32>(b, 1, 40, &NORMS_F64);
 }
 
 backend_suite!(
     decode_evidence_matches_full_matrix,
     prefill_evidence_matches_full_matrix,
 );
+
+// α outside [1.125, 2] on the backends that are accurate there: the GPU
+// backends solve τ and form logits in f32 and keep f32-sized errors
+// (`docs/numerics.md`, "GPU backends").
+#[test]
+fn reference_evidence_at_extreme_alpha_matches_full_matrix() {
+    decode_evidence_at_extreme_alpha_matches_full_matrix(&kvsieve::reference::Reference);
+    prefill_evidence_at_extreme_alpha_matches_full_matrix(&kvsieve::reference::Reference);
+}
+
+#[test]
+fn cpu_evidence_at_extreme_alpha_matches_full_matrix() {
+    for isa in common::backends::cpu_isas() {
+        let cpu = kvsieve::cpu::Cpu::with_isa(isa);
+        decode_evidence_at_extreme_alpha_matches_full_matrix(&cpu);
+        prefill_evidence_at_extreme_alpha_matches_full_matrix(&cpu);
+    }
+}
+
+/// Logits past the f32 range (`q = 1e20`): the CPU backend recomputes such
+/// units on its f64 path, and their evidence (weights, logits, output) must
+/// match the reference's.
+#[test]
+fn cpu_evidence_of_overflowing_logits_matches_reference() {
+    let geom = HeadGeometry::new(2, 1, 4).unwrap();
+    let segs = Segments::uniform(1, 1, 3).unwrap();
+    let q = vec![1e20f32, 0.0, 0.0, 0.0, 1e20, 1e20, 0.0, 0.0];
+    let k = vec![
+        1e20f32, 0.0, 0.0, 0.0, 1e20, 0.0, 0.0, 0.0, 0.0, 1e20, 0.0, 0.0,
+    ];
+    let v: Vec<f32> = (0..12).map(|x| x as f32).collect();
+    for norm in [Normalizer::Softmax, Normalizer::Entmax { alpha: 1.5 }] {
+        let cpu = kvsieve::cpu::Cpu::new();
+        let (pc, lc, oc) = evidence_of(&cpu, &geom, &segs, &q, &k, &v, norm.clone());
+        let reference = kvsieve::reference::Reference;
+        let (pr, lr, or) = evidence_of(&reference, &geom, &segs, &q, &k, &v, norm.clone());
+        for (what, got, want) in [
+            ("probs", &pc, &pr),
+            ("logits", &lc, &lr),
+            ("output", &oc, &or),
+        ] {
+            // Logits past f32's range round to inf in the f32 evidence
+            // buffer, as the reference's do; weights and output are finite.
+            assert!(
+                what == "logits" || got.iter().all(|x| x.is_finite()),
+                "{norm:?} {what}: {got:?}"
+            );
+            for (g, w) in got.iter().zip(want.iter()) {
+                assert!(
+                    g == w || (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{norm:?} {what}: cpu {got:?} reference {want:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Decode evidence (per-head probs, logits) and the output of one call.
+fn evidence_of<B: Ops>(
+    b: &B,
+    geom: &HeadGeometry,
+    segs: &Segments,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    norm: Normalizer,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let ones = vec![1; segs.batch()];
+    let pb = evidence_blocks(geom, segs, Heads::PerHead, &ones).unwrap();
+    let mut probs = b.zeros::<f32>(pb.total()).unwrap();
+    let mut logits = b.zeros::<f32>(pb.total()).unwrap();
+    let mut out = b.zeros::<f32>(q.len()).unwrap();
+    let params = DecodeParams {
+        geom: *geom,
+        segments: segs,
+        scale: None,
+        normalizer: &norm,
+        restrict: Restrict::Dense,
+    };
+    let ev = DecodeEvidence {
+        probs: Some((Heads::PerHead, &mut probs)),
+        logits: Some(&mut logits),
+        ..DecodeEvidence::default()
+    };
+    ops::decode_attention_with(
+        b,
+        &params,
+        &b.upload(q).unwrap(),
+        &b.upload(k).unwrap(),
+        &b.upload(v).unwrap(),
+        &mut out,
+        ev,
+    )
+    .unwrap();
+    (
+        b.download(&probs).unwrap(),
+        b.download(&logits).unwrap(),
+        b.download(&out).unwrap(),
+    )
+}

@@ -116,6 +116,41 @@ fn entmax_rows_match_reference<B: Ops>(b: &B) {
     }
 }
 
+/// A row with NaN (or `+inf`) is NaN on every backend (`docs/numerics.md`),
+/// also when every other entry is `-inf` or the NaN is alone: the SIMD max
+/// skips NaN, and such rows came out as zeros on the CPU (issue #17 fuzzing).
+fn nan_rows_are_nan<B: Ops>(b: &B) {
+    let ninf = f32::NEG_INFINITY;
+    let rows_in: [&[f32]; 6] = [
+        &[f32::NAN],
+        &[f32::NAN, ninf, ninf],
+        &[ninf, f32::NAN],
+        &[1.0, f32::NAN, 2.0],
+        &[f32::INFINITY, 0.0],
+        &[ninf, f32::INFINITY],
+    ];
+    let lens: Vec<u32> = rows_in.iter().map(|r| r.len() as u32).collect();
+    let rows = Ragged::from_lens(&lens).unwrap();
+    let x: Vec<f32> = rows_in.concat();
+    let mut out = b.zeros::<f32>(x.len()).unwrap();
+    ops::softmax_rows(b, &rows, &up(b, &x), &mut out).unwrap();
+    let got = down(b, &out);
+    assert!(
+        got.iter().all(|p| p.is_nan()),
+        "{}: softmax {got:?}",
+        b.name()
+    );
+    for alpha in [1.5f32, 2.0, 1.25, 1.05, 4.0] {
+        ops::entmax_rows(b, &rows, &[alpha], &up(b, &x), &mut out).unwrap();
+        let got = down(b, &out);
+        assert!(
+            got.iter().all(|p| p.is_nan()),
+            "{}: entmax alpha {alpha} {got:?}",
+            b.name()
+        );
+    }
+}
+
 // --------------------------------------------------------------------- scoring
 
 /// One geometry per case, rotating through the grid.
@@ -609,6 +644,7 @@ fn entmax_prefill_matches_reference<B: Ops>(b: &B) {
 backend_suite!(
     softmax_rows_match_reference,
     entmax_rows_match_reference,
+    nan_rows_are_nan,
     qk_logits_match_reference,
     topk_rows_match_reference,
     count_above_matches_reference,

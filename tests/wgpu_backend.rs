@@ -448,3 +448,25 @@ fn special_values_follow_the_numerics_rules() {
         );
     }
 }
+
+/// Issue #17, finding 1, on the WGSL row normaliser: for α > 2 and long rows
+/// the Halley window reached past max s and emptied the support (all-zero or
+/// NaN rows); rows of ties must come out uniform.
+#[test]
+fn entmax_alpha_above_2_is_never_all_zeros() {
+    let Some(b) = wgpu_device() else { return };
+    for (alpha, n) in [(65.5f32, 2usize), (4.0, 195), (8.0, 1000), (1e9, 3)] {
+        let rows = Ragged::uniform(1, n).unwrap();
+        let x = b.upload(&vec![0.0f32; n]).unwrap();
+        let mut out = b.zeros::<f32>(n).unwrap();
+        ops::entmax_rows(&b, &rows, &[alpha], &x, &mut out).unwrap();
+        let got = b.download(&out).unwrap();
+        let want = vec![1.0 / n as f64; n];
+        assert_close(
+            &got.iter().map(|&p| f64::from(p)).collect::<Vec<_>>(),
+            &want,
+            F32,
+            &format!("wgpu entmax_rows alpha {alpha} n {n}"),
+        );
+    }
+}

@@ -14,22 +14,35 @@
 //!    ([`simd::scores_rows_strided`] / [`simd::scores_gather`] for lists and
 //!    masks: rows are gathered, never copied);
 //! 2. softmax: per head `m = max`, `p = exp(s − m)`, `l = Σp`, and
-//!    `acc = Σ p_j v_j` ([`simd::weighted_rows_strided`] /
+//!    `acc = Σ (p_j / l) v_j` ([`simd::weighted_rows_strided`] /
 //!    [`simd::weighted_gather`]);
-//!    entmax: scores and per-head block maxima only, then τ per (unit, head)
-//!    over all its blocks (Halley–bisection on [`simd::pow_relu_sum`]), then,
-//!    again per block in parallel, `p = [s − τ]_+^{1/(α−1)}`, `l = Σp` and
-//!    `acc`, where V rows whose weight is zero for every head are never read;
-//! 3. per unit, blocks are combined in block order: softmax
-//!    `out = Σ_b e^{m_b − M} acc_b / Σ_b e^{m_b − M} l_b`, entmax
-//!    `out = Σ_b acc_b / Σ_b l_b` (renormalised).
+//!    entmax with α ∈ [1.125, 2]: scores and per-head block maxima only, then
+//!    τ per (unit, head) over all its blocks (Halley–bisection on
+//!    [`simd::pow_relu_sum`]), then, again per block in parallel,
+//!    `p = [s − τ]_+^{1/(α−1)}`, `l = Σp` and `acc = Σ (p_j / l) v_j`, where
+//!    V rows whose weight is zero for every head are never read; heads with
+//!    other α take the f64 path (`exact.rs`: f64 logits, τ and weights, f64
+//!    value sum) per (unit, head) in step 3;
+//! 3. per unit, blocks are combined in block order with the weights
+//!    `w_b = e^{m_b − M} l_b` (softmax) or `w_b = l_b` (entmax):
+//!    `out = Σ_b (w_b / Σ_c w_c) acc_b`.
+//!
+//! Each `acc_b` and the combination are convex combinations of V rows, so the
+//! value sums cannot overflow where the reference's output is finite
+//! (`v = [3e38, 3e38]` gives `3e38`). Logits can: `q · k` of finite f32
+//! inputs reaches `inf` (or NaN, `inf − inf`) past 3.4e38. A block whose
+//! scores are not all finite marks its unit (block maximum = NaN), and every
+//! head of the unit takes the f64 path: finite inputs give the reference's
+//! finite answer, NaN inputs its NaN.
 //!
 //! Block boundaries depend only on the shapes, so the result is bitwise the
 //! same for any number of threads. Selecting every token (list or mask)
 //! gives bitwise the dense result.
 //!
 //! Layout of one block in the workspace (`f32`, stride `SB`):
-//! `[nb, m_0..m_G, l_0..l_G | scores [G, BK] | acc [G, D]]`.
+//! `[nb, m_0..m_G, l_0..l_G | scores [G, BK] | raw [G, BK] | acc [G, D]]`,
+//! where `raw` (the scores before normalisation) is present only when the
+//! call asks for logits evidence.
 //!
 //! # Prefill
 //!
@@ -39,16 +52,20 @@
 //! strip (causal: keys up to the tile's last position), masks with `-inf`,
 //! normalises each row in place (softmax or entmax with f32 τ) and
 //! accumulates `P·V` with [`simd::weighted_rows_strided`] (zero-weight V
-//! rows are skipped).
+//! rows are skipped). Rows are normalised before `P·V`, so the value sum is
+//! a convex combination. Rows of heads whose α needs it, and every row of a
+//! strip whose f32 scores are not all finite (overflow of `q · k`), get their
+//! weights from the f64 path (`exact.rs`) instead.
 #![forbid(unsafe_code)]
 
 use rayon::prelude::*;
 
 use super::Cpu;
+use super::exact::{dot64, needs_f64, weights64};
 use super::isa::Isa;
-use super::norm::{chunked_apply, chunked_sums, entmax_row_inplace, softmax_row_inplace};
+use super::norm::{Cand, chunked_apply, chunked_sums, entmax_row_inplace, softmax_row_inplace};
 use super::simd::{self, PowMode};
-use super::tau::solve_tau;
+use super::tau::{f32_search, solve_tau};
 use super::workspace::{DecodeWs, grow};
 use crate::backend::{
     AttnOps, DecodeEvidence, DecodeMeta, Heads, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
@@ -271,6 +288,116 @@ fn block_values<T: Element>(
     }
 }
 
+/// Divides a block row of weights by their sum `l` before the value pass
+/// (the block's `acc` is then a convex combination of V rows). Returns the
+/// `l` the combine step uses: 0 (the block is dropped) when `l` is below the
+/// smallest normal f32, whose reciprocal would overflow.
+fn normalize_block(isa: Isa, row: &mut [f32], l: f32) -> f32 {
+    if l >= f32::MIN_POSITIVE && l.is_finite() {
+        simd::scale_f32(isa, row, 1.0 / l);
+        l
+    } else {
+        row.fill(0.0);
+        0.0
+    }
+}
+
+/// Token of stream entry `t` of a unit (mask: the stream is every position).
+fn stream_token(unit: &Unit<'_>, t: usize) -> usize {
+    match unit.src {
+        Src::Dense | Src::Mask(_) => t,
+        Src::List(l) => l[t] as usize,
+    }
+}
+
+/// f64 logits `scale · q·k` of head `i` of a decode unit over its stream, in
+/// `z` (masked-out positions `-inf`): the f64 path (`exact.rs`).
+fn head_logits64<T: Element>(
+    plan: &Plan<'_, '_>,
+    unit: &Unit<'_>,
+    qv: &[T],
+    k: &[T],
+    z: &mut Vec<f64>,
+) {
+    let d = plan.d;
+    let scale = f64::from(plan.meta.scale);
+    let visible = |t: usize| match unit.src {
+        Src::Mask(words) => (words[t / 32] >> (t % 32)) & 1 == 1,
+        _ => true,
+    };
+    z.clear();
+    z.extend((0..unit.stream_len()).map(|t| {
+        if visible(t) {
+            scale * dot64(qv, &k[(unit.off + stream_token(unit, t)) * d..][..d])
+        } else {
+            f64::NEG_INFINITY
+        }
+    }));
+}
+
+/// Head `i` of a decode unit on the f64 path (`exact.rs`): for a head whose
+/// α needs it, or every head of a unit whose f32 scores are not all finite.
+/// f64 logits over the unit's tokens, the f64 normaliser, the value sum in
+/// f64 (rows of zero weight are not read); `out` in the storage dtype, `comb`
+/// the f32 row (the output evidence).
+#[allow(clippy::too_many_arguments)]
+fn decode_head_f64<T: Element>(
+    plan: &Plan<'_, '_>,
+    unit: &Unit<'_>,
+    i: usize,
+    qv: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    comb: &mut [f32],
+    cand: &mut Cand,
+) {
+    let d = plan.d;
+    head_logits64(plan, unit, qv, k, &mut cand.z);
+    weights64(&mut cand.z, plan.alpha(unit.h0 + i), &mut cand.f64);
+    let mut acc = [0.0f64; 16];
+    for c0 in (0..d).step_by(16) {
+        let w = (d - c0).min(16);
+        acc[..w].fill(0.0);
+        for (t, &p) in cand.z.iter().enumerate() {
+            if p != 0.0 {
+                let row = &v[(unit.off + stream_token(unit, t)) * d + c0..][..w];
+                for (a, x) in acc[..w].iter_mut().zip(row) {
+                    *a += p * x.to_f64();
+                }
+            }
+        }
+        for ((o, c), &a) in out[c0..c0 + w]
+            .iter_mut()
+            .zip(&mut comb[c0..c0 + w])
+            .zip(&acc[..w])
+        {
+            *o = T::from_f64(a);
+            *c = a as f32;
+        }
+    }
+}
+
+/// Whether a unit's f32 scores overflowed in some block (block maximum NaN):
+/// then every head of the unit takes the f64 path.
+fn unit_overflows(bs: &[f32], sb: usize, gh: usize) -> bool {
+    bs.chunks_exact(sb)
+        .any(|b| b[1..1 + gh].iter().any(|m| m.is_nan()))
+}
+
+/// Combine weight of one block for head `h`: `e^{m_b − M} l_b` (softmax) or
+/// `l_b` (entmax), where the block's weights were divided by `l_b`.
+fn block_weight(blk: &[f32], g: usize, h: usize, big_m: f32, entmax: bool) -> f32 {
+    let f = if entmax {
+        1.0
+    } else if blk[1 + h] == f32::NEG_INFINITY {
+        0.0
+    } else {
+        (blk[1 + h] - big_m).exp()
+    };
+    f * blk[1 + g + h]
+}
+
 /// Splits one workspace block into (header, scores, raw scores, acc); the
 /// raw area is empty unless the plan keeps it.
 fn split_block(blk: &mut [f32], g: usize, raw: bool) -> Parts<'_> {
@@ -352,40 +479,78 @@ fn decode<T: Element>(
                 if plan.raw {
                     raw.copy_from_slice(sc);
                 }
+                let mut finite = true;
                 for h in 0..gh {
                     let row = &mut sc[h * BK..h * BK + nb];
-                    let m = simd::max_f32(isa, row);
+                    // NaN marks a unit for the f64 path (see the module docs).
+                    let m = if simd::all_finite(isa, row) {
+                        simd::max_f32(isa, row)
+                    } else {
+                        finite = false;
+                        f32::NAN
+                    };
                     hdr[1 + h] = m;
                     if !entmax {
-                        hdr[1 + g + h] = if m == f32::NEG_INFINITY {
+                        hdr[1 + g + h] = if !m.is_finite() {
                             row.fill(0.0);
                             0.0
                         } else {
-                            simd::exp_sum(isa, row, m)
+                            let l = simd::exp_sum(isa, row, m);
+                            normalize_block(isa, row, l)
                         };
                     }
                 }
-                if !entmax {
+                if !entmax && finite {
                     block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
                 }
             });
 
         if entmax {
-            // Phase 2: τ per (unit, head) over all the unit's blocks.
+            // Phase 2: τ per (unit, head) over all the unit's blocks (α in
+            // [1.125, 2]; other α take the f64 path in phase 4). 2a: the unit
+            // maximum M per head, from the block maxima.
             let tau = grow(&mut ws.tau, units * g);
+            let blocks_ro: &[f32] = blocks;
+            tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
+                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                for (h, t) in tu.iter_mut().enumerate().take(gh) {
+                    *t = bs
+                        .chunks_exact(sb)
+                        .map(|b| b[1 + h])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                }
+            });
+            // 2b: scores shifted by M, so τ is searched near [−1, 0] where f32
+            // resolves it (`s − M` is exact for the candidates `s ≥ M − 1`
+            // when |M| ≥ 2; unshifted, τ ≈ M has the resolution of M, and
+            // none at all below M once |M| ≥ 2^24).
+            let mtab: &[f32] = tau;
+            blocks.par_chunks_mut(sb).enumerate().for_each(|(i, blk)| {
+                let u = unit_of(i);
+                let unit = plan.unit(u);
+                let nb = blk[0] as usize;
+                for h in 0..gh {
+                    let m = mtab[u * g + h];
+                    let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
+                    if m.is_finite() && f32_search(alpha) {
+                        simd::offset_f32(isa, &mut blk[1 + 2 * g + h * BK..][..nb], -m);
+                    }
+                }
+            });
+            // 2c: τ (relative to M) by the f32 search.
             let blocks_ro: &[f32] = blocks;
             tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
                 let unit = plan.unit(u);
                 let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
                 for (h, t) in tu.iter_mut().enumerate().take(gh) {
                     let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
-                    let mode = PowMode::for_alpha(alpha);
-                    let mut max_s = f32::NEG_INFINITY;
-                    let mut n = 0usize;
-                    for blk in bs.chunks_exact(sb) {
-                        max_s = max_s.max(blk[1 + h]);
-                        n += blk[0] as usize;
+                    if !f32_search(alpha) || t.is_nan() {
+                        // The f64 path, in phase 4.
+                        continue;
                     }
+                    let mode = PowMode::for_alpha(alpha);
+                    let n: usize = bs.chunks_exact(sb).map(|b| b[0] as usize).sum();
+                    let max_s = if *t == f32::NEG_INFINITY { *t } else { 0.0 };
                     *t = solve_tau(alpha, max_s, n, |t| {
                         let mut s = (0.0, 0.0, 0.0);
                         for blk in bs.chunks_exact(sb) {
@@ -410,12 +575,18 @@ fn decode<T: Element>(
                     let rows = block_rows(&unit, i - prefix[u], idx);
                     let nb = rows_len(&rows);
                     let (hdr, sc, _, acc) = split_block(blk, g, plan.raw);
+                    if hdr[1..1 + gh].iter().any(|m| m.is_nan()) {
+                        return;
+                    }
                     for h in 0..gh {
                         let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
                         let row = &mut sc[h * BK..h * BK + nb];
-                        hdr[1 + g + h] =
+                        let l = if f32_search(alpha) {
                             chunked_apply(isa, row, tau[u * g + h], PowMode::for_alpha(alpha))
-                                as f32;
+                        } else {
+                            0.0 // the f64 path, in phase 4
+                        };
+                        hdr[1 + g + h] = normalize_block(isa, row, l as f32);
                     }
                     block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
                 });
@@ -431,8 +602,20 @@ fn decode<T: Element>(
             .enumerate()
             .for_each(|(u, ((o, c), nm))| {
                 let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let unit = plan.unit(u);
+                let overflow = unit_overflows(bs, sb, gh);
                 for h in 0..gh {
                     let ch = &mut c[h * d..(h + 1) * d];
+                    if overflow || needs_f64(plan.alpha(unit.h0 + h)) {
+                        let qv = &q[(u * gh + h) * d..(u * gh + h + 1) * d];
+                        let oh = &mut o[h * d..(h + 1) * d];
+                        cpu.cands
+                            .with(|cand| decode_head_f64(&plan, &unit, h, qv, k, v, oh, ch, cand));
+                        // The evidence pass recomputes this head in f64 too.
+                        nm[2 * h] = f32::NAN;
+                        nm[2 * h + 1] = f32::NAN;
+                        continue;
+                    }
                     ch.fill(0.0);
                     let big_m = bs
                         .chunks_exact(sb)
@@ -440,27 +623,23 @@ fn decode<T: Element>(
                         .fold(f32::NEG_INFINITY, f32::max);
                     let mut l = 0.0f32;
                     if big_m > f32::NEG_INFINITY {
-                        for blk in bs.chunks_exact(sb) {
-                            let f = if entmax {
-                                1.0
-                            } else if blk[1 + h] == f32::NEG_INFINITY {
-                                0.0
-                            } else {
-                                (blk[1 + h] - big_m).exp()
-                            };
-                            if f == 0.0 {
-                                continue;
-                            }
-                            l += f * blk[1 + g + h];
-                            let acc = &blk[sb - g * d + h * d..][..d];
-                            simd::axpy_multi(isa, ch, 1, &[f], acc);
-                        }
+                        l = bs
+                            .chunks_exact(sb)
+                            .map(|b| block_weight(b, g, h, big_m, entmax))
+                            .sum();
                     }
                     nm[2 * h] = big_m;
                     nm[2 * h + 1] = l;
                     let oh = &mut o[h * d..(h + 1) * d];
-                    if l > 0.0 {
-                        simd::scale_f32(isa, ch, 1.0 / l);
+                    if l > 0.0 && l.is_finite() {
+                        for blk in bs.chunks_exact(sb) {
+                            let w = block_weight(blk, g, h, big_m, entmax);
+                            if w == 0.0 {
+                                continue;
+                            }
+                            let acc = &blk[sb - g * d + h * d..][..d];
+                            simd::axpy_multi(isa, ch, 1, &[w / l], acc);
+                        }
                         simd::from_f32_slice(isa, ch, oh);
                     } else {
                         oh.fill(T::default());
@@ -478,6 +657,9 @@ fn decode<T: Element>(
         if ev.probs.is_some() || ev.logits.is_some() || ev.stats.is_some() {
             let tau: &[f32] = if entmax { &ws.tau[..units * g] } else { &[] };
             let ctx = EvidenceCtx {
+                cpu,
+                q,
+                k,
                 plan: &plan,
                 prefix,
                 blocks: blocks_ro,
@@ -491,15 +673,20 @@ fn decode<T: Element>(
     });
 }
 
-/// What the decode evidence pass reads from the workspace.
-struct EvidenceCtx<'c, 'm, 'a> {
+/// What the decode evidence pass reads from the workspace (and, for heads
+/// on the f64 path, from the inputs).
+struct EvidenceCtx<'c, 'm, 'a, T> {
+    cpu: &'c Cpu,
+    q: &'c [T],
+    k: &'c [T],
     plan: &'c Plan<'m, 'a>,
     prefix: &'c [usize],
     blocks: &'c [f32],
     idx: &'c [u32],
-    /// Per unit and head: `(M, L)` of the combine.
+    /// Per unit and head: `(M, L)` of the combine (NaN: the head took the
+    /// f64 path).
     norm: &'c [f32],
-    /// Per unit and head: τ (entmax).
+    /// Per unit and head: τ (entmax), relative to the unit maximum `M`.
     tau: &'c [f32],
     entmax: bool,
 }
@@ -517,9 +704,11 @@ fn split_lens(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mu
 
 /// The evidence of one decode call, from the workspace of the main pass:
 /// per segment `(b, g)` (in parallel), for each query head of the group,
-/// `p_j = ŝ_j · e^{m_blk − M} / L` (softmax; entmax `ŝ_j / L`) at the
-/// token of every stream entry, folded over the group, and the raw logits.
-fn decode_evidence(c: &EvidenceCtx<'_, '_, '_>, ev: &mut DecodeEvidence<'_, Cpu>) {
+/// `p_j = ŝ_j · w_b / L` at the token of every stream entry (`ŝ` the
+/// block-normalised weights, `w_b` the block's combine weight), folded over
+/// the group, and the raw logits. Heads on the f64 path get the same
+/// evidence from [`head_evidence64`].
+fn decode_evidence<T: Element>(c: &EvidenceCtx<'_, '_, '_, T>, ev: &mut DecodeEvidence<'_, Cpu>) {
     let plan = c.plan;
     let meta = plan.meta;
     let (geom, segs) = (&meta.geom, meta.segs);
@@ -570,14 +759,29 @@ fn decode_evidence(c: &EvidenceCtx<'_, '_, '_>, ev: &mut DecodeEvidence<'_, Cpu>
                 let (u, i) = plan.unit_of_head(b, kv, hh);
                 let unit = plan.unit(u);
                 let (big_m, l) = (c.norm[(u * g + i) * 2], c.norm[(u * g + i) * 2 + 1]);
+                if big_m.is_nan() {
+                    let out = HeadEvidence {
+                        hh,
+                        len,
+                        heads,
+                        probs: pr.as_deref_mut(),
+                        logits: lg.as_deref_mut(),
+                        stat: st.as_deref_mut().map(|st| &mut st[hh]),
+                    };
+                    let qv = &c.q[(u * plan.gh() + i) * plan.d..][..plan.d];
+                    c.cpu
+                        .cands
+                        .with(|cand| head_evidence64(plan, &unit, i, qv, c.k, out, cand));
+                    continue;
+                }
                 let am1 = plan.alpha(unit.h0 + i).map_or(1.0, |a| a - 1.0);
                 if let Some(st) = st.as_deref_mut() {
-                    st[hh] = if c.entmax {
-                        c.tau[u * g + i]
-                    } else if l > 0.0 {
-                        big_m + l.ln()
-                    } else {
+                    st[hh] = if l <= 0.0 || !l.is_finite() {
                         f32::NEG_INFINITY
+                    } else if c.entmax {
+                        c.tau[u * g + i] + big_m
+                    } else {
+                        big_m + l.ln()
                     };
                 }
                 for blk in c.prefix[u]..c.prefix[u + 1] {
@@ -585,14 +789,10 @@ fn decode_evidence(c: &EvidenceCtx<'_, '_, '_>, ev: &mut DecodeEvidence<'_, Cpu>
                         block_parts(&c.blocks[blk * sb..(blk + 1) * sb], g, plan.raw);
                     let nb = hdr[0] as usize;
                     let start = (blk - c.prefix[u]) * BK;
-                    let f = if l <= 0.0 {
-                        0.0
-                    } else if c.entmax {
-                        1.0 / l
-                    } else if hdr[1 + i] == f32::NEG_INFINITY {
-                        0.0
+                    let f = if l > 0.0 && l.is_finite() {
+                        block_weight(hdr, g, i, big_m, c.entmax) / l
                     } else {
-                        (hdr[1 + i] - big_m).exp() / l
+                        0.0
                     };
                     let row = &sc[i * BK..i * BK + nb];
                     for (t, &x) in row.iter().enumerate() {
@@ -622,14 +822,84 @@ fn decode_evidence(c: &EvidenceCtx<'_, '_, '_>, ev: &mut DecodeEvidence<'_, Cpu>
         });
 }
 
+/// Where one head's decode evidence goes (see [`decode_evidence`]).
+struct HeadEvidence<'e> {
+    /// Head within the group, and the segment's length.
+    hh: usize,
+    len: usize,
+    heads: Option<Heads>,
+    probs: Option<&'e mut [f32]>,
+    logits: Option<&'e mut [f32]>,
+    stat: Option<&'e mut f32>,
+}
+
+/// The decode evidence of head `i` of `unit` on the f64 path: f64 logits and
+/// weights as [`decode_head_f64`] computes them; the statistic is
+/// `ln Σ e^{z}` (softmax) or `τ = (α−1) z_top − p_top^{α−1}` (entmax, from
+/// the weight of the largest logit), `-inf` when no token is attended.
+fn head_evidence64<T: Element>(
+    plan: &Plan<'_, '_>,
+    unit: &Unit<'_>,
+    i: usize,
+    qv: &[T],
+    k: &[T],
+    out: HeadEvidence<'_>,
+    cand: &mut Cand,
+) {
+    let HeadEvidence {
+        hh,
+        len,
+        heads,
+        probs,
+        logits,
+        stat,
+    } = out;
+    let alpha = plan.alpha(unit.h0 + i);
+    head_logits64(plan, unit, qv, k, &mut cand.z);
+    let z = &mut cand.z;
+    if let Some(lg) = logits {
+        for (t, &x) in z.iter().enumerate() {
+            if x > f64::NEG_INFINITY || x.is_nan() {
+                lg[hh * len + stream_token(unit, t)] = x as f32;
+            }
+        }
+    }
+    let top = (0..z.len())
+        .filter(|&t| !(z[t] == f64::NEG_INFINITY))
+        .max_by(|&a, &b| z[a].total_cmp(&z[b]).then(b.cmp(&a)));
+    let (z_top, lse) = match top {
+        Some(t) => {
+            let m = z[t];
+            (m, m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln())
+        }
+        None => (f64::NEG_INFINITY, f64::NEG_INFINITY),
+    };
+    weights64(z, alpha, &mut cand.f64);
+    if let Some(st) = stat {
+        *st = match (top, alpha) {
+            (None, _) => f32::NEG_INFINITY,
+            (Some(_), None) => lse as f32,
+            (Some(t), Some(a)) => {
+                let am1 = f64::from(a) - 1.0;
+                (am1 * z_top - z[t].powf(am1)) as f32
+            }
+        };
+    }
+    if let (Some(p), Some(h)) = (probs, heads) {
+        for (t, &w) in z.iter().enumerate() {
+            let (tok, w) = (stream_token(unit, t), w as f32);
+            match h {
+                Heads::PerHead => p[hh * len + tok] = w,
+                Heads::Max => p[tok] = p[tok].max(w),
+                _ => p[tok] += w,
+            }
+        }
+    }
+}
+
 /// Softmax or entmax (f32 τ, renormalised) of one logit row in place.
 /// `-inf` entries get 0; a row with no finite entry becomes zeros.
-pub(crate) fn normalize_inplace(
-    isa: Isa,
-    row: &mut [f32],
-    alpha: Option<f32>,
-    cand: &mut Vec<f32>,
-) {
+pub(crate) fn normalize_inplace(isa: Isa, row: &mut [f32], alpha: Option<f32>, cand: &mut Cand) {
     match alpha {
         None => softmax_row_inplace(isa, row),
         Some(a) => {
@@ -667,6 +937,38 @@ pub(crate) fn query_tiles<'o, T>(
 #[inline]
 pub(crate) fn mask_bit(words: &[u32], wpr: usize, i: usize, j: usize) -> bool {
     (words[i * wpr + j / 32] >> (j % 32)) & 1 == 1
+}
+
+/// The weights of prefill query row `qi` (of `nq`) of sequence `b`, head `h`
+/// over the strip `row.len()` of its `kv` keys on the f64 path (`exact.rs`):
+/// f64 logits of the visible keys (causality and mask; others `-inf`), the
+/// f64 normaliser, rounded to f32.
+fn prefill_row_f64<T: Element>(
+    meta: &PrefillMeta<'_>,
+    (b, h, qi, nq, kv): (usize, usize, usize, usize, usize),
+    qv: &[T],
+    krows: &[T],
+    row: &mut [f32],
+    cand: &mut Cand,
+) {
+    let d = qv.len();
+    let pos = (kv + qi).checked_sub(nq);
+    let mask = meta.mask.map(|m| (m, m.scope().list_of(b, h, &meta.geom)));
+    let scale = f64::from(meta.scale);
+    cand.z.clear();
+    cand.z.extend((0..row.len()).map(|j| {
+        let seen = (!meta.causal || pos.is_some_and(|p| j <= p))
+            && mask.is_none_or(|(m, li)| m.get(li, qi, j));
+        if seen {
+            scale * dot64(qv, &krows[j * d..(j + 1) * d])
+        } else {
+            f64::NEG_INFINITY
+        }
+    }));
+    weights64(&mut cand.z, meta.normalizer.alpha(h), &mut cand.f64);
+    for (x, &w) in row.iter_mut().zip(&cand.z) {
+        *x = w as f32;
+    }
 }
 
 /// Per-group evidence accumulators of a prefill call, shaped per query
@@ -718,7 +1020,7 @@ fn prefill_tile<T: Element>(
             kv
         };
         let rows = g * n;
-        cpu.scratch.with(|cand| {
+        cpu.cands.with(|cand| {
             cpu.scratch.with(|buf| {
                 let buf = grow(buf, rows * d + rows * strip.max(1) + rows * d);
                 let (qs, rest) = buf.split_at_mut(rows * d);
@@ -736,6 +1038,7 @@ fn prefill_tile<T: Element>(
                 if strip > 0 {
                     let krows = &k[off * d..(off + strip) * d];
                     simd::scores_rows_strided(isa, qs, rows, krows, d, 1.0, sc, strip);
+                    let finite = simd::all_finite(isa, &sc[..rows * strip]);
                     for hh in 0..g {
                         let h = kvh * g + hh;
                         let mask = meta.mask.map(|m| {
@@ -745,18 +1048,25 @@ fn prefill_tile<T: Element>(
                         for i in 0..n {
                             let row = &mut sc[(hh * n + i) * strip..(hh * n + i + 1) * strip];
                             let qi = i0 + i;
-                            if meta.causal {
-                                let vis = (kv + qi + 1).saturating_sub(nq).min(strip);
-                                row[vis..].fill(f32::NEG_INFINITY);
-                            }
-                            if let Some((words, wpr)) = mask {
-                                for (j, x) in row.iter_mut().enumerate() {
-                                    if !mask_bit(words, wpr, qi, j) {
-                                        *x = f32::NEG_INFINITY;
+                            if !finite || needs_f64(meta.normalizer.alpha(h)) {
+                                // The f64 path (module docs, `exact.rs`).
+                                let qv = &q[((r0 + i) * hq + h) * d..][..d];
+                                let at = (b, h, qi, nq, kv);
+                                prefill_row_f64(meta, at, qv, krows, row, cand);
+                            } else {
+                                if meta.causal {
+                                    let vis = (kv + qi + 1).saturating_sub(nq).min(strip);
+                                    row[vis..].fill(f32::NEG_INFINITY);
+                                }
+                                if let Some((words, wpr)) = mask {
+                                    for (j, x) in row.iter_mut().enumerate() {
+                                        if !mask_bit(words, wpr, qi, j) {
+                                            *x = f32::NEG_INFINITY;
+                                        }
                                     }
                                 }
+                                normalize_inplace(isa, row, meta.normalizer.alpha(h), cand);
                             }
-                            normalize_inplace(isa, row, meta.normalizer.alpha(h), cand);
                             let blk = b * hq + h;
                             if let Some(cb) = ev.col {
                                 let at = cb.range(blk).start;
@@ -786,6 +1096,15 @@ fn prefill_tile<T: Element>(
                     }
                     let vrows = &v[off * d..(off + strip) * d];
                     simd::weighted_rows_strided(isa, acc, rows, sc, strip, vrows, d);
+                    // A row that sees no key outputs exact zeros even when V
+                    // holds NaN / inf: the tiled V pass reads a V row once for
+                    // every row of the tile, so its 0 · NaN would land in this
+                    // row too.
+                    for (r, a) in acc.chunks_exact_mut(d).enumerate() {
+                        if sc[r * strip..(r + 1) * strip].iter().all(|&w| w == 0.0) {
+                            a.fill(0.0);
+                        }
+                    }
                 }
                 for hh in 0..g {
                     let h = kvh * g + hh;

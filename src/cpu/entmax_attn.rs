@@ -80,7 +80,7 @@ fn forward<T: Element>(
                     let (off, kv) = (meta.segs.offset(s), meta.segs.len_of(s));
                     let strip = visible(meta.causal, kv, nq, i0 + n - 1);
                     let alpha = meta.alphas[h];
-                    cpu.scratch.with(|cand| {
+                    cpu.cands.with(|cand| {
                         cpu.scratch.with(|buf| {
                             let buf = grow(buf, n * d * 2 + n * strip);
                             let (qs, rest) = buf.split_at_mut(n * d);

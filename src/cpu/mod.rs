@@ -12,7 +12,8 @@
 //! | `cache_ops.rs` | `gather_rows`, `compact_rows`, `merge_rows` |
 //! | `attn.rs` | `decode_attention` (split-K), `prefill_attention` (tiled strips) |
 //! | `entmax_attn.rs` | `entmax_prefill`, `entmax_prefill_backward` (block skipping) |
-//! | `tau.rs` | the f32 threshold search shared by the normalisers |
+//! | `exact.rs` | the f64 path: logits, normaliser, weights (α outside [1.125, 2], f32 logit overflow) |
+//! | `tau.rs` | the threshold searches (f32 SIMD sums; f64 for α outside [1.125, 2]) shared by the normalisers |
 //! | `workspace.rs` | reusable scratch buffers (no allocation per decode step) |
 //! | `alloc.rs` | KV buffers backed by transparent huge pages ([`alloc`]) |
 //!
@@ -42,6 +43,7 @@ pub mod simd;
 mod attn;
 mod cache_ops;
 mod entmax_attn;
+mod exact;
 mod norm;
 mod score;
 mod select;
@@ -71,6 +73,7 @@ pub struct Cpu {
     pool: Option<Arc<rayon::ThreadPool>>,
     decode_ws: Pool<DecodeWs>,
     scratch: Pool<Vec<f32>>,
+    cands: Pool<norm::Cand>,
 }
 
 impl Cpu {
@@ -88,6 +91,7 @@ impl Cpu {
             pool: None,
             decode_ws: Pool::default(),
             scratch: Pool::default(),
+            cands: Pool::default(),
         }
     }
 
@@ -138,6 +142,7 @@ impl Clone for Cpu {
             pool: self.pool.clone(),
             decode_ws: Pool::default(),
             scratch: Pool::default(),
+            cands: Pool::default(),
         }
     }
 }

@@ -5,26 +5,26 @@
 //!
 //! * softmax: `p_i = exp(x_i − m) / Σ_j exp(x_j − m)`, `m = max x`
 //!   (SIMD max, vectorised exp-and-sum, one scaling pass).
-//! * entmax, α ≤ 2: `s_i = (α−1)(x_i − m)` in place, τ by
+//! * entmax, α ∈ [1.125, 2]: `s_i = (α−1)(x_i − m)` in place, τ by
 //!   [`super::tau::solve_tau`] on SIMD threshold sums taken over chunks of
 //!   [`CHUNK`] entries and added in f64 — over the candidates `s > −1` only
 //!   (τ ≥ −1 = τ_lo), then `p_i = [s_i − τ]_+^{1/(α−1)}`
 //!   renormalised by its sum.
-//! * entmax, α > 2: `p = [s − τ]_+^{1/(α−1)}` has an unbounded slope at
-//!   the threshold (an f32 error δ in `s_i − τ` moves `p_i` by up to
-//!   `δ^{α−1}`-ish amounts), so these rows use the crate's f64 Halley solver
-//!   ([`crate::entmax::entmax_halley`]) to keep the 1e-5 contract.
+//! * entmax, any other α (just above 1, or above 2): f32 is not enough
+//!   (see `tau.rs`), so `s`, τ ([`super::tau::solve_tau64`]), `u` and `p`
+//!   are computed in f64 from the f32 logits, exactly as the reference
+//!   forms them, and `p` is rounded to f32 once.
 #![forbid(unsafe_code)]
 
 use rayon::prelude::*;
 
 use super::Cpu;
+use super::exact::weights64;
 use super::isa::Isa;
 use super::simd::{self, PowMode};
-use super::tau::solve_tau;
+use super::tau::{f32_search, solve_tau};
 use super::workspace::grow;
 use crate::backend::{EntmaxRowsMeta, NormOps, RowsMeta};
-use crate::entmax::{EntmaxOptions, entmax_halley};
 use crate::error::Result;
 use crate::layout::Ragged;
 
@@ -47,7 +47,13 @@ pub(crate) fn split_rows<'a, T>(rows: &Ragged, mut out: &'a mut [T]) -> Vec<&'a 
 pub(crate) fn softmax_row_inplace(isa: Isa, out: &mut [f32]) {
     let m = simd::max_f32(isa, out);
     if m == f32::NEG_INFINITY {
-        out.fill(0.0);
+        // The SIMD max skips NaN: a row of only NaN and -inf lands here.
+        let fill = if out.iter().any(|x| x.is_nan()) {
+            f32::NAN
+        } else {
+            0.0
+        };
+        out.fill(fill);
         return;
     }
     if !m.is_finite() {
@@ -62,16 +68,35 @@ pub(crate) fn softmax_row_inplace(isa: Isa, out: &mut [f32]) {
     simd::scale_f32(isa, out, 1.0 / sum);
 }
 
-/// α-entmax (α > 1) of one logit row in place, f32 τ search, output
-/// renormalised; returns τ in the scaled space `(α−1)·x` of the unshifted
-/// row (`+inf` when no entry is finite, NaN for a NaN / `+inf` row).
+/// Scratch of the entmax threshold searches: f32 and f64 candidates, and a
+/// row of f64 logits or weights (the f64 path, `exact.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct Cand {
+    pub f32: Vec<f32>,
+    pub f64: Vec<f64>,
+    pub z: Vec<f64>,
+}
+
+/// α-entmax (α > 1) of one logit row in place, output renormalised; returns
+/// τ in the scaled space `(α−1)·x` of the unshifted row (`+inf` when no
+/// entry is finite, NaN for a NaN / `+inf` row). α ∈ [1.125, 2]: f32 search
+/// ([`entmax_row_inplace_f32`]); other α: f64 ([`entmax_row_inplace_f64`]).
+pub(crate) fn entmax_row_inplace(isa: Isa, row: &mut [f32], alpha: f32, cand: &mut Cand) -> f32 {
+    if f32_search(alpha) {
+        entmax_row_inplace_f32(isa, row, alpha, &mut cand.f32)
+    } else {
+        entmax_row_inplace_f64(row, alpha, cand)
+    }
+}
+
+/// [`entmax_row_inplace`] with the f32 τ search.
 ///
 /// One pass shifts and scales the row (`s = (α−1)(x − max)`, so `max s = 0`)
 /// and copies the *candidates* `s > −1` into `cand`: τ ≥ τ_lo = −1, so no
 /// other entry can ever be in the support, and the Halley iterations sweep
 /// only the candidates (typically a small share of the row). Then one pass
 /// writes `p = [s − τ]_+^{1/(α−1)}` and one renormalises.
-pub(crate) fn entmax_row_inplace(
+pub(crate) fn entmax_row_inplace_f32(
     isa: Isa,
     row: &mut [f32],
     alpha: f32,
@@ -79,6 +104,11 @@ pub(crate) fn entmax_row_inplace(
 ) -> f32 {
     let m = simd::max_f32(isa, row);
     if m == f32::NEG_INFINITY {
+        // The SIMD max skips NaN: a row of only NaN and -inf lands here.
+        if row.iter().any(|x| x.is_nan()) {
+            row.fill(f32::NAN);
+            return f32::NAN;
+        }
         row.fill(0.0);
         return f32::INFINITY;
     }
@@ -103,6 +133,19 @@ pub(crate) fn entmax_row_inplace(
     tau + am1 * m
 }
 
+/// [`entmax_row_inplace`] in f64 ([`super::exact::weights64`] on the f32
+/// logits widened: the reference's `s = (α−1)(x − max)`, τ by
+/// [`super::tau::solve_tau64`], `p` rounded to f32 once).
+pub(crate) fn entmax_row_inplace_f64(row: &mut [f32], alpha: f32, cand: &mut Cand) -> f32 {
+    cand.z.clear();
+    cand.z.extend(row.iter().map(|&x| f64::from(x)));
+    let tau = weights64(&mut cand.z, Some(alpha), &mut cand.f64);
+    for (x, &p) in row.iter_mut().zip(&cand.z) {
+        *x = p as f32;
+    }
+    tau as f32
+}
+
 /// Threshold sums of a scaled row, chunk by chunk, added in f64.
 pub(crate) fn chunked_sums(isa: Isa, s: &[f32], tau: f32, mode: PowMode) -> (f64, f64, f64) {
     let mut t = (0.0f64, 0.0f64, 0.0f64);
@@ -122,15 +165,8 @@ pub(crate) fn chunked_apply(isa: Isa, s: &mut [f32], tau: f32, mode: PowMode) ->
         .sum()
 }
 
-/// α-entmax of one row into `out` (α ≤ 2: f32 SIMD; α > 2: f64 solver).
-pub(crate) fn entmax_row(isa: Isa, x: &[f32], alpha: f32, out: &mut [f32], cand: &mut Vec<f32>) {
-    if alpha > 2.0 {
-        match entmax_halley(x, alpha, &EntmaxOptions::new(100, 1e-9)) {
-            Ok(r) => out.copy_from_slice(&r.probs),
-            Err(_) => out.fill(f32::NAN),
-        }
-        return;
-    }
+/// α-entmax of one row into `out`.
+pub(crate) fn entmax_row(isa: Isa, x: &[f32], alpha: f32, out: &mut [f32], cand: &mut Cand) {
     out.copy_from_slice(x);
     entmax_row_inplace(isa, out, alpha, cand);
 }
@@ -155,7 +191,7 @@ impl NormOps for Cpu {
         let outs = split_rows(rows, out);
         self.install(|| {
             outs.into_par_iter().enumerate().for_each(|(r, o)| {
-                self.scratch
+                self.cands
                     .with(|cand| entmax_row(isa, &x[rows.range(r)], meta.alphas[r], o, cand));
             })
         });

@@ -1,5 +1,17 @@
-//! The α-entmax threshold search in f32 SIMD sums, shared by the row
-//! normaliser and the entmax attention kernels.
+//! The α-entmax threshold search, shared by the row normaliser and the
+//! entmax attention kernels: in f32 SIMD sums for α ∈ [[`F32_ALPHA_MIN`], 2]
+//! ([`solve_tau`]), in f64 for every other α ([`solve_tau64`]).
+//!
+//! # Why two searches
+//!
+//! With `u = s − τ` and `e = 1/(α−1)`, an error `δ` in `u` moves `p = u^e`
+//! by `e·u^(e−1)·δ`. In f32, `δ` is about `2^-24·(1 + |τ|)` from rounding `τ`
+//! and `s − τ` alone. For α ∈ [1.125, 2] (`1 ≤ e ≤ 8`) that is at most
+//! `8·δ ≈ 1e-6`: the f32 search keeps the 1e-5 contract. For α just above 1,
+//! `e` is huge (α = 1 + 2^-23 has `e = 2^23`, so `p` moves by half its value);
+//! for α > 2, `e < 1` and the slope `u^(e−1)` is unbounded at the threshold
+//! (α = 65.5: an entry `1e-7` above τ has `p ≈ 0.78·p_max`). Those α get τ,
+//! `u` and `p` in f64, as the reference computes them.
 //!
 //! The row (already scaled, `s = (α−1)·z`) is given to [`solve_tau`] as a
 //! closure returning the threshold sums of [`simd::pow_relu_sum`] at a
@@ -23,6 +35,56 @@ use crate::entmax::TauBracket;
 pub(crate) const TOL: f64 = 2e-6;
 /// Update cap (bisection fallbacks gain one bit each).
 pub(crate) const MAX_ITER: u32 = 40;
+
+/// Smallest α searched in f32 (see the module docs): α ∈ [1.125, 2] keeps
+/// `e = 1/(α−1) ≤ 8`.
+pub(crate) const F32_ALPHA_MIN: f32 = 1.125;
+
+/// Whether α is searched in f32 ([`solve_tau`]); other α use [`solve_tau64`].
+#[inline]
+pub(crate) fn f32_search(alpha: f32) -> bool {
+    (F32_ALPHA_MIN..=2.0).contains(&alpha)
+}
+
+/// Stop the f64 search when `|Σp − 1| < TOL64`.
+pub(crate) const TOL64: f64 = 1e-12;
+/// Update cap of the f64 search (about 55 bisections exhaust a bracket of
+/// width 1 in f64; Halley steps normally stop it far earlier).
+pub(crate) const MAX_ITER64: u32 = 100;
+
+/// Threshold τ in f64 of the candidates `s` (scaled scores *shifted so that
+/// the row maximum is 0*, every entry `> −1`: no other entry can be in the
+/// support) of a row with `n ≥ 1` visible entries, by the crate's
+/// [`TauBracket::halley`] rule on f64 sums
+/// ([`crate::entmax::threshold_sums_f64`]: `f`, `f'`, `f''`).
+///
+/// Stops when `|f(τ)| < TOL64`; when `|f| < 1e-6` and the Newton distance
+/// `|f/f'|` is within 4 ulp of τ (the sums cannot resolve τ better; near a
+/// kink for α > 2, `|f'|` is huge while `|f|` is not small, hence the first
+/// condition); when τ stops moving; or after [`MAX_ITER64`] updates. The result is clamped into the final bracket
+/// and is `< 0` (strictly below the maximum, which therefore stays in the
+/// support).
+pub(crate) fn solve_tau64(alpha: f64, s: &[f64], n: usize) -> f64 {
+    let mut br = TauBracket::for_row(0.0, n, alpha);
+    if n <= 1 {
+        return br.lo;
+    }
+    let mut tau = br.midpoint();
+    for _ in 0..MAX_ITER64 {
+        let t = crate::entmax::threshold_sums_f64(s, tau, alpha);
+        let newton = (t.f / t.df).abs();
+        if t.f.abs() < TOL64 || (t.f.abs() < 1e-6 && newton <= 4.0 * f64::EPSILON * tau.abs()) {
+            break;
+        }
+        let next = br.halley(tau, t.f, t.df, t.ddf).tau;
+        if next == tau || next.is_nan() {
+            break;
+        }
+        tau = next;
+    }
+    let tau = tau.clamp(br.lo, br.hi);
+    if tau < 0.0 { tau } else { br.lo }
+}
 
 /// `(f, f', f'')` from the three sums of [`crate::cpu::simd::pow_relu_sum`].
 #[inline]
@@ -55,13 +117,20 @@ pub(crate) fn solve_tau(
     let mode = PowMode::for_alpha(alpha);
     let mut br = TauBracket::for_row(f64::from(max_s), n, f64::from(alpha));
     let mut tau = br.midpoint() as f32;
+    if tau >= max_s {
+        tau = max_s.next_down();
+    }
     for _ in 0..MAX_ITER {
         let (f, df, ddf) = derivs(mode, sums(tau));
         if f.abs() < TOL {
             break;
         }
         let step = br.halley(f64::from(tau), f, df, ddf);
-        let next = step.tau as f32;
+        let mut next = step.tau as f32;
+        if next >= max_s {
+            // Rounded up to the maximum: keep the largest entry in the support.
+            next = max_s.next_down();
+        }
         if next == tau || next.is_nan() {
             break;
         }

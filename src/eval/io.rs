@@ -19,7 +19,7 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use super::{LayerTrace, Trace};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Size};
 
 fn io_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::Io {
@@ -46,9 +46,18 @@ pub fn load(path: &Path) -> Result<Trace> {
 /// Loads a `.safetensors` trace.
 pub fn load_safetensors(path: &Path) -> Result<Trace> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, format!("cannot read: {e}")))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
+    parse_safetensors(path, &bytes)
+}
+
+/// [`load_safetensors`] on the bytes of a file (errors name the path `<bytes>`).
+pub fn load_safetensors_bytes(bytes: &[u8]) -> Result<Trace> {
+    parse_safetensors(Path::new("<bytes>"), bytes)
+}
+
+fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Trace> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| io_err(path, format!("not a safetensors file: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes)
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| io_err(path, format!("not a safetensors file: {e}")))?;
     let prompt_len: usize = meta
         .metadata()
@@ -113,11 +122,11 @@ pub fn load_safetensors(path: &Path) -> Result<Trace> {
 /// Loads an npy-directory trace.
 pub fn load_npy_dir(dir: &Path) -> Result<Trace> {
     let pl_path = dir.join("prompt_len");
-    let prompt_len: usize = std::fs::read_to_string(&pl_path)
-        .map_err(|e| io_err(&pl_path, format!("cannot read: {e}")))?
-        .trim()
-        .parse()
-        .map_err(|e| io_err(&pl_path, format!("not a number: {e}")))?;
+    let prompt_len = parse_prompt_len(
+        &pl_path,
+        &std::fs::read_to_string(&pl_path)
+            .map_err(|e| io_err(&pl_path, format!("cannot read: {e}")))?,
+    )?;
     let mut layers = Vec::new();
     while dir.join(format!("layer{}.q.npy", layers.len())).exists() {
         let l = layers.len();
@@ -125,6 +134,30 @@ pub fn load_npy_dir(dir: &Path) -> Result<Trace> {
         layers.push((read("q")?, read("k")?, read("v")?));
     }
     assemble(dir, prompt_len, layers)
+}
+
+/// [`load_npy_dir`] on in-memory files: the text of `prompt_len` and, per
+/// layer, the bytes of its q, k and v `.npy` files (errors name `<bytes>`).
+pub fn load_npy_bytes(prompt_len: &str, layers: &[[&[u8]; 3]]) -> Result<Trace> {
+    let path = Path::new("<bytes>");
+    let prompt_len = parse_prompt_len(path, prompt_len)?;
+    let layers = layers
+        .iter()
+        .map(|[q, k, v]| {
+            Ok((
+                parse_npy(path, q)?,
+                parse_npy(path, k)?,
+                parse_npy(path, v)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    assemble(path, prompt_len, layers)
+}
+
+fn parse_prompt_len(path: &Path, text: &str) -> Result<usize> {
+    text.trim()
+        .parse()
+        .map_err(|e| io_err(path, format!("not a number: {e}")))
 }
 
 /// Checks shapes across layers and builds the trace.
@@ -141,7 +174,7 @@ fn assemble(
     };
     let [t, hq, d] = q0.shape;
     let hkv = k0.shape[1];
-    if hkv == 0 || hq % hkv != 0 || d == 0 || t == 0 {
+    if hq == 0 || hkv == 0 || hq % hkv != 0 || d == 0 || t == 0 {
         return Err(io_err(
             path,
             format!("bad shapes: q {:?}, k {:?}", q0.shape, k0.shape),
@@ -190,6 +223,11 @@ fn assemble(
 /// Reads a 3-D little-endian `<f4` or `<f2` C-order `.npy` file.
 fn read_npy(path: &Path) -> Result<Tensor3> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, format!("cannot read: {e}")))?;
+    parse_npy(path, &bytes)
+}
+
+/// Parses the bytes of a `.npy` file (see [`read_npy`]).
+fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor3> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(io_err(path, "not an .npy file (bad magic)"));
     }
@@ -241,15 +279,20 @@ fn read_npy(path: &Path) -> Result<Tensor3> {
         .as_slice()
         .try_into()
         .map_err(|_| io_err(path, format!("expected 3 dimensions, got {dims:?}")))?;
-    let n = shape
-        .iter()
-        .try_fold(1usize, |a, &b| a.checked_mul(b))
-        .ok_or_else(|| io_err(path, "shape overflows"))?;
+    const OP: &str = "read_npy";
+    let data_bytes = Size::new(OP, "data bytes (shape x dtype size)", shape[0])
+        .times(shape[1])
+        .times(shape[2])
+        .times(size);
     let body = &bytes[start + hlen..];
-    if body.len() != n * size {
+    if data_bytes.get().ok() != Some(body.len()) {
         return Err(io_err(
             path,
-            format!("expected {} data bytes, found {}", n * size, body.len()),
+            format!(
+                "shape {shape:?} of {size}-byte values needs {} data bytes, found {}",
+                data_bytes.value(),
+                body.len()
+            ),
         ));
     }
     let data = if size == 4 {

@@ -459,7 +459,11 @@ impl Dam {
         geom: &HeadGeometry,
         segs: &Segments,
     ) -> Result<IndexList> {
-        let pats = self.layer_patterns("Dam::decode_indices", layer, geom)?;
+        const DI: &str = "Dam::decode_indices";
+        let pats = self.layer_patterns(DI, layer, geom)?;
+        if segs.num_kv_heads() != geom.num_kv_heads() {
+            return Err(shape(DI, "segments do not match the geometry's KV heads"));
+        }
         let mut sets = Vec::with_capacity(segs.batch() * geom.num_q_heads());
         for b in 0..segs.batch() {
             for (h, p) in pats.iter().enumerate() {

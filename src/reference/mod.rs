@@ -37,7 +37,7 @@ impl Backend for Reference {
         Ok(buf.clone())
     }
     fn zeros<T: Element>(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::default(); len])
+        crate::error::try_vec("Reference::zeros", "elements", len, T::default())
     }
     fn buffer_len<T: Element>(&self, buf: &Vec<T>) -> usize {
         buf.len()

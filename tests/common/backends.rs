@@ -11,10 +11,11 @@
 //! body once per instruction set in [`cpu_isas`] (scalar first, then every
 //! vector ISA the machine has; `KVSIEVE_ISA` narrows the list).
 //!
-//! GPU backends that find no device print `SKIPPED(<backend>): <reason>`;
-//! with `KVSIEVE_REQUIRE=<backend>[,<backend>]` a skip is a failure. The `cuda`
-//! arm runs on the CPU SIMT simulator (feature `cuda-sim`) when there is no GPU,
-//! or always under `KVSIEVE_REQUIRE=cuda-sim`.
+//! GPU backends that find no device print `SKIPPED(<backend>): <reason>`
+//! (shown without `--nocapture`, and listed again at the end of the run by
+//! `tests/zz_skip_summary.rs`); with `KVSIEVE_REQUIRE=<backend>[,<backend>]`
+//! a skip is a failure. The `cuda` arm runs on the CPU SIMT simulator (feature
+//! `cuda-sim`) when there is no GPU, or always under `KVSIEVE_REQUIRE=cuda-sim`.
 
 /// True when the environment demands that `backend` runs.
 pub fn required(backend: &str) -> bool {
@@ -25,6 +26,12 @@ pub fn required(backend: &str) -> bool {
 
 /// Reports a skip loudly, or panics when the backend is required (the `cuda` arm is also
 /// required by `cuda-sim`, the CUDA backend on its CPU simulator).
+///
+/// libtest captures `eprintln!` of a passing test, so a skip is also
+/// recorded in the run's skip registry ([`skip_registry`]), which the last
+/// integration test (`tests/zz_skip_summary.rs`) prints at the end of
+/// `cargo test`, and announced once per test binary on the raw stderr (a
+/// direct write, which the capture does not intercept).
 pub fn skip(backend: &str, reason: &str) {
     assert!(
         !required(backend),
@@ -35,6 +42,85 @@ pub fn skip(backend: &str, reason: &str) {
         "KVSIEVE_REQUIRE=cuda-sim but the CUDA simulator is unavailable: {reason}"
     );
     eprintln!("SKIPPED({backend}): {reason}");
+    record_skip(backend, reason);
+}
+
+/// The skip registry of the current `cargo test` run: one directory per
+/// cargo process (the parent of every test binary of one run), one file per
+/// test binary, lines `backend<TAB>reason`.
+pub fn skip_registry() -> std::path::PathBuf {
+    skip_registry_root().join(run_id())
+}
+
+/// The directory of every run's skip registry.
+pub fn skip_registry_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvsieve-skips")
+}
+
+/// The id of this `cargo test` run: cargo's process id.
+#[cfg(unix)]
+pub fn run_id() -> String {
+    std::os::unix::process::parent_id().to_string()
+}
+
+/// The id of this `cargo test` run (one shared registry where the parent
+/// process id is not available).
+#[cfg(not(unix))]
+pub fn run_id() -> String {
+    "run".to_string()
+}
+
+/// This test binary's name without cargo's hash suffix.
+fn binary_name() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .and_then(|s| s.to_str())
+        .unwrap_or("unknown");
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_string(),
+        _ => stem.to_string(),
+    }
+}
+
+/// Appends a skip to the registry and announces it on the raw stderr, once
+/// per (backend, reason) in this process.
+fn record_skip(backend: &str, reason: &str) {
+    use std::io::Write;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+    let key = (backend.to_string(), reason.to_string());
+    {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&key) {
+            return;
+        }
+        seen.push(key);
+    }
+    let name = binary_name();
+    // A direct write to the stderr handle: libtest's capture only intercepts
+    // the print macros, so this line shows in a plain `cargo test`.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED({backend}) in {name}: {reason}"
+    );
+    let dir = skip_registry();
+    let line = format!("{backend}\t{}\n", reason.replace(['\t', '\n'], " "));
+    let written = std::fs::create_dir_all(&dir).and_then(|_| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}-{}.txt", std::process::id())))?
+            .write_all(line.as_bytes())
+    });
+    if let Err(e) = written {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "warning: cannot record the skip in {}: {e}",
+            dir.display()
+        );
+    }
 }
 
 /// The shared CUDA backend of this test binary (opened once so kernels compile once), or

@@ -270,8 +270,16 @@ macro_rules! isa_entries {
             body::scale_f32(s, x, a)
         }
         $(#[target_feature(enable = $feat)])?
+        pub(crate) fn offset_f32(s: $tok, x: &mut [f32], c: f32) {
+            body::offset_f32(s, x, c)
+        }
+        $(#[target_feature(enable = $feat)])?
         pub(crate) fn count_above(s: $tok, x: &[f32], tau: f32) -> usize {
             body::count_above(s, x, tau)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn all_finite(s: $tok, x: &[f32]) -> bool {
+            body::all_finite(s, x)
         }
         $(#[target_feature(enable = $feat)])?
         pub(crate) fn pow_relu_sum(s: $tok, x: &[f32], tau: f32, mode: PowMode) -> (f32, f32, f32) {
@@ -608,9 +616,19 @@ pub fn pow_relu_sum(isa: Isa, x: &[f32], tau: f32, mode: PowMode) -> (f32, f32, 
     dispatch!(isa, pow_relu_sum(x, tau, mode))
 }
 
+/// `x[i] += c` in place.
+pub fn offset_f32(isa: Isa, x: &mut [f32], c: f32) {
+    dispatch!(isa, offset_f32(x, c))
+}
+
 /// Number of `x[i] > tau` (exact for any length).
 pub fn count_above(isa: Isa, x: &[f32], tau: f32) -> usize {
     dispatch!(isa, count_above(x, tau))
+}
+
+/// True iff every `x[i]` is finite (no NaN, no ±inf); true for an empty slice.
+pub fn all_finite(isa: Isa, x: &[f32]) -> bool {
+    dispatch!(isa, all_finite(x))
 }
 
 /// Widen `src` into `dst` (exact). Precondition: `dst.len() == src.len()`
@@ -1197,6 +1215,21 @@ mod body {
     }
 
     #[inline(always)]
+    pub(crate) fn offset_f32<S: Simd>(s: S, x: &mut [f32], c: f32) {
+        let cv = s.splat(c);
+        let mut chunks = x.chunks_exact_mut(S::L);
+        for ch in &mut chunks {
+            let v = s.add(s.load(ch), cv);
+            s.store(ch, v);
+        }
+        let t = chunks.into_remainder();
+        if !t.is_empty() {
+            let v = s.add(s.load_part(t, 0.0), cv);
+            s.store_part(t, v);
+        }
+    }
+
+    #[inline(always)]
     pub(crate) fn count_above<S: Simd>(s: S, x: &[f32], tau: f32) -> usize {
         let tv = s.splat(tau);
         let mut total = 0usize;
@@ -1214,6 +1247,25 @@ mod body {
             total += s.reduce_add(cnt) as usize;
         }
         total
+    }
+
+    #[inline(always)]
+    pub(crate) fn all_finite<S: Simd>(s: S, x: &[f32]) -> bool {
+        let (ninf, pinf) = (s.splat(f32::NEG_INFINITY), s.splat(f32::INFINITY));
+        // 1 in a lane while every value it saw was finite (NaN fails both
+        // comparisons); padding lanes hold 0, which is finite.
+        let mut ok = s.splat(1.0);
+        let mut chunks = x.chunks_exact(S::L);
+        for c in &mut chunks {
+            let v = s.load(c);
+            ok = s.mul(ok, s.mul(s.gt_ones(v, ninf), s.gt_ones(pinf, v)));
+        }
+        let t = chunks.remainder();
+        if !t.is_empty() {
+            let v = s.load_part(t, 0.0);
+            ok = s.mul(ok, s.mul(s.gt_ones(v, ninf), s.gt_ones(pinf, v)));
+        }
+        s.reduce_add(ok) == S::L as f32
     }
 
     #[inline(always)]

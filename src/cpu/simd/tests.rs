@@ -246,6 +246,38 @@ fn count_above_is_exact() {
     }
 }
 
+#[test]
+fn offset_f32_adds_to_every_lane() {
+    for isa in available() {
+        for &n in LENS {
+            let mut x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            offset_f32(isa, &mut x, -2.5);
+            let want: Vec<f32> = (0..n).map(|i| i as f32 - 2.5).collect();
+            assert_eq!(x, want, "{isa} n={n}");
+        }
+    }
+}
+
+#[test]
+fn all_finite_finds_every_non_finite_lane() {
+    for isa in available() {
+        for &n in LENS {
+            let x: Vec<f32> = (0..n).map(|i| i as f32 - 3.0).collect();
+            assert!(all_finite(isa, &x), "{isa} n={n}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0, n / 2, n.saturating_sub(1)] {
+                    if n == 0 {
+                        continue;
+                    }
+                    let mut y = x.clone();
+                    y[at] = bad;
+                    assert!(!all_finite(isa, &y), "{isa} n={n} {bad} at {at}");
+                }
+            }
+        }
+    }
+}
+
 /// Distance in units in the last place between two non-negative floats.
 fn ulps(a: f32, b: f32) -> u32 {
     a.to_bits().abs_diff(b.to_bits())
