@@ -34,7 +34,7 @@
 
 use crate::backend::{Backend, CompactMeta, Ops};
 use crate::dtype::Element;
-use crate::error::{Result, shape};
+use crate::error::{Result, Size, shape, try_vec};
 use crate::layout::{HeadGeometry, IndexList, Ragged, Scope, Segments};
 use crate::ops;
 
@@ -431,23 +431,37 @@ impl<B: Ops, T: Element> KvCache<B, T> {
                 format!("batch and num_layers must be positive, got {batch} and {num_layers}"),
             ));
         }
-        let nseg = batch * geom.num_kv_heads();
+        // Every size from user input is checked (and every host table
+        // allocated fallibly) before anything is allocated: a huge batch or
+        // layer count is an error, not an abort.
+        let nseg = Size::new(OP, "segments", batch)
+            .times(geom.num_kv_heads())
+            .get_u32()? as usize;
         let cap = u32::try_from(capacity).map_err(|_| shape(OP, "capacity overflows u32"))?;
-        let caps = vec![cap; nseg];
-        let rows = nseg
-            .checked_mul(capacity)
-            .filter(|r| u32::try_from(*r).is_ok())
-            .ok_or_else(|| shape(OP, "capacity overflows u32 rows"))?;
-        let mut layers = Vec::with_capacity(num_layers);
+        let rows = Size::new(OP, "rows", nseg).times(capacity).get_u32()? as usize;
+        let elems = Size::new(OP, "K elements", rows)
+            .times(geom.head_dim())
+            .elements::<T>()?;
+        Size::new(OP, "layers", num_layers).elements::<LayerKv<B, T>>()?;
+        let caps = try_vec(OP, "segment capacities", nseg, cap)?;
+        let mut layers = Vec::new();
+        layers
+            .try_reserve_exact(num_layers)
+            .map_err(|_| shape(OP, format!("cannot allocate {num_layers} layers")))?;
         for _ in 0..num_layers {
             layers.push(LayerKv {
-                k: backend.zeros(rows * geom.head_dim())?,
-                v: backend.zeros(rows * geom.head_dim())?,
-                segs: segs_for(batch, geom.num_kv_heads(), &caps, vec![0; nseg])?,
+                k: backend.zeros(elems)?,
+                v: backend.zeros(elems)?,
+                segs: segs_for(
+                    batch,
+                    geom.num_kv_heads(),
+                    &caps,
+                    try_vec(OP, "lengths", nseg, 0)?,
+                )?,
                 caps: caps.clone(),
-                positions: vec![0; rows],
-                arrivals: vec![0; rows],
-                seen: vec![0; batch],
+                positions: try_vec(OP, "positions", rows, 0)?,
+                arrivals: try_vec(OP, "arrivals", rows, 0)?,
+                seen: try_vec(OP, "sequence counters", batch, 0)?,
                 geom,
             });
         }

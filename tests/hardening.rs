@@ -7,6 +7,8 @@
 //!    (panics on mismatched geometry / segments);
 //! 4. `*_overflow*`, `*_too_large*` (integer overflow in size computations,
 //!    allocations sized by user input);
+//! 5. `*_is_an_error*`, `*_does_not_abort` (allocation aborts and overflow in
+//!    budgets, policies, the cache, `SessionConfig` and `TraceConfig`);
 //! 6. `finite_inputs_give_finite_outputs` (logit and value-sum overflow);
 //!
 //! and the findings of the fuzz targets of `fuzz/` (named after what they
@@ -23,11 +25,17 @@
 mod common;
 
 use common::*;
+use kvsieve::attention::{LayerInput, Session, SessionConfig};
+use kvsieve::cache::KvCache;
 use kvsieve::entmax::{
     EntmaxOptions, TauBracket, entmax_bisect, entmax_bisect_f64, entmax_exact_f64, entmax_halley,
     entmax_halley_f64,
 };
 use kvsieve::ops::{self, DecodeParams, PrefillParams};
+use kvsieve::policy::{
+    Budget, H2O, H2oConfig, MorphKv, MorphKvConfig, MorphScoring, SnapKv, SnapKvConfig,
+    StreamingLlm, StreamingLlmConfig,
+};
 use kvsieve::reference::Reference;
 use kvsieve::*;
 
@@ -652,3 +660,175 @@ reference_and_cpu!(
     finite_inputs_give_finite_outputs,
     fully_masked_rows_are_zero_with_nan_values
 );
+
+// ------------------------------------------- findings 4 and 5: policies, cache
+
+/// Runs a 40-token prompt and 3 decode steps of a 2-query / 1-KV-head model
+/// on the reference through a `Session` with `policy`.
+fn run_session(
+    policy: Box<dyn kvsieve::policy::KvPolicy<Reference, f32>>,
+    cfg: SessionConfig,
+) -> Result<()> {
+    let geom = HeadGeometry::new(2, 1, 4)?;
+    let mut s = Session::new(Reference, geom, 1, 1, policy, cfg)?;
+    let mut rng = Rng::new(17);
+    let n = 40;
+    let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        normal_vec(&mut rng, n * 8, 1.0),
+        normal_vec(&mut rng, n * 4, 1.0),
+        normal_vec(&mut rng, n * 4, 1.0),
+    );
+    let input = LayerInput {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    s.prefill(&Ragged::uniform(1, n)?, &[input])?;
+    for _ in 0..3 {
+        let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            normal_vec(&mut rng, 8, 1.0),
+            normal_vec(&mut rng, 4, 1.0),
+            normal_vec(&mut rng, 4, 1.0),
+        );
+        s.decode(&[LayerInput {
+            q: &q,
+            k: &k,
+            v: &v,
+        }])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn budget_sink_plus_recent_overflow_is_an_error() {
+    let b = Budget::tokens(8).with_sink(usize::MAX).with_recent(2);
+    assert!(
+        matches!(b.validate("t"), Err(Error::Budget { .. })),
+        "{:?}",
+        b.validate("t")
+    );
+    assert!(b.resolve("t", 0, 1, 0, 1, 100).is_err());
+    let b = Budget::ratio(0.5)
+        .with_sink(usize::MAX)
+        .with_recent(usize::MAX);
+    assert!(b.resolve("t", 0, 1, 0, 1, 100).is_err());
+    // Large but summable windows still resolve (the windows win).
+    let b = Budget::ratio(0.5).with_sink(1 << 40).with_recent(1);
+    assert_eq!(b.resolve("t", 0, 1, 0, 1, 100).unwrap(), (1 << 40) + 1);
+}
+
+#[test]
+fn streaming_llm_with_overflowing_windows_keeps_everything() {
+    let cfg = StreamingLlmConfig {
+        sink: usize::MAX,
+        recent: usize::MAX,
+    };
+    let p = StreamingLlm::new(cfg).unwrap();
+    run_session(Box::new(p), SessionConfig::default()).unwrap();
+    assert!(StreamingLlm::new(StreamingLlmConfig { sink: 0, recent: 0 }).is_err());
+}
+
+#[test]
+fn snapkv_huge_window_does_not_abort() {
+    // A window far past the prompt: checked without overflow, and the window
+    // evidence is min(window, prompt) rows, so nothing huge is allocated.
+    let cfg = SnapKvConfig {
+        budget: Budget::ratio(0.5),
+        window: 1 << 40,
+        ..SnapKvConfig::default()
+    };
+    run_session(
+        Box::new(SnapKv::new(cfg).unwrap()),
+        SessionConfig::default(),
+    )
+    .unwrap();
+    let cfg = SnapKvConfig {
+        budget: Budget::tokens(64).with_sink(4),
+        window: usize::MAX,
+        ..SnapKvConfig::default()
+    };
+    assert!(matches!(
+        SnapKv::<Reference, f32>::new(cfg),
+        Err(Error::Budget { .. })
+    ));
+}
+
+#[test]
+fn morph_kv_huge_window_and_capacity_is_an_error_not_an_abort() {
+    let cfg = MorphKvConfig {
+        window: 1 << 40,
+        capacity: 1 << 41,
+        scoring: MorphScoring::Rescore,
+        ..MorphKvConfig::default()
+    };
+    let p: MorphKv<Reference, f32> = MorphKv::new(cfg).unwrap();
+    let r = run_session(Box::new(p), SessionConfig::default());
+    assert!(is_too_large(r));
+    // Evidence scoring keeps no queries: the same sizes just work.
+    let cfg = MorphKvConfig {
+        window: 1 << 40,
+        capacity: 1 << 41,
+        ..MorphKvConfig::default()
+    };
+    let p: MorphKv<Reference, f32> = MorphKv::new(cfg).unwrap();
+    run_session(Box::new(p), SessionConfig::default()).unwrap();
+}
+
+#[test]
+fn session_prefill_chunk_of_usize_max_is_one_chunk() {
+    let cfg = SessionConfig {
+        prefill_chunk: Some(usize::MAX),
+        ..SessionConfig::default()
+    };
+    let p = H2O::new(H2oConfig {
+        budget: Budget::tokens(16),
+        ..H2oConfig::default()
+    })
+    .unwrap();
+    run_session(Box::new(p), cfg).unwrap();
+}
+
+#[test]
+fn kv_cache_with_huge_batch_or_layers_is_an_error() {
+    let geom = HeadGeometry::new(2, 1, 4).unwrap();
+    let new =
+        |batch, layers| KvCache::<Reference, f32>::new(&Reference, geom, batch, layers).map(|_| ());
+    assert!(is_too_large(new(1 << 40, 1)));
+    assert!(is_too_large(new(usize::MAX, 1)));
+    assert!(is_too_large(new(1, 1 << 40)));
+    assert!(is_too_large(new(1, usize::MAX)));
+    let with_cap =
+        KvCache::<Reference, f32>::with_capacity(&Reference, geom, 1 << 20, 1, 1 << 20).map(|_| ());
+    assert!(is_too_large(with_cap));
+    assert!(new(2, 3).is_ok());
+}
+
+#[test]
+fn trace_config_overflow_and_huge_prompts_are_errors() {
+    use kvsieve::eval::{Trace, TraceConfig};
+    // The eval example's `--prompt-len 100000000` (4 layers, 8 q / 2 KV
+    // heads, D = 64) asked for 300 GB and aborted.
+    let big = TraceConfig {
+        prompt_len: 100_000_000,
+        ..TraceConfig::default()
+    };
+    assert_eq!(big.bytes().unwrap(), 4 * 100_000_064 * 12 * 64 * 4);
+    let huge = TraceConfig {
+        prompt_len: usize::MAX,
+        ..TraceConfig::default()
+    };
+    assert!(is_too_large(huge.validate()));
+    assert!(is_too_large(Trace::synthetic(&huge)));
+    let over = TraceConfig {
+        sinks: usize::MAX,
+        heavy_hitters: 2,
+        ..TraceConfig::default()
+    };
+    assert!(over.validate().is_err());
+    let steps = TraceConfig {
+        decode_steps: usize::MAX,
+        ..TraceConfig::default()
+    };
+    assert!(is_too_large(steps.validate()));
+    assert!(TraceConfig::default().validate().is_ok());
+}

@@ -24,7 +24,7 @@
 pub mod io;
 pub mod policies;
 
-use crate::error::{Result, config};
+use crate::error::{Result, Size, config, try_vec};
 
 /// SplitMix64 with Box–Muller normals: small, seeded, reproducible.
 #[derive(Clone, Debug)]
@@ -166,7 +166,11 @@ impl TraceConfig {
         if self.prompt_len == 0 {
             return Err(config(P, "prompt_len must be positive"));
         }
-        if self.sinks + self.heavy_hitters + self.needles > self.prompt_len {
+        let special = Size::new(P, "special tokens", self.sinks)
+            .plus(self.heavy_hitters)
+            .plus(self.needles)
+            .value();
+        if special > self.prompt_len as u128 {
             return Err(config(
                 P,
                 "sinks + heavy_hitters + needles exceed the prompt",
@@ -196,7 +200,31 @@ impl TraceConfig {
         if strengths.iter().any(|s| !s.is_finite() || *s < 0.0) {
             return Err(config(P, "strengths must be finite and non-negative"));
         }
-        Ok(())
+        self.bytes().map(|_| ())
+    }
+
+    /// Bytes of the trace's tensors: `layers · (prompt_len + decode_steps) ·
+    /// (Hq + 2·Hkv) · D` f32 values; [`crate::Error::TooLarge`] when that
+    /// overflows or one layer's largest tensor is past
+    /// [`crate::error::MAX_ALLOC_BYTES`].
+    pub fn bytes(&self) -> Result<u128> {
+        const P: &str = "TraceConfig";
+        let tokens = Size::new(P, "tokens", self.prompt_len)
+            .plus(self.decode_steps)
+            .get()?;
+        Size::new(P, "Q values of a layer", tokens)
+            .times(self.q_heads.max(self.kv_heads))
+            .times(self.head_dim)
+            .elements::<f32>()?;
+        let per_token = Size::new(P, "values per token", self.q_heads)
+            .plus(self.kv_heads.saturating_mul(2))
+            .times(self.head_dim)
+            .get()?;
+        Ok(Size::new(P, "trace bytes", self.layers)
+            .times(tokens)
+            .times(per_token)
+            .times(4)
+            .value())
     }
 }
 
@@ -252,6 +280,7 @@ impl Trace {
 
     /// Generates a synthetic trace.
     pub fn synthetic(cfg: &TraceConfig) -> Result<Self> {
+        const P: &str = "Trace::synthetic";
         cfg.validate()?;
         let mut rng = Rng::new(cfg.seed);
         let (hq, hkv, d) = (cfg.q_heads, cfg.kv_heads, cfg.head_dim);
@@ -261,7 +290,7 @@ impl Trace {
 
         // Special positions (shared by all layers): heavy hitters and needles
         // are spread over the prompt, away from the sinks.
-        let mut taken = vec![false; cfg.prompt_len];
+        let mut taken = try_vec(P, "prompt flags", cfg.prompt_len, false)?;
         taken.iter_mut().take(cfg.sinks).for_each(|t| *t = true);
         let mut pick = |rng: &mut Rng| loop {
             let p = rng.below(cfg.prompt_len);
@@ -274,12 +303,19 @@ impl Trace {
         let needles: Vec<Needle> = (0..cfg.needles)
             .map(|i| Needle {
                 position: pick(&mut rng),
-                step: (i + 1) * cfg.decode_steps / (cfg.needles + 1),
+                // In u128: the product may pass usize for huge configs.
+                step: ((i as u128 + 1) * cfg.decode_steps as u128 / (cfg.needles as u128 + 1))
+                    as usize,
             })
             .collect();
-        let topic_of_token = |t: usize| (t * cfg.topics / cfg.prompt_len).min(cfg.topics - 1);
+        let topic_of_token = |t: usize| {
+            ((t as u128 * cfg.topics as u128 / cfg.prompt_len as u128) as usize).min(cfg.topics - 1)
+        };
 
-        let mut layers = Vec::with_capacity(cfg.layers);
+        let mut layers = Vec::new();
+        layers
+            .try_reserve_exact(cfg.layers)
+            .map_err(|_| config(P, format!("cannot allocate {} layers", cfg.layers)))?;
         for layer in 0..cfg.layers {
             // Layer strengths: layer 0 is flatter, the rest vary around 1.
             let lv = |rng: &mut Rng| {
@@ -288,9 +324,10 @@ impl Trace {
             };
             let (s_sink, s_rec, s_heavy, s_topic) =
                 (lv(&mut rng), lv(&mut rng), lv(&mut rng), lv(&mut rng));
-            let mut q = vec![0.0f32; t_total * hq * d];
-            let mut k = vec![0.0f32; t_total * hkv * d];
-            let mut v = vec![0.0f32; t_total * hkv * d];
+            // Sizes checked by `validate` (`bytes`); allocated fallibly.
+            let mut q = try_vec(P, "Q values", t_total * hq * d, 0.0f32)?;
+            let mut k = try_vec(P, "K values", t_total * hkv * d, 0.0f32)?;
+            let mut v = try_vec(P, "V values", t_total * hkv * d, 0.0f32)?;
             for kv in 0..hkv {
                 // Directions of this KV head.
                 let sink_dir = rng.unit(d);

@@ -7,7 +7,7 @@ use super::{Budget, GqaReduce, Heads, Plan, StepCtx};
 use crate::backend::{Backend, Ops};
 use crate::cache::{KvView, compaction_moves, drop_moves};
 use crate::dtype::Element;
-use crate::error::{Error, Result, shape};
+use crate::error::{Error, Result, Size, shape};
 use crate::layout::{IndexList, IndexSet, Ragged, Scope, Segments};
 use crate::ops;
 
@@ -238,7 +238,16 @@ impl<B: Ops, T: Element> QueryWindow<B, T> {
             return Ok(());
         }
         if self.buf.is_none() || self.width != width || self.count.len() != batch {
-            self.buf = Some(be.zeros(batch * self.cap * width)?);
+            // Ring rows are u32 row indices: a window too large for them (or
+            // for memory) is an error here, not a wrapped index.
+            const OP: &str = "MorphKv query window";
+            let rows = Size::new(OP, "query rows", batch)
+                .times(self.cap)
+                .get_u32()? as usize;
+            let n = Size::new(OP, "query values", rows)
+                .times(width)
+                .elements::<T>()?;
+            self.buf = Some(be.zeros(n)?);
             self.width = width;
             self.count = vec![0; batch];
             self.head = vec![0; batch];
@@ -276,7 +285,7 @@ impl<B: Ops, T: Element> QueryWindow<B, T> {
         let mut lens = Vec::with_capacity(self.count.len());
         for b in 0..self.count.len() {
             let n = self.count[b];
-            let start = (self.head[b] + self.cap - n) % self.cap;
+            let start = (self.head[b] + (self.cap - n)) % self.cap;
             for i in 0..n {
                 idx.push((b * self.cap + (start + i) % self.cap) as u32);
             }

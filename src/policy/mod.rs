@@ -514,7 +514,7 @@ impl Budget {
                 op,
                 "a budget of 0 tokens: every head keeps at least one token",
             )),
-            BudgetSize::Tokens(n) if self.sink + self.recent > n => Err(budget(
+            BudgetSize::Tokens(n) if self.sink.saturating_add(self.recent) > n => Err(budget(
                 op,
                 format!(
                     "protected windows (sink {} + recent {}) are larger than the budget of {n} tokens",
@@ -529,8 +529,18 @@ impl Budget {
         }
     }
 
-    /// Static checks: sizes positive, ratios in (0, 1], windows fit.
+    /// Static checks: sizes positive, ratios in (0, 1], windows fit (and
+    /// `sink + recent` fits in `usize`).
     pub fn validate(&self, op: &'static str) -> Result<()> {
+        if self.sink.checked_add(self.recent).is_none() {
+            return Err(budget(
+                op,
+                format!(
+                    "protected windows sink {} + recent {} overflow",
+                    self.sink, self.recent
+                ),
+            ));
+        }
         self.check_size(op, self.size)?;
         for &(_, s) in &self.per_layer {
             self.check_size(op, s)?;
@@ -593,7 +603,8 @@ impl Budget {
                 // (0.2f32 · 50 must give 10, not 11).
                 let x = f64::from(r) * seen as f64;
                 let n = (x - 1e-6 * x.max(1.0)).ceil() as usize;
-                n.max(self.sink + self.recent).max(1)
+                // `validate` above checked that the sum fits.
+                n.max(self.sink.saturating_add(self.recent)).max(1)
             }
         })
     }

@@ -100,7 +100,7 @@ fn check(cfg: &SnapKvConfig, op: &'static str) -> Result<()> {
         .chain(cfg.budget.per_head.iter().map(|x| x.2));
     for s in sizes {
         if let BudgetSize::Tokens(n) = s
-            && cfg.window + cfg.budget.sink > n
+            && cfg.window.saturating_add(cfg.budget.sink) > n
         {
             return Err(budget(
                 op,

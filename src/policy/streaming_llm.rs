@@ -44,9 +44,10 @@ pub struct StreamingLlm {
 }
 
 impl StreamingLlm {
-    /// Validates the config: at least one token must be kept.
+    /// Validates the config: at least one token must be kept (any sizes
+    /// otherwise: windows larger than the cache keep everything).
     pub fn new(cfg: StreamingLlmConfig) -> Result<Self> {
-        if cfg.sink + cfg.recent == 0 {
+        if cfg.sink == 0 && cfg.recent == 0 {
             return Err(budget(
                 "StreamingLlm",
                 "sink + recent = 0: every head keeps at least one token",
