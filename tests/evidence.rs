@@ -390,7 +390,10 @@ fn prefill_case<B: Ops, T: Element>(b: &B, i: usize, n: usize, norms: &[Normaliz
                 m.is_some()
             );
             for (hi, heads) in HEADS.iter().copied().enumerate() {
-                let wq = [1, 4, 32][(i + hi) % 3];
+                // usize::MAX: a window longer than any chunk (the whole
+                // chunk; `qi + W` overflowed on the CPU, found by the
+                // `policies` fuzz target).
+                let wq = [1, 4, 32, usize::MAX][(i + hi) % 4];
                 let rows_mode = hi % 2 == 0;
                 let win = Window {
                     queries: wq,

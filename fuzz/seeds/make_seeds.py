@@ -71,3 +71,10 @@ q = npy((t, hq, d), [0.5] * (t * hq * d))
 k = npy((t, hkv, d), [0.25] * (t * hkv * d))
 # Selector 2: the input split in two npy files (q, then k = v = the rest).
 put("loaders", "valid-npy", b"\x02" + bytes([len(q) & 0xFF]) + q + k)
+
+
+# The policies target (added later; its own generator, so the seeds above
+# stay as they were).
+prng = random.Random(23)
+for i, n in enumerate([16, 64, 256, 1024, 4096]):
+    put("policies", f"random-{i}", bytes(prng.randrange(256) for _ in range(n)))

@@ -501,7 +501,7 @@ pub(crate) mod fallback {
                             *c += x;
                         }
                         if let Some(wd) = win
-                            && qi + wd.queries >= nq
+                            && wd.queries >= nq - qi
                         {
                             let r = if wd.rows {
                                 qi + wd.queries.min(nq) - nq

@@ -1076,7 +1076,7 @@ fn prefill_tile<T: Element>(
                                 }
                             }
                             if let Some((w, wb)) = ev.win
-                                && qi + w.queries >= nq
+                                && w.queries >= nq - qi
                             {
                                 let r = if w.rows {
                                     qi + w.queries.min(nq) - nq

@@ -229,7 +229,7 @@ impl AttnOps for Reference {
                         col[j] += x;
                     }
                     if let Some((wd, _)) = &ev.window
-                        && i + wd.queries >= nq
+                        && wd.queries >= nq - i
                     {
                         let r = scatter_row(len, &tokens, &w, 0.0);
                         if wd.rows || win.is_empty() {
