@@ -16,7 +16,9 @@
 //!    Session prefill of a 32K-token prompt (`KVSIEVE_BENCH_RSS_LEN`) through
 //!    each policy, in a child process each, against `Full`.
 //!
-//! `cargo bench --bench policies` (add `KVSIEVE_BENCH_RSS=1` for part 3).
+//! `cargo bench --bench policies` (add `KVSIEVE_BENCH_RSS=1` for part 3;
+//! `KVSIEVE_BENCH_ONLY=<policy>` and `KVSIEVE_BENCH_STEPS=<n>` narrow part 1
+//! for profiling).
 
 mod common;
 
@@ -125,7 +127,11 @@ fn decode_step(cpu: &Cpu, name: &str) -> f64 {
         }],
     )
     .expect("prefill");
-    let steps: Vec<[Vec<f16>; 3]> = (0..56)
+    let timed: usize = std::env::var("KVSIEVE_BENCH_STEPS")
+        .ok()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(24);
+    let steps: Vec<[Vec<f16>; 3]> = (0..32 + timed)
         .map(|_| {
             [
                 rand_f16(&mut rng, HQ * D),

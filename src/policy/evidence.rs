@@ -473,9 +473,15 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element>(
         }
         any = true;
         let arr = ctx.kv.arrivals(s);
-        let (prot, cand) = split_protected(arr, ctx.kv.seen(b), budget.sink, budget.recent);
-        let keep_cand = bud.saturating_sub(prot.len());
-        let drop = bottom_k(op, sc, arr, &cand, cand.len().saturating_sub(keep_cand))?;
+        let seen = ctx.kv.seen(b);
+        let drop = match worst_one(op, sc, arr, seen, budget.sink, budget.recent, len - bud) {
+            Some(one) => one?,
+            None => {
+                let (prot, cand) = split_protected(arr, seen, budget.sink, budget.recent);
+                let keep_cand = bud.saturating_sub(prot.len());
+                bottom_k(op, sc, arr, &cand, cand.len().saturating_sub(keep_cand))?
+            }
+        };
         sets.push(IndexSet::from_unsorted(drop));
     }
     if !any {
@@ -484,6 +490,53 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element>(
     let list = IndexList::from_sets(Scope::KvHead, &sets)?;
     let c = Compaction::from_drop(segs, &list);
     Ok((Plan::Drop(list), Some(c)))
+}
+
+/// The decode steady state of [`evict_by_scores`] in one pass without
+/// allocating: when one token must go and the protected windows leave
+/// at least two candidates, the worst candidate (lowest score, ties to the
+/// later arrival). `None` when the general path applies.
+fn worst_one(
+    op: &'static str,
+    scores: &[f64],
+    arrivals: &[u32],
+    seen: usize,
+    sink: usize,
+    recent: usize,
+    excess: usize,
+) -> Option<Result<Vec<u32>>> {
+    if excess != 1 {
+        return None;
+    }
+    let lo = sink.min(u32::MAX as usize) as u32;
+    let hi = seen.saturating_sub(recent).min(u32::MAX as usize) as u32;
+    let (mut best, mut n) = (None::<u32>, 0usize);
+    for (r, &a) in arrivals.iter().enumerate() {
+        if a < lo || a >= hi {
+            continue;
+        }
+        let x = scores[r];
+        if x.is_nan() {
+            return Some(Err(Error::NonFinite {
+                op,
+                what: format!("score of token {r} is NaN"),
+            }));
+        }
+        n += 1;
+        let worse = match best {
+            None => true,
+            Some(w) => {
+                let y = scores[w as usize];
+                x < y || (x == y && a > arrivals[w as usize])
+            }
+        };
+        if worse {
+            best = Some(r as u32);
+        }
+    }
+    // With fewer than two candidates the protected windows decide the
+    // count: the general path handles it.
+    (n >= 2).then(|| Ok(best.into_iter().collect()))
 }
 
 /// Per-layer state storage, grown on first use.
