@@ -7,7 +7,18 @@
 //   qk_logits) and the thresholds (entmax_rows); a V row is loaded only when some query head
 //   of the CTA gives it a non-zero weight. Writes partials with m = 0.
 // - decode_attention_combine_<dt>: out[o] = Σ_s e^{m_s−M} acc_s / Σ_s e^{m_s−M} l_s, splits
-//   in a fixed order; zeros when nothing was attended.
+//   in a fixed order; zeros when nothing was attended. On request (non-null pointers) it also
+//   writes the f32 output before rounding, the row's normaliser statistics (for the evidence
+//   passes) and the evidence statistic (softmax ln Σ e^z, entmax τ, -inf when nothing is
+//   attended).
+// - decode_attention_evidence_f32: the decode evidence token pass (probabilities or logits
+//   per token, folded over the GQA group); reads the logits the attention pass left and the
+//   row statistics of the combine, never K or V.
+//
+// Evidence side output: decode_attention_split_ev_<dt> is the softmax split kernel that also
+// writes the logit of every item it visits to zout[o_base[o] + i] (-inf for items a mask
+// clears), the layout of the entmax logits workspace; the attention arithmetic is the same
+// (same bits). A separate instantiation, so that the plain kernels keep their registers.
 //
 // Grid of split / pv: x = work unit, y = split, z = chunk of up to H query heads (H = 4 or
 // 8: the `_h4` / `_h8` variants; GQA groups of 4 or less take the lighter `_h4`). Block: 128
@@ -80,14 +91,15 @@ __device__ void merge_and_write(MergeSmem& sm, const float (&m)[H],
     }
 }
 
-template <typename T, int V, int CH, int H, bool ENTMAX>
+template <typename T, int V, int CH, int H, bool ENTMAX, bool EV>
 __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, const u32* __restrict__ work,
                           const u32* __restrict__ idx, const u32* __restrict__ mask, u32 mode,
                           u32 n_units, u32 heads_per_unit, u32 hq, u32 D, u32 L, float scale,
                           u32 chunk, float* __restrict__ part, u32 n_out,
                           const float* __restrict__ ws, const u32* __restrict__ o_base,
-                          const float* __restrict__ tau, const float* __restrict__ alphas) {
+                          const float* __restrict__ tau, const float* __restrict__ alphas,
+                          float* __restrict__ zout) {
     __shared__ MergeSmem sm;
     const u32 w = blockIdx.x;
     const Unit unit = load_unit(work, w);
@@ -192,6 +204,9 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
                             for (int e = 0; e < V; ++e) s = fmaf(qr[h][c][e], kr[c][e], s);
                         s = group_sum(s, L, gmask);
+                        if constexpr (EV) {
+                            if (lane == 0) zout[o_base[o0 + h] + i] = s;
+                        }
                         if (s > m[h]) {
                             const float corr = expf(m[h] - s);
                             l[h] *= corr;
@@ -209,6 +224,9 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
                             for (int e = 0; e < V; ++e) acc[h][c][e] = fmaf(p, vr[c][e], acc[h][c][e]);
                     }
                 }
+            } else if constexpr (EV) {
+                if (lane == 0)
+                    for (u32 h = 0; h < hc; ++h) zout[o_base[o0 + h] + i] = -KV_INF;
             }
 #pragma unroll
             for (int c = 0; c < CH; ++c)
@@ -226,45 +244,64 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
     const T *q, const T *k, const T *v, const u32 *work, const u32 *idx, const u32 *mask,       \
         u32 mode, u32 n_units, u32 heads_per_unit, u32 hq, u32 D, u32 L, float scale,          \
         u32 chunk, float *part, u32 n_out, const float *ws, const u32 *o_base,                 \
-        const float *tau, const float *alphas
+        const float *tau, const float *alphas, float *zout
 #define ATTN_PASS                                                                               \
     q, k, v, work, idx, mask, mode, n_units, heads_per_unit, hq, D, L, scale, chunk, part,     \
-        n_out, ws, o_base, tau, alphas
+        n_out, ws, o_base, tau, alphas, zout
 
-#define ATTN_INST(NAME, T, V, CH, H, ENT)                                                      \
+#define ATTN_INST(NAME, T, V, CH, H, ENT, EV)                                                  \
     extern "C" __global__ void __launch_bounds__(KV_ATTN_THREADS) NAME(ATTN_ARGS(T)) {          \
-        attn_impl<T, V, CH, H, ENT>(ATTN_PASS);                                                 \
+        attn_impl<T, V, CH, H, ENT, EV>(ATTN_PASS);                                             \
     }
 
-ATTN_INST(decode_attention_split_vec_h4_f32, float, 4, 1, 4, false)
-ATTN_INST(decode_attention_split_vec_h4_f16, f16s, 8, 1, 4, false)
-ATTN_INST(decode_attention_split_vec_h4_bf16, bf16s, 8, 1, 4, false)
-ATTN_INST(decode_attention_split_vec_h8_f32, float, 4, 1, 8, false)
-ATTN_INST(decode_attention_split_vec_h8_f16, f16s, 8, 1, 8, false)
-ATTN_INST(decode_attention_split_vec_h8_bf16, bf16s, 8, 1, 8, false)
-ATTN_INST(decode_attention_split_scalar_h4_f32, float, 1, 8, 4, false)
-ATTN_INST(decode_attention_split_scalar_h4_f16, f16s, 1, 8, 4, false)
-ATTN_INST(decode_attention_split_scalar_h4_bf16, bf16s, 1, 8, 4, false)
-ATTN_INST(decode_attention_split_scalar_h8_f32, float, 1, 8, 8, false)
-ATTN_INST(decode_attention_split_scalar_h8_f16, f16s, 1, 8, 8, false)
-ATTN_INST(decode_attention_split_scalar_h8_bf16, bf16s, 1, 8, 8, false)
-ATTN_INST(decode_attention_pv_vec_h4_f32, float, 4, 1, 4, true)
-ATTN_INST(decode_attention_pv_vec_h4_f16, f16s, 8, 1, 4, true)
-ATTN_INST(decode_attention_pv_vec_h4_bf16, bf16s, 8, 1, 4, true)
-ATTN_INST(decode_attention_pv_vec_h8_f32, float, 4, 1, 8, true)
-ATTN_INST(decode_attention_pv_vec_h8_f16, f16s, 8, 1, 8, true)
-ATTN_INST(decode_attention_pv_vec_h8_bf16, bf16s, 8, 1, 8, true)
-ATTN_INST(decode_attention_pv_scalar_h4_f32, float, 1, 8, 4, true)
-ATTN_INST(decode_attention_pv_scalar_h4_f16, f16s, 1, 8, 4, true)
-ATTN_INST(decode_attention_pv_scalar_h4_bf16, bf16s, 1, 8, 4, true)
-ATTN_INST(decode_attention_pv_scalar_h8_f32, float, 1, 8, 8, true)
-ATTN_INST(decode_attention_pv_scalar_h8_f16, f16s, 1, 8, 8, true)
-ATTN_INST(decode_attention_pv_scalar_h8_bf16, bf16s, 1, 8, 8, true)
+ATTN_INST(decode_attention_split_vec_h4_f32, float, 4, 1, 4, false, false)
+ATTN_INST(decode_attention_split_vec_h4_f16, f16s, 8, 1, 4, false, false)
+ATTN_INST(decode_attention_split_vec_h4_bf16, bf16s, 8, 1, 4, false, false)
+ATTN_INST(decode_attention_split_vec_h8_f32, float, 4, 1, 8, false, false)
+ATTN_INST(decode_attention_split_vec_h8_f16, f16s, 8, 1, 8, false, false)
+ATTN_INST(decode_attention_split_vec_h8_bf16, bf16s, 8, 1, 8, false, false)
+ATTN_INST(decode_attention_split_scalar_h4_f32, float, 1, 8, 4, false, false)
+ATTN_INST(decode_attention_split_scalar_h4_f16, f16s, 1, 8, 4, false, false)
+ATTN_INST(decode_attention_split_scalar_h4_bf16, bf16s, 1, 8, 4, false, false)
+ATTN_INST(decode_attention_split_scalar_h8_f32, float, 1, 8, 8, false, false)
+ATTN_INST(decode_attention_split_scalar_h8_f16, f16s, 1, 8, 8, false, false)
+ATTN_INST(decode_attention_split_scalar_h8_bf16, bf16s, 1, 8, 8, false, false)
+ATTN_INST(decode_attention_split_ev_vec_h4_f32, float, 4, 1, 4, false, true)
+ATTN_INST(decode_attention_split_ev_vec_h4_f16, f16s, 8, 1, 4, false, true)
+ATTN_INST(decode_attention_split_ev_vec_h4_bf16, bf16s, 8, 1, 4, false, true)
+ATTN_INST(decode_attention_split_ev_vec_h8_f32, float, 4, 1, 8, false, true)
+ATTN_INST(decode_attention_split_ev_vec_h8_f16, f16s, 8, 1, 8, false, true)
+ATTN_INST(decode_attention_split_ev_vec_h8_bf16, bf16s, 8, 1, 8, false, true)
+ATTN_INST(decode_attention_split_ev_scalar_h4_f32, float, 1, 8, 4, false, true)
+ATTN_INST(decode_attention_split_ev_scalar_h4_f16, f16s, 1, 8, 4, false, true)
+ATTN_INST(decode_attention_split_ev_scalar_h4_bf16, bf16s, 1, 8, 4, false, true)
+ATTN_INST(decode_attention_split_ev_scalar_h8_f32, float, 1, 8, 8, false, true)
+ATTN_INST(decode_attention_split_ev_scalar_h8_f16, f16s, 1, 8, 8, false, true)
+ATTN_INST(decode_attention_split_ev_scalar_h8_bf16, bf16s, 1, 8, 8, false, true)
+ATTN_INST(decode_attention_pv_vec_h4_f32, float, 4, 1, 4, true, false)
+ATTN_INST(decode_attention_pv_vec_h4_f16, f16s, 8, 1, 4, true, false)
+ATTN_INST(decode_attention_pv_vec_h4_bf16, bf16s, 8, 1, 4, true, false)
+ATTN_INST(decode_attention_pv_vec_h8_f32, float, 4, 1, 8, true, false)
+ATTN_INST(decode_attention_pv_vec_h8_f16, f16s, 8, 1, 8, true, false)
+ATTN_INST(decode_attention_pv_vec_h8_bf16, bf16s, 8, 1, 8, true, false)
+ATTN_INST(decode_attention_pv_scalar_h4_f32, float, 1, 8, 4, true, false)
+ATTN_INST(decode_attention_pv_scalar_h4_f16, f16s, 1, 8, 4, true, false)
+ATTN_INST(decode_attention_pv_scalar_h4_bf16, bf16s, 1, 8, 4, true, false)
+ATTN_INST(decode_attention_pv_scalar_h8_f32, float, 1, 8, 8, true, false)
+ATTN_INST(decode_attention_pv_scalar_h8_f16, f16s, 1, 8, 8, true, false)
+ATTN_INST(decode_attention_pv_scalar_h8_bf16, bf16s, 1, 8, 8, true, false)
 
-// One block per query row o; threads over D. Splits combined in order.
+// One block per query row o; threads over D. Splits combined in order. Optional outputs
+// (null when not asked): `out_f32` the output before rounding; `rn` the row statistics of
+// the evidence passes, 3 per row: softmax (M, Σ e^{z−M}, 0), entmax (zmax, Σ p̃, τ shifted)
+// with p̃ the unnormalised weights; `stats` the evidence statistic. `tau` / `alphas` (the
+// entmax thresholds and α per query head, null for softmax) select the entmax statistic.
 template <typename T>
 __device__ void combine_impl(const float* __restrict__ part, u32 n_splits, u32 n_out, u32 D,
-                             T* __restrict__ out) {
+                             T* __restrict__ out, float* __restrict__ out_f32,
+                             float* __restrict__ rn, float* __restrict__ stats,
+                             const float* __restrict__ tau, const float* __restrict__ alphas,
+                             u32 hq) {
     const u32 o = blockIdx.x;
     const size_t stride = (size_t)D + 2;
     float M = -KV_INF;
@@ -285,13 +322,94 @@ __device__ void combine_impl(const float* __restrict__ part, u32 n_splits, u32 n
             a /= lsum;
         }
         out[(size_t)o * D + d] = from_f32<T>(a);
+        if (out_f32 != nullptr) out_f32[(size_t)o * D + d] = a;
     }
+    if (threadIdx.x != 0 || (rn == nullptr && stats == nullptr)) return;
+    const bool live = M != -KV_INF && lsum > 0.0f;
+    float r0 = M, r2 = 0.0f, st = live ? M + logf(lsum) : -KV_INF;
+    if (tau != nullptr) {
+        // Entmax: partials carry m = 0; the weights are p̃ / Σ p̃ with p̃ from (zmax, τ).
+        r0 = tau[2 * o];
+        r2 = tau[2 * o + 1];
+        st = -KV_INF;
+        if (live && r0 > -KV_INF) {
+            // The reference's τ: (α−1)·z_top − p_top^{α−1}, p_top the weight of the top logit.
+            const float a = alphas[o % hq];
+            const float p_top = ent_p(ent_pow(a), -r2) / lsum;
+            st = (float)((double)(a - 1.0f) * (double)r0 - pow((double)p_top, (double)(a - 1.0f)));
+        }
+    }
+    if (rn != nullptr) {
+        rn[3 * o] = r0;
+        rn[3 * o + 1] = live ? lsum : 0.0f;
+        rn[3 * o + 2] = r2;
+    }
+    if (stats != nullptr) stats[o] = st;
 }
 
 #define COMBINE_INST(NAME, T)                                                                   \
-    extern "C" __global__ void NAME(const float *part, u32 n_splits, u32 n_out, u32 D, T *out) { \
-        combine_impl<T>(part, n_splits, n_out, D, out);                                         \
+    extern "C" __global__ void NAME(const float *part, u32 n_splits, u32 n_out, u32 D, T *out,   \
+                                    float *out_f32, float *rn, float *stats, const float *tau,  \
+                                    const float *alphas, u32 hq) {                              \
+        combine_impl<T>(part, n_splits, n_out, D, out, out_f32, rn, stats, tau, alphas, hq);    \
     }
 COMBINE_INST(decode_attention_combine_f32, float)
 COMBINE_INST(decode_attention_combine_f16, f16s)
 COMBINE_INST(decode_attention_combine_bf16, bf16s)
+
+// ------------------------------------------------------------------ evidence token pass
+//
+// Weight of logit z of output row o from the statistics the combine left (rn, 3 per row):
+// softmax e^{z−M} / Σ; entmax p̃(z) / Σ p̃ (the weights P·V used); 0 when nothing is attended.
+__device__ __forceinline__ float ev_weight(float z, const float* __restrict__ rn,
+                                           const float* __restrict__ alphas, u32 hq, u32 o) {
+    const float m = rn[3 * o], l = rn[3 * o + 1];
+    if (!(l > 0.0f)) return 0.0f;
+    if (alphas == nullptr) return expf(z - m) / l;
+    const float a = alphas[o % hq];
+    return ent_weight(ent_pow(a), a - 1.0f, z, m, rn[3 * o + 2]) / l;
+}
+
+// Candidate of token j in output row o (`rows`: 3 per row: logits base, candidates, index
+// list start), or -1 when the restriction leaves the token out. Dense rows and masks are
+// token-indexed (a cleared bit holds -inf); index lists are sorted and unique.
+__device__ __forceinline__ long long ev_cand(u32 mode, const u32* __restrict__ rows,
+                                             const u32* __restrict__ idx, u32 o, u32 j) {
+    const u32 n = rows[3 * o + 1];
+    if (mode != 1) return j < n ? (long long)j : -1;
+    const u32 base = rows[3 * o + 2];
+    u32 lo = 0, hi = n;
+    while (lo < hi) {
+        const u32 mid = (lo + hi) >> 1;
+        if (idx[base + mid] < j) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < n && idx[base + lo] == j ? (long long)lo : -1;
+}
+
+// One thread per token of an evidence block: `tab` holds 4 u32 per chunk of blockDim tokens
+// (first output row, output offset of the block, block length, first token); the block's
+// `nh` heads are output rows first .. first + nh − 1, folded as `fold` says (0 one head,
+// 1 sum, 2 mean, 3 max). `logits` = 1 writes the logits (-inf where not attended), 0 the
+// weights. `ws` holds the logits of every candidate (row o at rows[3 o]).
+extern "C" __global__ void decode_attention_evidence_f32(
+    const float* __restrict__ ws, const u32* __restrict__ rows, const u32* __restrict__ idx,
+    u32 mode, const float* __restrict__ rn, const float* __restrict__ alphas, u32 hq,
+    const u32* __restrict__ tab, u32 nh, u32 fold, u32 logits, float* __restrict__ out) {
+    const u32* c = tab + 4 * blockIdx.x;
+    const u32 first = c[0], out_off = c[1], len = c[2], j = c[3] + threadIdx.x;
+    if (j >= len) return;
+    float acc = 0.0f;
+    for (u32 hh = 0; hh < nh; ++hh) {
+        const u32 o = first + hh;
+        const long long t = ev_cand(mode, rows, idx, o, j);
+        float x;
+        if (logits) x = t < 0 ? -KV_INF : ws[rows[3 * o] + t];
+        else x = t < 0 ? 0.0f : ev_weight(ws[rows[3 * o] + t], rn, alphas, hq, o);
+        if (hh == 0) acc = x;
+        else if (fold == 3) acc = fmaxf(acc, x);
+        else acc += x;
+    }
+    if (fold == 2) acc /= (float)nh;
+    out[out_off + j] = acc;
+}

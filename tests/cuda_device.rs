@@ -12,6 +12,7 @@ mod common;
 use common::backends::{cuda, skip};
 use common::*;
 use half::bf16;
+use kvsieve::backend::{DecodeEvidence, Heads, PrefillEvidence, evidence_blocks};
 use kvsieve::cuda::{CudaBackend, KernelId};
 use kvsieve::ops::{self, DecodeParams, EntmaxPrefillParams, PrefillParams};
 use kvsieve::reference::Reference;
@@ -361,6 +362,7 @@ fn cover_dtype<T: Element>(b: &CudaBackend) {
                 b.upload(&v).unwrap(),
             );
             let ctx = format!("{} d={d} g={g}", T::DTYPE);
+            let mut got_ev = b.zeros::<T>(q.len()).unwrap();
             for norm in [Normalizer::Softmax, Normalizer::Entmax { alpha: 1.5 }] {
                 let p = DecodeParams {
                     geom,
@@ -375,6 +377,47 @@ fn cover_dtype<T: Element>(b: &CudaBackend) {
                 ops::decode_attention(b, &p, &qd, &kd, &vd, &mut got).unwrap();
                 let got = b.download(&got).unwrap();
                 assert_close(&w(&got), &w(&want), tol, &format!("decode {ctx} {norm:?}"));
+                // Decode evidence (the token pass and the combine's side outputs).
+                let ones = [1];
+                let n = evidence_blocks(&geom, &segs, Heads::Sum, &ones)
+                    .unwrap()
+                    .total();
+                let mut want_p = vec![0.0f32; n];
+                ops::decode_attention_with(
+                    &Reference,
+                    &p,
+                    &q,
+                    &k,
+                    &v,
+                    &mut vec![T::default(); q.len()],
+                    DecodeEvidence {
+                        probs: Some((Heads::Sum, &mut want_p)),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let mut probs = b.zeros::<f32>(n).unwrap();
+                let mut of = b.zeros::<f32>(q.len()).unwrap();
+                ops::decode_attention_with(
+                    b,
+                    &p,
+                    &qd,
+                    &kd,
+                    &vd,
+                    &mut got_ev,
+                    DecodeEvidence {
+                        probs: Some((Heads::Sum, &mut probs)),
+                        output: Some(&mut of),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                assert_close(
+                    &w32(&b.download(&probs).unwrap()),
+                    &w32(&want_p),
+                    tol,
+                    &format!("decode evidence {ctx} {norm:?}"),
+                );
             }
             let q_rows = Ragged::from_lens(&[1]).unwrap();
             let qp = ops::QkParams {
@@ -393,6 +436,86 @@ fn cover_dtype<T: Element>(b: &CudaBackend) {
                 &w32(&want),
                 tol,
                 &format!("qk_logits {ctx}"),
+            );
+            // Prefill evidence (vec / scalar) and value_distances.
+            let q_rows = Ragged::from_lens(&[1]).unwrap();
+            let pp = PrefillParams {
+                geom,
+                q_rows: &q_rows,
+                segments: &segs,
+                causal: true,
+                mask: None,
+                scale: None,
+                normalizer: &Normalizer::Softmax,
+            };
+            let n = evidence_blocks(&geom, &segs, Heads::Max, &[1])
+                .unwrap()
+                .total();
+            let mut want = vec![0.0f32; n];
+            ops::prefill_attention_with(
+                &Reference,
+                &pp,
+                &q,
+                &k,
+                &v,
+                &mut vec![T::default(); q.len()],
+                PrefillEvidence {
+                    col_sums: Some((Heads::Max, &mut want)),
+                    window: None,
+                },
+            )
+            .unwrap();
+            let mut got = b.zeros::<f32>(n).unwrap();
+            ops::prefill_attention_with(
+                b,
+                &pp,
+                &qd,
+                &kd,
+                &vd,
+                &mut b.zeros::<T>(q.len()).unwrap(),
+                PrefillEvidence {
+                    col_sums: Some((Heads::Max, &mut got)),
+                    window: None,
+                },
+            )
+            .unwrap();
+            assert_close(
+                &w32(&b.download(&got).unwrap()),
+                &w32(&want),
+                tol,
+                &format!("prefill evidence {ctx}"),
+            );
+            let weights: Vec<f32> = (0..n).map(|j| 1.0 / (1 + j % 40) as f32).collect();
+            let (mut want, mut got) = (vec![0.0f32; n], b.zeros::<f32>(n).unwrap());
+            ops::value_distances(
+                &Reference,
+                geom,
+                &segs,
+                Heads::Max,
+                false,
+                &weights,
+                &v,
+                &mut want,
+                None,
+            )
+            .unwrap();
+            ops::value_distances(
+                b,
+                geom,
+                &segs,
+                Heads::Max,
+                false,
+                &b.upload(&weights).unwrap(),
+                &vd,
+                &mut got,
+                None,
+            )
+            .unwrap();
+            assert_close(
+                &w32(&b.download(&got).unwrap()),
+                &w32(&want),
+                tol,
+                &format!("value_distances {ctx}"),
             );
         }
         // Entmax prefill (tiles) and its backward (rows and keys kernels).

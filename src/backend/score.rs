@@ -156,8 +156,9 @@ pub trait ScoreOps: Backend {
     /// Distances of value rows to the weighted value sum (see
     /// [`DistMeta`]), and the sums themselves (`centers`, `[blocks, D]`
     /// f32) when asked. The default downloads `weights` and `v`, runs the
-    /// f64 specification on the host and uploads the result: backends
-    /// without a kernel (CUDA today) use it.
+    /// f64 specification on the host and uploads the result: a correct
+    /// path for a backend without a kernel (every backend of this crate
+    /// has one).
     fn value_distances<T: Element>(
         &self,
         meta: &DistMeta,

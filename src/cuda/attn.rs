@@ -9,14 +9,19 @@
 //!   then `decode_attention_combine` (fixed split order: deterministic);
 //! - entmax: `qk_logits` into a workspace, `entmax_rows` (threshold per query row),
 //!   `decode_attention_pv` (V rows only for tokens with a non-zero weight), combine.
+//!
+//! On request the pass leaves what the evidence kernels (`evidence.rs`) read: every
+//! candidate's logit (softmax: written by the split kernel beside its scores; entmax: the
+//! logits workspace it has anyway), the row statistics of the combine, and, written by the
+//! combine itself, the f32 output before rounding and the normaliser statistic.
 
 use super::device::{CudaBackend, DeviceBytes};
+use super::evidence;
 use super::kernels::{self, KernelId, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
 use crate::backend::{
     AttnOps, DecodeEvidence, DecodeMeta, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
-    evidence,
 };
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -54,7 +59,7 @@ pub(crate) struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    fn units(&self) -> usize {
+    pub(crate) fn units(&self) -> usize {
         self.work.len() / 4
     }
     fn max_items(&self) -> usize {
@@ -65,16 +70,40 @@ impl Plan<'_> {
             .unwrap_or(0)
     }
     /// Items of the unit serving output row `o = q_row · Hq + h`, per `o`.
-    fn items_per_out(&self, hq: usize) -> Vec<u32> {
+    pub(crate) fn items_per_out(&self, hq: usize) -> Vec<u32> {
+        self.per_out(hq, 1)
+    }
+    /// Field `f` of the work unit (0 kv_off, 1 items, 2 base, 3 q_row) serving each output row.
+    pub(crate) fn per_out(&self, hq: usize, f: usize) -> Vec<u32> {
         let mut n = vec![0u32; self.q_rows * hq];
         for (w, unit) in self.work.chunks(4).enumerate() {
             let h0 = (w % self.n_units) * self.heads_per_unit;
             for h in h0..h0 + self.heads_per_unit {
-                n[unit[3] as usize * hq + h] = unit[1];
+                n[unit[3] as usize * hq + h] = unit[f];
             }
         }
         n
     }
+}
+
+/// Offsets of rows of `items` entries laid end to end (the logits workspace).
+pub(crate) fn row_bases(items: &[u32], op: &'static str, dt: DType) -> Result<(Vec<u32>, usize)> {
+    let mut base = Vec::with_capacity(items.len());
+    let mut acc = 0u64;
+    for &n in items {
+        base.push(u32::try_from(acc).map_err(|_| Error::Unsupported {
+            backend: "cuda",
+            op,
+            dtype: dt,
+        })?);
+        acc += u64::from(n);
+    }
+    u32::try_from(acc).map_err(|_| Error::Unsupported {
+        backend: "cuda",
+        op,
+        dtype: dt,
+    })?;
+    Ok((base, acc as usize))
 }
 
 /// Kernel variant for head dim `d`: (vector?, lanes per row).
@@ -194,10 +223,10 @@ pub(crate) fn prefill_plan<'a>(
 }
 
 /// Device copies of a plan's tables.
-struct PlanBufs {
-    work: DeviceBytes,
-    idx: DeviceBytes,
-    mask: DeviceBytes,
+pub(crate) struct PlanBufs {
+    pub work: DeviceBytes,
+    pub idx: DeviceBytes,
+    pub mask: DeviceBytes,
 }
 
 fn plan_bufs(be: &CudaBackend, plan: &Plan<'_>) -> Result<PlanBufs> {
@@ -213,6 +242,7 @@ pub(crate) struct EntmaxState {
     /// Logits workspace, row `o` at `o_base[o]`, `items[o]` entries.
     pub ws: DeviceBytes,
     pub o_base: DeviceBytes,
+    pub o_base_host: Vec<u32>,
     pub items: Vec<u32>,
     /// (zmax, τ shifted) per output row.
     pub tau: DeviceBytes,
@@ -298,17 +328,8 @@ pub(crate) fn entmax_thresholds<T: Element>(
     let hq = geom.num_q_heads();
     let items = plan.items_per_out(hq);
     let n_out = items.len();
-    let mut o_base = Vec::with_capacity(n_out);
-    let mut acc = 0u64;
-    for &n in &items {
-        o_base.push(u32::try_from(acc).map_err(|_| Error::Unsupported {
-            backend: "cuda",
-            op,
-            dtype: T::DTYPE,
-        })?);
-        acc += u64::from(n);
-    }
-    let mut ws = be.scratch(acc as usize * 4)?;
+    let (o_base, total) = row_bases(&items, op, T::DTYPE)?;
+    let mut ws = be.scratch(total * 4)?;
     logits::<T>(be, plan, geom, scale, q, k, &mut ws, &o_base, &items, op)?;
     let alpha_rows: Vec<f32> = (0..n_out).map(|o| alphas[o % hq]).collect();
     let (ob, len) = (be.upload_u32(&o_base)?, be.upload_u32(&items)?);
@@ -332,14 +353,62 @@ pub(crate) fn entmax_thresholds<T: Element>(
     Ok(EntmaxState {
         ws,
         o_base: ob,
+        o_base_host: o_base,
         items,
         tau,
         alpha_rows,
     })
 }
 
-/// Runs attention for a plan and writes `out` (`[q_rows, Hq, D]`). Returns the entmax
-/// state when the normaliser is entmax (for entmax prefill's τ and tile statistics).
+/// What an attention pass should leave for the evidence (nothing by default).
+#[derive(Default)]
+pub(crate) struct SideOut<'a> {
+    /// Keep every candidate's logit (row `o` at its base, `items[o]` entries, `-inf` where a
+    /// mask clears the item).
+    pub logits: bool,
+    /// Keep the row statistics of the combine (3 floats per output row, see
+    /// `decode_attention.cu`).
+    pub row_norm: bool,
+    /// The output in f32 before rounding (`[q_rows, Hq, D]`).
+    pub out_f32: Option<&'a mut DeviceBytes>,
+    /// The normaliser statistic per output row.
+    pub stats: Option<&'a mut DeviceBytes>,
+}
+
+/// Candidate logits left by an attention pass.
+pub(crate) struct Logits {
+    pub ws: DeviceBytes,
+    /// Row `o` starts at `base[o]` and has `items[o]` entries.
+    pub base: Vec<u32>,
+    pub items: Vec<u32>,
+}
+
+/// What an attention pass leaves: the entmax state (entmax), the plan's device tables, and
+/// the side outputs asked for.
+pub(crate) struct Side {
+    pub state: Option<EntmaxState>,
+    pub bufs: PlanBufs,
+    /// Softmax candidate logits (entmax: `state.ws`).
+    pub logits: Option<Logits>,
+    pub row_norm: Option<DeviceBytes>,
+    /// α per query head (entmax only).
+    pub alphas: Option<DeviceBytes>,
+}
+
+impl Side {
+    /// The candidate logits, whichever normaliser ran.
+    pub(crate) fn logits(&self) -> Option<(&DeviceBytes, &[u32], &[u32])> {
+        match (&self.logits, &self.state) {
+            (Some(l), _) => Some((&l.ws, &l.base, &l.items)),
+            (None, Some(s)) => Some((&s.ws, &s.o_base_host, &s.items)),
+            _ => None,
+        }
+    }
+}
+
+/// Runs attention for a plan and writes `out` (`[q_rows, Hq, D]`) and the side outputs of
+/// `side`. Returns what the pass left (the entmax state for entmax prefill's τ and tile
+/// statistics, and the evidence inputs); `None` when there is no output row.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<T: Element>(
     be: &CudaBackend,
@@ -351,8 +420,9 @@ pub(crate) fn run<T: Element>(
     k: &CudaBuffer<T>,
     v: &CudaBuffer<T>,
     out: &mut CudaBuffer<T>,
+    side: SideOut<'_>,
     op: &'static str,
-) -> Result<Option<EntmaxState>> {
+) -> Result<Option<Side>> {
     let (hq, d) = (geom.num_q_heads(), geom.head_dim());
     let (vec, lanes) = variant(d, T::DTYPE, op)?;
     let n_out = plan.q_rows * hq;
@@ -378,6 +448,25 @@ pub(crate) fn run<T: Element>(
         None => None,
     };
     let alphas_dev = be.upload_f32(alphas.unwrap_or(&[]))?;
+    // Softmax candidate logits, written by the split kernel beside its scores.
+    let mut logits = if side.logits && state.is_none() {
+        let items = plan.items_per_out(hq);
+        let (base, total) = row_bases(&items, op, T::DTYPE)?;
+        Some((
+            Logits {
+                ws: be.scratch(total * 4)?,
+                base: Vec::new(),
+                items,
+            },
+            base,
+        ))
+    } else {
+        None
+    };
+    let logits_base = match &logits {
+        Some((_, base)) => Some(be.upload_u32(base)?),
+        None => None,
+    };
     let table = if state.is_some() {
         kernels::pick4(
             [
@@ -385,6 +474,17 @@ pub(crate) fn run<T: Element>(
                 &kernels::ATTN_PV_VEC_H8,
                 &kernels::ATTN_PV_SCALAR_H4,
                 &kernels::ATTN_PV_SCALAR_H8,
+            ],
+            vec,
+            hc == 4,
+        )
+    } else if logits.is_some() {
+        kernels::pick4(
+            [
+                &kernels::ATTN_SPLIT_EV_VEC_H4,
+                &kernels::ATTN_SPLIT_EV_VEC_H8,
+                &kernels::ATTN_SPLIT_EV_SCALAR_H4,
+                &kernels::ATTN_SPLIT_EV_SCALAR_H8,
             ],
             vec,
             hc == 4,
@@ -404,7 +504,11 @@ pub(crate) fn run<T: Element>(
     let empty = be.scratch(16)?;
     let (ws, ob, tau) = match &state {
         Some(s) => (&s.ws, &s.o_base, &s.tau),
-        None => (&empty, &empty, &empty),
+        None => (&empty, logits_base.as_ref().unwrap_or(&empty), &empty),
+    };
+    let zout = match logits.as_mut() {
+        Some((l, _)) => Arg::Out(&mut l.ws),
+        None => Arg::Null,
     };
     launch(
         be,
@@ -433,8 +537,18 @@ pub(crate) fn run<T: Element>(
             Arg::In(ob),
             Arg::In(tau),
             Arg::In(&alphas_dev),
+            zout,
         ],
     )?;
+    let mut row_norm = if side.row_norm {
+        Some(be.scratch(n_out * 3 * 4)?)
+    } else {
+        None
+    };
+    let (tau_arg, alpha_arg) = match &state {
+        Some(s) => (Arg::In(&s.tau), Arg::In(&alphas_dev)),
+        None => (Arg::Null, Arg::Null),
+    };
     launch(
         be,
         KernelId::DecodeAttention,
@@ -447,9 +561,25 @@ pub(crate) fn run<T: Element>(
             Arg::U32(u32_of(n_out)),
             Arg::U32(u32_of(d)),
             Arg::Out(&mut out.data),
+            Arg::opt_out(side.out_f32),
+            Arg::opt_out(row_norm.as_mut()),
+            Arg::opt_out(side.stats),
+            tau_arg,
+            alpha_arg,
+            Arg::U32(u32_of(hq)),
         ],
     )?;
-    Ok(state)
+    let alphas = state.as_ref().map(|_| alphas_dev);
+    Ok(Some(Side {
+        state,
+        bufs,
+        logits: logits.map(|(mut l, base)| {
+            l.base = base;
+            l
+        }),
+        row_norm,
+        alphas,
+    }))
 }
 
 /// α per query head, or `None` for softmax.
@@ -472,7 +602,13 @@ impl AttnOps for CudaBackend {
     ) -> Result<()> {
         let plan = decode_plan(meta);
         let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
-        run(
+        let side = SideOut {
+            logits: ev.probs.is_some() || ev.logits.is_some(),
+            row_norm: ev.probs.is_some(),
+            out_f32: ev.output.as_deref_mut().map(|b| &mut b.data),
+            stats: ev.stats.as_deref_mut().map(|b| &mut b.data),
+        };
+        let side = run(
             self,
             &plan,
             &meta.geom,
@@ -482,9 +618,13 @@ impl AttnOps for CudaBackend {
             k,
             v,
             out,
+            side,
             "decode_attention",
         )?;
-        evidence::fallback::decode(self, meta, q, k, out, ev)
+        match side {
+            Some(side) => evidence::decode(self, meta, &plan, &side, ev),
+            None => Ok(()),
+        }
     }
 
     fn prefill_attention<T: Element>(
@@ -498,7 +638,11 @@ impl AttnOps for CudaBackend {
     ) -> Result<()> {
         let plan = prefill_plan(&meta.geom, meta.q_rows, meta.segs, meta.causal, meta.mask);
         let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
-        run(
+        let side = SideOut {
+            row_norm: !ev.is_empty(),
+            ..SideOut::default()
+        };
+        let side = run(
             self,
             &plan,
             &meta.geom,
@@ -508,8 +652,9 @@ impl AttnOps for CudaBackend {
             k,
             v,
             out,
+            side,
             "prefill_attention",
         )?;
-        evidence::fallback::prefill(self, meta, q, k, ev)
+        evidence::prefill(self, meta, &plan, side.as_ref(), q, k, ev)
     }
 }

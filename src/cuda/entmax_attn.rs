@@ -9,7 +9,7 @@
 //! per query row (δ, dQ, the row's ∂L/∂α) and one per key row (dK, dV, GQA heads summed);
 //! ∂L/∂α is summed per head on the host.
 
-use super::attn::{prefill_plan, run, variant};
+use super::attn::{SideOut, prefill_plan, run, variant};
 use super::device::CudaBackend;
 use super::kernels::{self, ENTMAX_TILES, KernelId, PerDtype, entry};
 use super::launch::{Arg, launch};
@@ -41,9 +41,10 @@ impl EntmaxOps for CudaBackend {
             k,
             v,
             out,
+            SideOut::default(),
             "entmax_prefill",
         )?
-        else {
+        .and_then(|side| side.state) else {
             return Ok(BlockStats::default());
         };
         let n_out = state.items.len();

@@ -32,10 +32,15 @@ pub enum KernelId {
     ScatterRows,
     /// `merge_rows.cu`
     MergeRows,
-    /// `decode_attention.cu` (also the engine of prefill attention)
+    /// `decode_attention.cu` (also the engine of prefill attention, and the decode evidence)
     DecodeAttention,
     /// `entmax_prefill.cu` (tile liveness and the backward)
     EntmaxPrefill,
+    /// `prefill_attention.cu` (the prefill evidence pass; the attention runs on
+    /// `decode_attention.cu`)
+    PrefillAttention,
+    /// `value_distances.cu`
+    ValueDistances,
 }
 
 /// Entry points indexed by dtype (`f32`, `f16`, `bf16`, the order of [`DType::ALL`]).
@@ -59,11 +64,24 @@ per_dtype!(ATTN_SPLIT_VEC_H4, "decode_attention_split_vec_h4");
 per_dtype!(ATTN_SPLIT_VEC_H8, "decode_attention_split_vec_h8");
 per_dtype!(ATTN_SPLIT_SCALAR_H4, "decode_attention_split_scalar_h4");
 per_dtype!(ATTN_SPLIT_SCALAR_H8, "decode_attention_split_scalar_h8");
+per_dtype!(ATTN_SPLIT_EV_VEC_H4, "decode_attention_split_ev_vec_h4");
+per_dtype!(ATTN_SPLIT_EV_VEC_H8, "decode_attention_split_ev_vec_h8");
+per_dtype!(
+    ATTN_SPLIT_EV_SCALAR_H4,
+    "decode_attention_split_ev_scalar_h4"
+);
+per_dtype!(
+    ATTN_SPLIT_EV_SCALAR_H8,
+    "decode_attention_split_ev_scalar_h8"
+);
 per_dtype!(ATTN_PV_VEC_H4, "decode_attention_pv_vec_h4");
 per_dtype!(ATTN_PV_VEC_H8, "decode_attention_pv_vec_h8");
 per_dtype!(ATTN_PV_SCALAR_H4, "decode_attention_pv_scalar_h4");
 per_dtype!(ATTN_PV_SCALAR_H8, "decode_attention_pv_scalar_h8");
 per_dtype!(ATTN_COMBINE, "decode_attention_combine");
+per_dtype!(PREFILL_EV_VEC, "prefill_attention_evidence_vec");
+per_dtype!(PREFILL_EV_SCALAR, "prefill_attention_evidence_scalar");
+per_dtype!(VALUE_DISTANCES, "value_distances");
 per_dtype!(GATHER, "gather_rows");
 per_dtype!(SCATTER, "scatter_rows");
 per_dtype!(MERGE, "merge_rows");
@@ -77,6 +95,7 @@ pub(crate) const ENTMAX_ROWS: &str = "entmax_rows_f32";
 pub(crate) const TOPK_ROWS: &str = "topk_rows_f32";
 pub(crate) const COUNT_ABOVE: &str = "count_above_f32";
 pub(crate) const ENTMAX_TILES: &str = "entmax_prefill_tiles_f32";
+pub(crate) const DECODE_EVIDENCE: &str = "decode_attention_evidence_f32";
 
 /// Attention-like kernels: the table for (vector path?, at most 4 heads per CTA?).
 pub(crate) fn pick4(tables: [&'static PerDtype; 4], vec: bool, h4: bool) -> &'static PerDtype {
@@ -102,7 +121,7 @@ pub const HOT_PREFIXES: [&str; 4] = [
 
 impl KernelId {
     /// Every kernel source, in a fixed order.
-    pub const ALL: [KernelId; 10] = [
+    pub const ALL: [KernelId; 12] = [
         KernelId::SoftmaxRows,
         KernelId::EntmaxRows,
         KernelId::QkLogits,
@@ -113,6 +132,8 @@ impl KernelId {
         KernelId::MergeRows,
         KernelId::DecodeAttention,
         KernelId::EntmaxPrefill,
+        KernelId::PrefillAttention,
+        KernelId::ValueDistances,
     ];
 
     /// Position in [`KernelId::ALL`].
@@ -133,6 +154,8 @@ impl KernelId {
             KernelId::MergeRows => "merge_rows",
             KernelId::DecodeAttention => "decode_attention",
             KernelId::EntmaxPrefill => "entmax_prefill",
+            KernelId::PrefillAttention => "prefill_attention",
+            KernelId::ValueDistances => "value_distances",
         }
     }
 
@@ -149,6 +172,8 @@ impl KernelId {
             KernelId::MergeRows => include_str!("../../cuda/merge_rows.cu"),
             KernelId::DecodeAttention => include_str!("../../cuda/decode_attention.cu"),
             KernelId::EntmaxPrefill => include_str!("../../cuda/entmax_prefill.cu"),
+            KernelId::PrefillAttention => include_str!("../../cuda/prefill_attention.cu"),
+            KernelId::ValueDistances => include_str!("../../cuda/value_distances.cu"),
         }
     }
 
@@ -163,6 +188,8 @@ impl KernelId {
             KernelId::GatherRows => &[&GATHER],
             KernelId::ScatterRows => &[&SCATTER],
             KernelId::MergeRows => &[&MERGE],
+            KernelId::PrefillAttention => &[&PREFILL_EV_VEC, &PREFILL_EV_SCALAR],
+            KernelId::ValueDistances => &[&VALUE_DISTANCES],
             KernelId::EntmaxPrefill => {
                 let mut v = vec![ENTMAX_TILES];
                 for t in [
@@ -175,17 +202,27 @@ impl KernelId {
                 }
                 return v;
             }
-            KernelId::DecodeAttention => &[
-                &ATTN_SPLIT_VEC_H4,
-                &ATTN_SPLIT_VEC_H8,
-                &ATTN_SPLIT_SCALAR_H4,
-                &ATTN_SPLIT_SCALAR_H8,
-                &ATTN_PV_VEC_H4,
-                &ATTN_PV_VEC_H8,
-                &ATTN_PV_SCALAR_H4,
-                &ATTN_PV_SCALAR_H8,
-                &ATTN_COMBINE,
-            ],
+            KernelId::DecodeAttention => {
+                let mut v = vec![DECODE_EVIDENCE];
+                for t in [
+                    &ATTN_SPLIT_VEC_H4,
+                    &ATTN_SPLIT_VEC_H8,
+                    &ATTN_SPLIT_SCALAR_H4,
+                    &ATTN_SPLIT_SCALAR_H8,
+                    &ATTN_SPLIT_EV_VEC_H4,
+                    &ATTN_SPLIT_EV_VEC_H8,
+                    &ATTN_SPLIT_EV_SCALAR_H4,
+                    &ATTN_SPLIT_EV_SCALAR_H8,
+                    &ATTN_PV_VEC_H4,
+                    &ATTN_PV_VEC_H8,
+                    &ATTN_PV_SCALAR_H4,
+                    &ATTN_PV_SCALAR_H8,
+                    &ATTN_COMBINE,
+                ] {
+                    v.extend_from_slice(t);
+                }
+                return v;
+            }
         };
         tables.iter().flat_map(|t| t.iter().copied()).collect()
     }

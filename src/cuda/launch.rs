@@ -22,6 +22,17 @@ pub(crate) enum Arg<'a> {
     F32(f32),
 }
 
+impl<'a> Arg<'a> {
+    /// An optional input: the buffer, or a null pointer.
+    pub(crate) fn opt_in(x: Option<&'a DeviceBytes>) -> Self {
+        x.map_or(Arg::Null, Arg::In)
+    }
+    /// An optional output: the buffer, or a null pointer.
+    pub(crate) fn opt_out(x: Option<&'a mut DeviceBytes>) -> Self {
+        x.map_or(Arg::Null, Arg::Out)
+    }
+}
+
 static NULL_PTR: u64 = 0;
 
 /// Launches `name` from module `id` with `grid` blocks of `block` threads, on the backend's

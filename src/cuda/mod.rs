@@ -7,7 +7,8 @@
 //! | kernel sources and entry names | [`kernels`] (`cuda/<stem>.cu` + `cuda/common.cuh`) |
 //! | the one launch point (the `unsafe` driver launch, or the simulator) | `launch.rs` |
 //! | the CPU SIMT simulator (feature `cuda-sim`): buffers, launches, its detector tests | `sim.rs` (+ `cuda/sim/`, `build.rs`) |
-//! | ops | `norm.rs`, `score.rs`, `select.rs`, `cache_ops.rs`, `attn.rs`, `entmax_attn.rs` |
+//! | ops | `norm.rs`, `score.rs` (Q·K logits, `value_distances`), `select.rs`, `cache_ops.rs`, `attn.rs`, `entmax_attn.rs` |
+//! | attention evidence from the attention pass | `evidence.rs` |
 //!
 //! Building needs no toolkit and no GPU. At run time [`CudaBackend::new`] needs `libcuda`
 //! (the driver) and `libnvrtc` (for example from the `nvidia-cuda-nvrtc-cu12` wheel, on
@@ -20,6 +21,7 @@ mod attn;
 mod cache_ops;
 mod device;
 mod entmax_attn;
+mod evidence;
 pub mod kernels;
 mod launch;
 mod norm;
