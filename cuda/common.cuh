@@ -155,8 +155,8 @@ __device__ __forceinline__ float ent_p(const EntPow& e, float u) {
 }
 
 // Threshold of one row by the hybrid Halley–bisection rule of `kvsieve::entmax::TauBracket`
-// (bracket of `tau_bounds`, Halley candidate accepted inside the ε-widened bracket only when
-// the progress guard allows it, bisection otherwise). Sums in f64. Stops when |f| < 1e-6 or
+// (bracket of `tau_bounds`, Halley candidate accepted inside the ε-widened bracket, and below
+// max s, only when the progress guard allows it, bisection otherwise). Sums in f64. Stops when |f| < 1e-6 or
 // after 60 updates. All threads of the block call it and get the same result.
 __device__ TauResult block_entmax_tau(const float* z, u32 n, float alpha, double* red) {
     TauResult res;
@@ -215,8 +215,13 @@ __device__ TauResult block_entmax_tau(const float* z, u32 n, float alpha, double
         absf1 = absf0;
         absf0 = fabs(f);
         double cand = tau - 2.0 * f * df / (2.0 * df * df - f * ddf);
-        if (progress && cand > lo - 1e-6 && cand < hi + 1e-6) tau = cand;
-        else tau = 0.5 * (lo + hi);
+        // Never at or past max s = 0 (`TauBracket::for_row`): for α > 2 and
+        // long rows hi + ε > 0, and such a τ empties the support.
+        if (progress && cand > lo - 1e-6 && cand < fmin(hi + 1e-6, 0.0)) tau = cand;
+        else {
+            tau = 0.5 * (lo + hi);
+            if (tau >= 0.0) tau = lo;  // a midpoint rounded up to max s
+        }
     }
     res.tau = tau;
     return res;

@@ -184,6 +184,33 @@ fn unsupported_shapes_are_errors() {
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
 }
 
+/// Issue #17, finding 1, on the CUDA row normaliser (`block_entmax_tau`): the
+/// reference's Halley window could reach past max s for α > 2 and long rows,
+/// emptying the support. The kernel now rejects such candidates as
+/// `TauBracket` does; this grid of tie rows (where τ* sits at the bracket's
+/// upper end) did not trip the old kernel either, so it checks the property,
+/// not the old failure: rows of ties come out uniform.
+#[test]
+fn entmax_alpha_above_2_is_never_all_zeros() {
+    let Some(b) = device() else { return };
+    for (alpha, n) in [3.0f32, 4.0, 5.0, 8.0, 16.0, 65.5, 1e9]
+        .iter()
+        .flat_map(|&a| [2usize, 3, 50, 100, 195, 500, 1000, 3000].map(move |n| (a, n)))
+    {
+        let rows = Ragged::uniform(1, n).unwrap();
+        let x = b.upload(&vec![0.0f32; n]).unwrap();
+        let mut out = b.zeros::<f32>(n).unwrap();
+        ops::entmax_rows(b, &rows, &[alpha], &x, &mut out).unwrap();
+        let got = b.download(&out).unwrap();
+        for &p in &got {
+            assert!(
+                (f64::from(p) - 1.0 / n as f64).abs() <= 1e-5 / n as f64 + 1e-7,
+                "cuda entmax_rows alpha {alpha} n {n}: {got:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn entmax_prefill_backward_matches_reference() {
     let Some(b) = device() else { return };
