@@ -151,20 +151,71 @@ impl<B: Backend, T: Element> Scorer<B, T> for Box<dyn Scorer<B, T>> {
 
 /// Normalises raw scores to the simplex (uniform when they sum to 0).
 /// Negative or non-finite scores are an error.
+#[cfg(test)]
 pub(crate) fn to_simplex(op: &'static str, h: &[f64]) -> Result<Vec<f64>> {
-    if let Some(x) = h.iter().find(|x| !x.is_finite() || **x < 0.0) {
+    // One branch-free pass (NaN fails both comparisons), then the rare
+    // search for the message.
+    if !h
+        .iter()
+        .fold(true, |ok, &x| ok & (0.0..f64::INFINITY).contains(&x))
+    {
+        let x = h
+            .iter()
+            .find(|x| !x.is_finite() || **x < 0.0)
+            .copied()
+            .unwrap_or(f64::NAN);
         return Err(Error::NonFinite {
             op,
             what: format!("base score {x} (scores must be finite and non-negative)"),
         });
     }
-    let s: f64 = h.iter().sum();
+    let s = sum8(h);
     if s > 0.0 {
         Ok(h.iter().map(|x| x / s).collect())
     } else {
         let n = h.len().max(1) as f64;
         Ok(vec![1.0 / n; h.len()])
     }
+}
+
+/// CAOTE's weights `α_ij = H_ij / Σ_j H_ij` (uniform when the sum is 0, as
+/// `to_simplex`), read from the raw scores without materialising them.
+struct Weights<'r> {
+    raw: &'r [Vec<f64>],
+    sums: &'r [f64],
+}
+
+impl Weights<'_> {
+    /// `α_ij`, exactly as `to_simplex` computes it.
+    fn at(&self, i: usize, j: usize) -> f64 {
+        let s = self.sums[i];
+        if s > 0.0 {
+            self.raw[i][j] / s
+        } else {
+            1.0 / self.raw[i].len().max(1) as f64
+        }
+    }
+    /// `1 / Σ_j H_ij` (0 when the sum is 0: the weights are then uniform).
+    fn inv_sum(&self, i: usize) -> f64 {
+        let s = self.sums[i];
+        if s > 0.0 { 1.0 / s } else { 0.0 }
+    }
+}
+
+/// `Σ x` over eight interleaved lanes (fixed order, so deterministic; one
+/// running sum would serialise on the add latency).
+pub(crate) fn sum8(x: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut c = x.chunks_exact(8);
+    for ch in &mut c {
+        for l in 0..8 {
+            acc[l] += ch[l];
+        }
+    }
+    for (l, &v) in c.remainder().iter().enumerate() {
+        acc[l] += v;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 /// CAOTE scores per block of `heads` (per (sequence, query head) for
@@ -380,16 +431,18 @@ impl<S> Caote<S> {
         &mut self,
         ctx: &StepCtx<'_, B, T>,
         heads: Heads,
-        alpha: &[Vec<f64>],
-        sums: &[f64],
+        alpha: &Weights<'_>,
     ) -> Result<Vec<Vec<f64>>> {
         self.counts.full_passes += 1;
+        let sums = alpha.sums;
         let geom = *ctx.geom();
         let (hq, hkv, d) = (geom.num_q_heads(), geom.num_kv_heads(), geom.head_dim());
         let segs = ctx.kv.segments();
         let be = ctx.backend;
         let blocks = evidence_blocks(&geom, segs, heads, &vec![1; segs.batch()])?;
-        let w: Vec<f32> = alpha.iter().flatten().map(|&x| x as f32).collect();
+        let w: Vec<f32> = (0..alpha.raw.len())
+            .flat_map(|i| (0..alpha.raw[i].len()).map(move |j| alpha.at(i, j) as f32))
+            .collect();
         let wb = be.upload(&w)?;
         let mut dist = be.zeros::<f32>(blocks.total())?;
         let mut cen = be.zeros::<f32>(blocks.num_segments() * d)?;
@@ -444,7 +497,7 @@ impl<S> Caote<S> {
         &self,
         ctx: &StepCtx<'_, B, T>,
         heads: Heads,
-        alpha: &[Vec<f64>],
+        alpha: &Weights<'_>,
         only: Option<&[Vec<u32>]>,
     ) -> Vec<Vec<f64>> {
         let geom = ctx.geom();
@@ -471,7 +524,7 @@ impl<S> Caote<S> {
                 let mut fill = |j: usize| {
                     out[j] = Self::combine(
                         (first..first + per)
-                            .map(|i| error(alpha[i][j], f64::from(st.dist.rows[i][j]))),
+                            .map(|i| error(alpha.at(i, j), f64::from(st.dist.rows[i][j]))),
                     );
                 };
                 match only {
@@ -511,11 +564,12 @@ impl<S> Caote<S> {
             )?;
             *o = segs.len_of(s) > bud;
         }
-        let sums: Vec<f64> = raw.iter().map(|h| h.iter().sum()).collect();
-        let alpha = raw
-            .iter()
-            .map(|h| to_simplex(OP, h))
-            .collect::<Result<Vec<_>>>()?;
+        // `check_scores` validated the raw scores (finite, non-negative).
+        let sums: Vec<f64> = raw.iter().map(|h| sum8(h)).collect();
+        let alpha = Weights {
+            raw: &raw,
+            sums: &sums,
+        };
         let rule = self.rule::<B, T>();
         let incremental = ctx.phase == Phase::Decode
             && self.cfg.incremental
@@ -525,7 +579,7 @@ impl<S> Caote<S> {
             if !over.iter().any(|&o| o) && ctx.phase == Phase::Decode && rule == Rule::Full {
                 return Ok(Plan::KeepAll);
             }
-            let scores = self.full_pass(ctx, heads, &alpha, &sums)?;
+            let scores = self.full_pass(ctx, heads, &alpha)?;
             return self.evict(ctx, heads, &budget, &scores, &raw);
         }
         // Incremental: move the pseudo-outputs, then score only the rows the
@@ -606,6 +660,8 @@ impl<S> Caote<S> {
         }
         // Bounds per candidate row; the rows that could be evicted.
         let mut need: Vec<Vec<u32>> = vec![Vec::new(); segs.num_segments()];
+        let (mut lo2, mut hi2, mut sel) = (Vec::new(), Vec::new(), Vec::new());
+        let inv: Vec<f64> = (0..raw.len()).map(|i| alpha.inv_sum(i)).collect();
         let mut total_cand = 0usize;
         let mut total_need = 0usize;
         for s in 0..segs.num_segments() {
@@ -627,36 +683,72 @@ impl<S> Caote<S> {
             } else {
                 s
             };
-            let bound = |j: usize, sign: f64| {
-                Self::combine((first..first + per).map(|i| {
-                    let slack = st.drift[i] - st.stamp.rows[i][j];
-                    let dj = f64::from(st.dist.rows[i][j]);
-                    let dj = (dj + sign * (slack + 1e-5 * (dj + 1.0))).max(0.0);
-                    let dj = if slack.is_finite() {
-                        dj
-                    } else if sign > 0.0 {
+            // Upper and lower bounds of every row's score, squared (the group
+            // combination is a root sum of squares; squares order the same),
+            // head by head over contiguous rows so the loop is branch-free.
+            let len = segs.len_of(s);
+            lo2.clear();
+            lo2.resize(len, 0.0);
+            hi2.clear();
+            hi2.resize(len, 0.0);
+            for i in first..first + per {
+                let (dr, sr, hr) = (
+                    &st.dist.rows[i][..len],
+                    &st.stamp.rows[i][..len],
+                    &raw[i][..len],
+                );
+                let (drift, inv_i, uni) = (st.drift[i], inv[i], 1.0 / len.max(1) as f64);
+                let rows = lo2
+                    .iter_mut()
+                    .zip(hi2.iter_mut())
+                    .zip(dr.iter().zip(sr).zip(hr));
+                for ((l2, h2), ((&d32, &stamp), &hj)) in rows {
+                    let slack = drift - stamp;
+                    let dj = f64::from(d32);
+                    let e = slack + 1e-5 * (dj + 1.0);
+                    let fin = slack.is_finite();
+                    let dl = if fin { (dj - e).max(0.0) } else { 0.0 };
+                    let dh = if fin { dj + e } else { f64::INFINITY };
+                    // error(α, d) = r·d with r = α/(1 − α); ∞ near α = 1 and 0
+                    // for α ≤ 0, whatever d (α within an ulp of
+                    // `Weights::at`: bounds only, whose slack is far larger).
+                    let a = if inv_i > 0.0 { hj * inv_i } else { uni };
+                    let inf = 1.0 - a < 1e-6;
+                    let zero = a <= 0.0;
+                    let r = a / (1.0 - a);
+                    let el = if inf {
                         f64::INFINITY
-                    } else {
+                    } else if zero {
                         0.0
+                    } else {
+                        r * dl
                     };
-                    error(alpha[i][j], dj)
-                }))
-            };
-            let mut hi: Vec<f64> = cand.iter().map(|&j| bound(j as usize, 1.0)).collect();
+                    let eh = if inf {
+                        f64::INFINITY
+                    } else if zero {
+                        0.0
+                    } else {
+                        r * dh
+                    };
+                    *l2 += el * el;
+                    *h2 += eh * eh;
+                }
+            }
             let t = {
-                let k = m - 1;
-                let (_, x, _) = hi.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+                sel.clear();
+                sel.extend(cand.iter().map(|&j| hi2[j as usize]));
+                let (_, x, _) = sel.select_nth_unstable_by(m - 1, |a, b| a.total_cmp(b));
                 *x
             };
             need[s] = cand
                 .iter()
                 .copied()
-                .filter(|&j| bound(j as usize, -1.0) <= t)
+                .filter(|&j| lo2[j as usize] <= t)
                 .collect();
             total_need += need[s].len();
         }
         if total_need as f64 > FULL_PASS_SHARE * total_cand.max(1) as f64 {
-            let scores = self.full_pass(ctx, heads, &alpha, &sums)?;
+            let scores = self.full_pass(ctx, heads, &alpha)?;
             return self.evict(ctx, heads, &budget, &scores, &raw);
         }
         // Exact distances of the rows that could be evicted (host, f64).
@@ -820,6 +912,27 @@ impl<B: Ops, T: Element, S: Scorer<B, T>> KvPolicy<B, T> for Caote<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_read_the_simplex_without_materialising_it() {
+        let raw = vec![
+            vec![3.0, 1.0, 0.0],
+            vec![0.0, 0.0],
+            (0..37).map(f64::from).collect(),
+        ];
+        let sums: Vec<f64> = raw.iter().map(|h| sum8(h)).collect();
+        let w = Weights {
+            raw: &raw,
+            sums: &sums,
+        };
+        for (i, h) in raw.iter().enumerate() {
+            let want = to_simplex("t", h).unwrap();
+            for (j, &a) in want.iter().enumerate() {
+                assert_eq!(w.at(i, j), a);
+            }
+        }
+        assert_eq!(sum8(&raw[2]), (0..37).map(f64::from).sum::<f64>());
+    }
 
     #[test]
     fn simplex_normalisation() {

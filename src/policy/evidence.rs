@@ -584,7 +584,16 @@ pub(crate) fn check_scores<B: Backend, T: Element>(
                 format!("scorer vector {i} has {} scores for {len} tokens", v.len()),
             ));
         }
-        if let Some(x) = v.iter().find(|x| !x.is_finite() || **x < 0.0) {
+        // A branch-free pass first (NaN fails both comparisons); the search
+        // for the message only on failure.
+        let ok = v
+            .iter()
+            .fold(true, |ok, &x| ok & (0.0..f64::INFINITY).contains(&x));
+        if let Some(x) = v
+            .iter()
+            .take(if ok { 0 } else { v.len() })
+            .find(|x| !x.is_finite() || **x < 0.0)
+        {
             return Err(Error::NonFinite {
                 op,
                 what: format!(
