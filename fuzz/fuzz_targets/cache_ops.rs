@@ -7,8 +7,9 @@
 //! rejection is an error (never a panic); accepted calls give bitwise equal
 //! results for the moves (gather, scatter, compact) and the `merge_rows`
 //! tolerance of `docs/numerics.md` for merges; gather and scatter match a
-//! direct computation; compaction returns the kept lengths and keeps each
-//! segment's kept rows in order.
+//! direct computation; compaction returns the kept lengths and puts each
+//! kept row where `cache::compaction_moves` says (holes filled from above),
+//! every row below the new length holding exactly one kept row.
 #![no_main]
 
 use kvsieve::reference::Reference;
@@ -128,9 +129,24 @@ fn run(u: &mut Unstructured<'_>) -> Res<()> {
                     let kept = keep.list(s);
                     assert_eq!(ns.len_of(s), kept.len(), "compact {}", ctx());
                     assert_eq!(ns.offset(s), segs.offset(s), "compact {}", ctx());
-                    for (r, &j) in kept.iter().enumerate() {
+                    // Hole-filling compaction: kept rows below the new
+                    // length stay, each hole takes the next kept row above.
+                    let mut at: Vec<u32> = kept.to_vec();
+                    for (dst, src) in kvsieve::cache::compaction_moves(kept) {
+                        if let Some(r) = at.iter().position(|&x| x == src) {
+                            at[r] = dst;
+                        }
+                    }
+                    let mut rows: Vec<u32> = at.clone();
+                    rows.sort_unstable();
+                    assert!(
+                        rows.iter().enumerate().all(|(r, &x)| x as usize == r),
+                        "compact {}: rows {at:?}",
+                        ctx()
+                    );
+                    for (&j, &r) in kept.iter().zip(&at) {
                         let from = (segs.offset(s) + j as usize) * width;
-                        let to = (segs.offset(s) + r) * width;
+                        let to = (segs.offset(s) + r as usize) * width;
                         assert_eq!(
                             bits(&a[to..to + width]),
                             bits(&buf0[from..from + width]),
