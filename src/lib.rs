@@ -41,6 +41,8 @@
 
 pub mod backend;
 pub mod cache;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
