@@ -130,7 +130,13 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
+#[path = "eval_real/mod.rs"]
+mod eval_real;
+
 fn main() {
+    if std::env::args().skip(1).any(|a| a == "--model") {
+        return eval_real::main(); // a real model (feature candle): examples/eval_real/
+    }
     if let Err(e) = run() {
         eprintln!("eval: {e}");
         std::process::exit(2);

@@ -202,3 +202,35 @@ pub fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
 pub fn argmax(logits: &[f32]) -> u32 {
     (0..logits.len()).fold(0, |best, i| if logits[i] > logits[best] { i } else { best }) as u32
 }
+
+/// Policy `name` at `budget` for a model of `num_layers` layers: the
+/// conventions of `kvsieve::eval::policies::make_policy`, except that
+/// `tidal_decode` keeps the paper's layer schedule (dense layers 0–1,
+/// selection at layer 2, re-selection at layer 13 of deep models) rather
+/// than make_policy's shallow-trace one (select at layer 0, reuse it in
+/// every layer), which on SmolLM2's 30 layers multiplies perplexity by 5–10.
+pub fn policy<B: TensorBackend + 'static>(
+    name: &str,
+    budget: usize,
+    num_layers: usize,
+) -> Result<Box<dyn KvPolicy<B, f32>>, String> {
+    use kvsieve::policy::{TidalDecode, TidalDecodeConfig};
+    if name == "tidal_decode" {
+        let start = 2.min(num_layers.saturating_sub(1));
+        let reselect = if num_layers > 14 { 13 } else { num_layers / 2 };
+        let cfg = TidalDecodeConfig {
+            k: budget,
+            sparse_layer_start: start,
+            reselect_layers: if reselect > start {
+                vec![reselect]
+            } else {
+                Vec::new()
+            },
+            ..TidalDecodeConfig::default()
+        };
+        // Budgets follow make_policy's rules (at least MIN_BUDGET).
+        kvsieve::eval::policies::make_policy::<B, f32>(name, budget).map_err(|e| e.to_string())?;
+        return Ok(Box::new(TidalDecode::new(cfg).map_err(|e| e.to_string())?));
+    }
+    kvsieve::eval::policies::make_policy(name, budget).map_err(|e| e.to_string())
+}

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kvsieve::candle::TensorBackend;
-use kvsieve::eval::policies::{MIN_BUDGET, POLICIES, make_policy};
+use kvsieve::eval::policies::{MIN_BUDGET, POLICIES};
 
 use engine::{Engine, argmax};
 use model::{Model, Weights, cerr};
@@ -196,7 +196,7 @@ fn generate<B: TensorBackend + 'static>(
     let mut e = if args.candle_attention {
         Engine::<B>::candle(model)
     } else {
-        let policy = make_policy(&args.policy, args.budget).map_err(|e| e.to_string())?;
+        let policy = engine::policy(&args.policy, args.budget, model.cfg.n_layers)?;
         Engine::kvsieve(model, backend, policy)?
     };
     let t0 = Instant::now();
