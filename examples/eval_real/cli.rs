@@ -259,6 +259,7 @@ pub fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .progress_chars("=> "),
     );
+    let progress = tasks::Progress::new(bar.clone(), args.quiet);
     eprintln!(
         "eval: {} loaded in {:.1} s; {} perplexity lanes, {} passkey lanes",
         args.model.display(),
@@ -267,12 +268,12 @@ pub fn run() -> Result<(), String> {
         if do_pk { pk_specs.len() } else { 0 }
     );
     let ppl = if do_ppl {
-        tasks::perplexity(&model, &cpu, &ppl_specs, &text_tokens, &args.ppl, &bar)?
+        tasks::perplexity(&model, &cpu, &ppl_specs, &text_tokens, &args.ppl, &progress)?
     } else {
         Vec::new()
     };
     let pk = if do_pk {
-        tasks::passkey(&model, &tok, &cpu, &pk_specs, &args.passkey, &bar)?
+        tasks::passkey(&model, &tok, &cpu, &pk_specs, &args.passkey, &progress)?
     } else {
         Vec::new()
     };

@@ -1,12 +1,50 @@
 //! The two real-text tasks: perplexity with the cache compressed as in
 //! generation, and passkey retrieval.
 
+use std::io::IsTerminal;
+
 use indicatif::ProgressBar;
 
 use super::model::Model;
 use super::runner::{Lanes, Spec, nll};
 use super::tokenizer::GgufTokenizer;
 use kvsieve::cpu::Cpu;
+
+/// The progress bar, plus a plain line with the ETA every 5 % when stderr
+/// is not a terminal (CI logs, where the bar is not drawn).
+pub struct Progress {
+    pub bar: ProgressBar,
+    pub log: bool,
+}
+
+impl Progress {
+    pub fn new(bar: ProgressBar, quiet: bool) -> Self {
+        Self {
+            bar,
+            log: !quiet && !std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn tick(&self, n: u64) {
+        let len = self.bar.length().unwrap_or(0).max(1);
+        let before = self.bar.position() * 20 / len;
+        self.bar.inc(n);
+        let after = self.bar.position() * 20 / len;
+        if self.log && after > before {
+            eprintln!(
+                "eval: {}/{len} tokens ({}%) in {} s, ETA {} s",
+                self.bar.position(),
+                after * 5,
+                self.bar.elapsed().as_secs(),
+                self.bar.eta().as_secs()
+            );
+        }
+    }
+
+    fn say(&self, msg: String) {
+        self.bar.set_message(msg);
+    }
+}
 
 /// Perplexity of one lane over every scored token.
 #[derive(Clone, Debug)]
@@ -37,21 +75,21 @@ pub fn perplexity(
     specs: &[Spec],
     text: &[u32],
     s: &PplSetup,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Vec<PplRow>, String> {
     let p = specs.len();
     let (mut nll_sum, mut kv_sum, mut scored) = (vec![0.0f64; p], vec![0.0f64; p], 0usize);
     for w in 0..s.windows {
         let toks = &text[w * s.window..((w + 1) * s.window).min(text.len())];
-        bar.set_message(format!(
+        bar.say(format!(
             "perplexity: window {}/{}, prefill",
             w + 1,
             s.windows
         ));
         let mut lanes = Lanes::new(model, specs, cpu)?;
         let mut logits = lanes.prefill(&toks[..s.prompt], s.chunk)?;
-        bar.inc(s.prompt as u64);
-        bar.set_message(format!(
+        bar.tick(s.prompt as u64);
+        bar.say(format!(
             "perplexity: window {}/{}, decode",
             w + 1,
             s.windows
@@ -66,7 +104,7 @@ pub fn perplexity(
             if i + 1 < toks.len() {
                 logits = lanes.step(&vec![target; p])?;
             }
-            bar.inc(1);
+            bar.tick(1);
         }
     }
     let ppl: Vec<f64> = nll_sum.iter().map(|s| (s / scored as f64).exp()).collect();
@@ -172,7 +210,7 @@ pub fn passkey(
     cpu: &Cpu,
     specs: &[Spec],
     s: &PasskeySetup,
-    bar: &ProgressBar,
+    bar: &Progress,
 ) -> Result<Vec<PasskeyRow>, String> {
     let mut rng = kvsieve::eval::Rng::new(s.seed);
     let mut rows = Vec::new();
@@ -180,7 +218,7 @@ pub fn passkey(
         for &depth in &s.depths {
             for trial in 0..s.trials {
                 let key = 10_000 + rng.below(90_000) as u32;
-                bar.set_message(format!("passkey: {length} tokens, depth {depth}%"));
+                bar.say(format!("passkey: {length} tokens, depth {depth}%"));
                 let prompt = passkey_prompt(tok, length, depth, key)?;
                 let mut lanes = Lanes::new(model, specs, cpu)?;
                 let mut logits = lanes.prefill(&prompt, s.chunk)?;
@@ -207,7 +245,7 @@ pub fn passkey(
                         kv_tokens: lanes.cached_tokens(l),
                     });
                 }
-                bar.inc(length as u64);
+                bar.tick(length as u64);
             }
         }
     }
