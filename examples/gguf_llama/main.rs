@@ -179,6 +179,7 @@ fn run() -> Result<(), String> {
             &prompt,
             kvsieve::cuda::CudaBackend::new(0).map_err(|e| e.to_string())?,
         ),
+        #[cfg(not(all(feature = "wgpu", feature = "cuda")))]
         b @ ("wgpu" | "cuda") => Err(format!("--backend {b}: this build lacks the `{b}` feature")),
         other => Err(format!(
             "unknown backend `{other}` (cpu, reference, wgpu, cuda)"

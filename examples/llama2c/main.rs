@@ -177,6 +177,7 @@ fn run() -> Result<(), String> {
             &args,
             kvsieve::cuda::CudaBackend::new(0).map_err(|e| e.to_string())?,
         ),
+        #[cfg(not(all(feature = "wgpu", feature = "cuda")))]
         b @ ("wgpu" | "cuda") => Err(format!(
             "--backend {b}: this build lacks the `{b}` feature (cargo run --features {b} ...)"
         )),
