@@ -4,6 +4,9 @@
 // path (the pip wheel of NVRTC ships none). f16 and bf16 are stored as 16-bit words and
 // converted in registers; every sum is accumulated in f32 (f64 for threshold searches).
 // Compiled with ftz off, precise division and square root, no fast math.
+//
+// The same sources also run on the CPU under the SIMT simulator (feature `cuda-sim`,
+// cuda/sim/kvsim.h), which defines KVSIEVE_SIM: only the inline PTX below depends on it.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -17,9 +20,13 @@ struct bf16s { u16 bits; };
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(f16s h) {
+#ifdef KVSIEVE_SIM  // the host simulator (cuda/sim/kvsim.h): the same conversion, portably
+    return kvsim::f16_to_f32(h.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float to_f32(bf16s h) { return __uint_as_float(((u32)h.bits) << 16); }
 
@@ -27,7 +34,11 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ f16s from_f32<f16s>(float x) {
     f16s r;
+#ifdef KVSIEVE_SIM
+    r.bits = kvsim::f32_to_f16(x);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#endif
     return r;
 }
 // Round to nearest even; NaN stays NaN (quiet bit set), like `half::bf16::from_f32`.
@@ -53,6 +64,9 @@ __device__ __forceinline__ float half_hi(bf16s*, u32 w) { return __uint_as_float
 // uses one 16-byte load (the caller guarantees 16-byte alignment); V == 1 is scalar.
 template <typename T, int V>
 __device__ __forceinline__ void load_vec(const T* p, float (&o)[V]) {
+#ifdef KVSIEVE_SIM
+    if constexpr (V > 1) kvsim::check_aligned(KVSIM_HERE, p, 16);
+#endif
     if constexpr (V == 1) {
         o[0] = to_f32(p[0]);
     } else if constexpr (sizeof(T) == 4) {

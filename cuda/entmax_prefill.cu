@@ -1,7 +1,9 @@
 // entmax_prefill: tile liveness. One block per query row o: for every visible key i with a
 // non-zero weight (s > τ, from the logits workspace and the solved thresholds), marks key
-// tile i / block_k of this row's query tile: flags[flag_base[o] + i / block_k] = 1. Plain
-// stores of the same value, so the result does not depend on the order.
+// tile i / block_k of this row's query tile: flags[flag_base[o] + i / block_k] |= 1. Every
+// query row of a tile (a block each) marks the same flags: atomicOr, as plain stores from
+// several threads and blocks to one word are a data race under the CUDA memory model (the
+// simulator reports it), even when they store the same value.
 
 extern "C" __global__ void entmax_prefill_tiles_f32(const float* __restrict__ ws,
                                                     const u32* __restrict__ o_base,
@@ -16,7 +18,7 @@ extern "C" __global__ void entmax_prefill_tiles_f32(const float* __restrict__ ws
     const EntPow e = ent_pow(a);
     const float zmax = tau[2 * o], t = tau[2 * o + 1];
     for (u32 i = threadIdx.x; i < o_cols[o]; i += blockDim.x) {
-        if (ent_weight(e, a - 1.0f, row[i], zmax, t) > 0.0f) flags[flag_base[o] + i / block_k] = 1u;
+        if (ent_weight(e, a - 1.0f, row[i], zmax, t) > 0.0f) atomicOr(&flags[flag_base[o] + i / block_k], 1u);
     }
 }
 

@@ -11,8 +11,10 @@
 //! Per policy and budget it reports: relative L2 error of the attention
 //! output against full attention (mean and p95 over decode steps, layers
 //! and query heads), the full-softmax attention mass on the tokens the
-//! policy attended, needle recall (synthetic traces), KV bytes kept, and
-//! time per decode step with the KV bytes read per second. Writes
+//! policy attended, needle recall (synthetic traces), KV bytes kept and
+//! allocated, time per decode step (the whole driver step: append, policy
+//! hooks, attention with evidence, plan applied) against the attention
+//! alone over the same cache, and the KV bytes read per second. Writes
 //! `results.csv`, `results.json` and `error_vs_budget.svg` to `--out`
 //! (default `out/eval`).
 
@@ -21,21 +23,24 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use kvsieve::attention::{LayerInput, Session, SessionConfig};
 use kvsieve::eval::io::load;
-use kvsieve::eval::policies::{MIN_BUDGET, POLICIES, make_policy};
+use kvsieve::eval::policies::{MIN_BUDGET, POLICIES, make_policy, make_policy_for};
 use kvsieve::eval::{Trace, TraceConfig};
 use kvsieve::ops::{self, QkParams};
-use kvsieve::policy::{LayerInput, Session, SessionConfig};
+use kvsieve::policy::{Dam, DamConfig, KvPolicy};
 use kvsieve::reference::Reference;
-use kvsieve::{HeadGeometry, IndexList, Normalizer, Ops, Ragged, Scope, Segments};
+use kvsieve::{HeadGeometry, IndexList, Normalizer, Ops, Ragged, Restrict, Scope, Segments};
 
 const HELP: &str = "usage: eval [flags]
   --backend NAME      cpu (default: SIMD + rayon) or reference (the f64 specification)
-  --policies A,B,..   policies to run (default: all): POLICY_LIST
+  --policies A,B,..   policies to run (default: all): POLICY_LIST, dam (calibrated
+                      on the prompt's first 128 tokens)
   --budgets N,N,..    per-head token budgets (default 64,128,256)
   --prompt-len N      synthetic prompt length (default 1024)
   --steps N           synthetic decode steps (default 32)
-  --layers N          synthetic layers (default 2)
+  --layers N          synthetic layers (default 4; TidalDecode uses the paper's
+                      layer roles — dense 0-1, selection 2 — from 3 layers on)
   --seed N            synthetic trace seed (default 7)
   --trace PATH        load a captured trace (.safetensors file or npy directory) instead
   --no-entmax         skip the entmax attention rows
@@ -56,10 +61,14 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         backend: "cpu".into(),
-        policies: POLICIES.iter().map(|s| s.to_string()).collect(),
+        policies: POLICIES
+            .iter()
+            .chain(&["dam"])
+            .map(|s| s.to_string())
+            .collect(),
         budgets: vec![64, 128, 256],
         trace_cfg: TraceConfig {
-            layers: 2,
+            layers: 4,
             prompt_len: 1024,
             decode_steps: 32,
             ..TraceConfig::default()
@@ -86,9 +95,13 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|s| !s.is_empty())
                     .map(String::from)
                     .collect();
-                if let Some(bad) = a.policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
+                if let Some(bad) = a
+                    .policies
+                    .iter()
+                    .find(|p| !POLICIES.contains(&p.as_str()) && p.as_str() != "dam")
+                {
                     return Err(format!(
-                        "unknown policy `{bad}` (known: {})",
+                        "unknown policy `{bad}` (known: {}, dam)",
                         POLICIES.join(", ")
                     ));
                 }
@@ -172,9 +185,11 @@ struct Row {
     mass: f64,
     recall: Option<f64>,
     kv_bytes: usize,
+    kv_alloc: usize,
     kv_fraction: f64,
     read_fraction: f64,
     ms_per_step: f64,
+    attn_ms: f64,
     gbps: f64,
 }
 
@@ -253,6 +268,57 @@ fn p95(mut v: Vec<f64>) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// DAM calibrated on the trace itself: per (layer, query head) the causal
+/// softmax attention map of the prompt's first `PCL = min(128, prompt)`
+/// tokens (f64 on the host).
+fn calibrated_dam<B: Ops + 'static>(tr: &Trace) -> kvsieve::Result<Box<dyn KvPolicy<B, f32>>> {
+    let pcl = tr.prompt_len.min(128);
+    let (hq, hkv, d) = (tr.q_heads, tr.kv_heads, tr.head_dim);
+    let g = hq / hkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let maps: Vec<Vec<Vec<f32>>> = tr
+        .layers
+        .iter()
+        .map(|l| {
+            (0..hq)
+                .map(|h| {
+                    let mut m = vec![0.0f32; pcl * pcl];
+                    for i in 0..pcl {
+                        let qv = &l.q[(i * hq + h) * d..][..d];
+                        let z: Vec<f64> = (0..=i)
+                            .map(|j| {
+                                let kv = &l.k[(j * hkv + h / g) * d..][..d];
+                                scale
+                                    * qv.iter()
+                                        .zip(kv)
+                                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                                        .sum::<f64>()
+                            })
+                            .collect();
+                        let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = z.iter().map(|x| (x - mx).exp()).collect();
+                        let sum: f64 = e.iter().sum();
+                        for (j, x) in e.iter().enumerate() {
+                            m[i * pcl + j] = (x / sum) as f32;
+                        }
+                    }
+                    m
+                })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<Vec<&[f32]>> = maps
+        .iter()
+        .map(|l| l.iter().map(|m| m.as_slice()).collect())
+        .collect();
+    let cfg = DamConfig {
+        pcl,
+        min_support: DamConfig::default().min_support.min(pcl),
+        ..DamConfig::default()
+    };
+    Ok(Box::new(Dam::calibrate(&cfg, &refs)?))
+}
+
 /// One layer's prompt Q, K, V on the backend.
 type Qkv<B> = (
     <B as kvsieve::Backend>::Buffer<f32>,
@@ -266,7 +332,10 @@ struct RunOut {
     /// Attended original positions per step, layer and query head.
     kept: Vec<Vec<Vec<Vec<u32>>>>,
     kv_bytes: usize,
+    kv_alloc: usize,
     secs: f64,
+    /// The attention alone over the cache after each step (same restriction).
+    attn_secs: f64,
     bytes_read: f64,
 }
 
@@ -274,12 +343,12 @@ fn run_session<B: Ops + Clone + 'static>(
     b: &B,
     tr: &Trace,
     geom: HeadGeometry,
-    policy: Box<dyn kvsieve::policy::KvPolicy<B, f32>>,
+    policy: Box<dyn KvPolicy<B, f32>>,
     normalizer: Normalizer,
 ) -> kvsieve::Result<RunOut> {
     let (hq, hkv, d) = (tr.q_heads, tr.kv_heads, tr.head_dim);
     let cfg = SessionConfig {
-        normalizer,
+        normalizer: normalizer.clone(),
         ..SessionConfig::default()
     };
     let mut s = Session::new(b.clone(), geom, 1, tr.layers.len(), policy, cfg)?;
@@ -303,7 +372,9 @@ fn run_session<B: Ops + Clone + 'static>(
         outs: vec![],
         kept: vec![],
         kv_bytes: 0,
+        kv_alloc: 0,
         secs: 0.0,
+        attn_secs: 0.0,
         bytes_read: 0.0,
     };
     for step in 0..tr.decode_steps {
@@ -328,6 +399,20 @@ fn run_session<B: Ops + Clone + 'static>(
             run.secs += start.elapsed().as_secs_f64();
             outs.push(b.download(&out)?);
             let layer = s.cache().layer(li)?;
+            // The attention alone over the cache the step left (the
+            // policy's selection, if any): the cost the policy adds to.
+            let p = ops::DecodeParams {
+                geom,
+                segments: layer.segments(),
+                scale: None,
+                normalizer: &normalizer,
+                restrict: sel.as_ref().map_or(Restrict::Dense, Restrict::Indices),
+            };
+            let mut plain = b.zeros::<f32>(hq * d)?;
+            let start = Instant::now();
+            ops::decode_attention(b, &p, &q, layer.k(), layer.v(), &mut plain)?;
+            b.synchronize()?;
+            run.attn_secs += start.elapsed().as_secs_f64();
             let heads: Vec<Vec<u32>> = (0..hq)
                 .map(|h| {
                     let g = geom.kv_head(h);
@@ -357,6 +442,7 @@ fn run_session<B: Ops + Clone + 'static>(
         run.kept.push(kept);
     }
     run.kv_bytes = s.cache().bytes();
+    run.kv_alloc = s.cache().allocated_bytes();
     Ok(run)
 }
 
@@ -389,7 +475,7 @@ fn evaluate<B: Ops + Clone + 'static>(
 
     let mut jobs: Vec<(String, Option<usize>)> = Vec::new();
     for p in &args.policies {
-        if p == "full" {
+        if p == "full" || p == "dam" {
             jobs.push((p.clone(), None));
         } else {
             jobs.extend(args.budgets.iter().map(|&bud| (p.clone(), Some(bud))));
@@ -425,9 +511,13 @@ fn evaluate<B: Ops + Clone + 'static>(
                 Normalizer::Entmax { alpha },
             )?;
             (r, "adaptive".to_string())
+        } else if method == "dam" {
+            let r = run_session(&b, tr, geom, calibrated_dam(tr)?, Normalizer::Softmax)?;
+            (r, "calibrated".to_string())
         } else {
             let bud = budget.unwrap_or(tr.len());
-            let r = run_session(&b, tr, geom, make_policy(method, bud)?, Normalizer::Softmax)?;
+            let policy = make_policy_for(method, bud, tr.layers.len())?;
+            let r = run_session(&b, tr, geom, policy, Normalizer::Softmax)?;
             (r, budget.map_or("all".to_string(), |x| x.to_string()))
         };
         let (mut errs, mut masses) = (Vec::new(), Vec::new());
@@ -479,9 +569,11 @@ fn evaluate<B: Ops + Clone + 'static>(
             mass: masses.iter().sum::<f64>() / n,
             recall: (total > 0).then(|| hits as f64 / total as f64),
             kv_bytes: run.kv_bytes,
+            kv_alloc: run.kv_alloc,
             kv_fraction: run.kv_bytes as f64 / full_bytes.max(1) as f64,
             read_fraction: read as f64 / cached.max(1) as f64,
             ms_per_step: 1e3 * run.secs / tr.decode_steps as f64,
+            attn_ms: 1e3 * run.attn_secs / tr.decode_steps as f64,
             gbps: run.bytes_read / run.secs.max(1e-12) / 1e9,
         });
         bar.inc(1);
@@ -502,7 +594,7 @@ fn evaluate<B: Ops + Clone + 'static>(
         )
     );
     println!(
-        "{:<15} {:>8} {:>10} {:>10} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8}",
+        "{:<15} {:>10} {:>10} {:>10} {:>7} {:>7} {:>10} {:>10} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7}",
         "method",
         "budget",
         "err mean",
@@ -510,14 +602,17 @@ fn evaluate<B: Ops + Clone + 'static>(
         "mass",
         "needles",
         "KV bytes",
+        "KV alloc",
         "KV kept",
         "KV read",
         "ms/step",
+        "attn ms",
+        "x attn",
         "GB/s"
     );
     for r in &rows {
         println!(
-            "{:<15} {:>8} {:>10.3e} {:>10.3e} {:>8.1}% {:>8} {:>10} {:>7.1}% {:>7.1}% {:>9.3} {:>8.2}",
+            "{:<15} {:>10} {:>10.3e} {:>10.3e} {:>6.1}% {:>7} {:>10} {:>10} {:>6.1}% {:>6.1}% {:>8.3} {:>8.3} {:>6.2} {:>7.2}",
             r.method,
             r.budget,
             r.err_mean,
@@ -526,12 +621,16 @@ fn evaluate<B: Ops + Clone + 'static>(
             r.recall
                 .map_or("-".into(), |x| format!("{:.0}%", 100.0 * x)),
             r.kv_bytes,
+            r.kv_alloc,
             100.0 * r.kv_fraction,
             100.0 * r.read_fraction,
             r.ms_per_step,
+            r.attn_ms,
+            r.ms_per_step / r.attn_ms.max(1e-9),
             r.gbps
         );
     }
+    println!("{COLUMNS}");
     write_outputs(&args.out, &rows)?;
     println!(
         "wrote {0}/results.csv, {0}/results.json, {0}/error_vs_budget.svg",
@@ -540,19 +639,28 @@ fn evaluate<B: Ops + Clone + 'static>(
     Ok(())
 }
 
+/// What the table's columns mean (printed under it).
+const COLUMNS: &str = "columns: err = relative L2 error of each head's output against full attention \
+(mean, p95); mass = full-softmax attention mass on the tokens attended; needles = planted \
+tokens attended at the step that needs them; KV bytes / alloc = K+V in use / allocated after \
+the run; KV kept = in use vs full; KV read = rows read per step vs the cache; ms/step = one \
+driver step (append, policy hooks, attention with evidence, plan applied); attn ms = the \
+attention alone over the cache the step left (same selection); x attn = their ratio: what \
+the policy adds; GB/s = KV bytes read per step time.";
+
 fn write_outputs(dir: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut csv = std::fs::File::create(dir.join("results.csv"))?;
     writeln!(
         csv,
-        "method,budget,err_mean,err_p95,mass,needle_recall,kv_bytes,kv_fraction,read_fraction,ms_per_step,gbps"
+        "method,budget,err_mean,err_p95,mass,needle_recall,kv_bytes,kv_alloc,kv_fraction,read_fraction,ms_per_step,attn_ms,gbps"
     )?;
     let mut json = String::from("[\n");
     for (i, r) in rows.iter().enumerate() {
         let recall = r.recall.map_or(String::new(), |x| format!("{x:.6}"));
         writeln!(
             csv,
-            "{},{},{:.6e},{:.6e},{:.6},{},{},{:.6},{:.6},{:.6},{:.4}",
+            "{},{},{:.6e},{:.6e},{:.6},{},{},{},{:.6},{:.6},{:.6},{:.6},{:.4}",
             r.method,
             r.budget,
             r.err_mean,
@@ -560,13 +668,15 @@ fn write_outputs(dir: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std:
             r.mass,
             recall,
             r.kv_bytes,
+            r.kv_alloc,
             r.kv_fraction,
             r.read_fraction,
             r.ms_per_step,
+            r.attn_ms,
             r.gbps
         )?;
         json.push_str(&format!(
-            "  {{\"method\": \"{}\", \"budget\": \"{}\", \"err_mean\": {:e}, \"err_p95\": {:e}, \"mass\": {}, \"needle_recall\": {}, \"kv_bytes\": {}, \"kv_fraction\": {}, \"read_fraction\": {}, \"ms_per_step\": {}, \"gbps\": {}}}{}\n",
+            "  {{\"method\": \"{}\", \"budget\": \"{}\", \"err_mean\": {:e}, \"err_p95\": {:e}, \"mass\": {}, \"needle_recall\": {}, \"kv_bytes\": {}, \"kv_alloc\": {}, \"kv_fraction\": {}, \"read_fraction\": {}, \"ms_per_step\": {}, \"attn_ms\": {}, \"gbps\": {}}}{}\n",
             r.method,
             r.budget,
             r.err_mean,
@@ -574,9 +684,11 @@ fn write_outputs(dir: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std:
             r.mass,
             r.recall.map_or("null".into(), |x| x.to_string()),
             r.kv_bytes,
+            r.kv_alloc,
             r.kv_fraction,
             r.read_fraction,
             r.ms_per_step,
+            r.attn_ms,
             r.gbps,
             if i + 1 < rows.len() { "," } else { "" }
         ));

@@ -3,10 +3,20 @@
 // and entmax_prefill. The including shader declares the bindings `params` (u32),
 // `q_buf`, `k_buf`, `v_buf` (TW words), `lg` and `out` (f32).
 //
-// params header (u32): [0] items, [1] D, [2] scale (f32 bits), [3] block_k,
-// [4] live words per item; item `i` at params[8 + 8 i ..]:
+// params header (u32, HEADER words): [0] items, [1] D, [2] scale (f32 bits),
+// [3] block_k, [4] live words per item (entmax_prefill), [5] [6] split path
+// (below), [8] offset in `lg` of the evidence statistics (0: none), [9] offset
+// in `lg` of the raw logits (0: none), [10] [11] evidence tables of the
+// including op. Item `i` at params[HEADER + 8 i ..]:
 //   q_off, kv_row0, n_cand, aux_start, out_off, lg_off, alpha (f32 bits), limit;
 // index lists and mask words follow in `params` (aux_start is an absolute offset).
+//
+// Evidence side outputs (only when the header asks; no extra read of K or V):
+// with [8] = S, lg[S + item] is the row's statistic (softmax ln Σ e^z, entmax τ,
+// -inf without a visible candidate) and lg[S + items + 3 item ..] its `RowNorm`
+// (m, tau, tot), from which `item_weight` recomputes any weight; with [9] = R,
+// lg[R + lg_off + t] keeps the logit of candidate t (`-inf` if not visible)
+// beside the weight the normaliser leaves at lg[lg_off + t].
 
 // 0: dense (candidates t < limit), 1: index list (token = params[aux_start + t]),
 // 2: bit mask (token t, visible iff t < limit and bit t of params[aux_start ..]).
@@ -14,7 +24,7 @@ override RESTRICT: u32 = 0u;
 // 0: softmax, 1: α-entmax (α per item).
 override NORM: u32 = 0u;
 
-const HEADER: u32 = 8u;
+const HEADER: u32 = 16u;
 
 struct AttnItem {
     q_off: u32,
@@ -57,27 +67,87 @@ fn cand_visible(e: AttnItem, t: u32) -> bool {
     return true;
 }
 
-// Runs one row; leaves the weights in lg[lg_off ..] and returns τ (entmax) or 0.
-fn attend_item(lid: u32, e: AttnItem) -> f32 {
+// scale · q · k of candidate t (visible or not).
+fn item_logit(e: AttnItem, t: u32) -> f32 {
     let d = params[1];
-    let scale = bitcast<f32>(params[2]);
-    for (var t = lid; t < e.n_cand; t += WG) {
-        var z = f_neg_inf();
-        if cand_visible(e, t) {
-            let kr = (e.kv_row0 + cand_token(e, t)) * d;
-            var acc = 0.0;
-            for (var c = 0u; c < d; c++) {
-                acc += ld_q(e.q_off + c) * ld_k(kr + c);
-            }
-            z = scale * acc;
-        }
-        lg[e.lg_off + t] = z;
+    let kr = (e.kv_row0 + cand_token(e, t)) * d;
+    var acc = 0.0;
+    for (var c = 0u; c < d; c++) {
+        acc += ld_q(e.q_off + c) * ld_k(kr + c);
     }
-    var tau = 0.0;
+    return bitcast<f32>(params[2]) * acc;
+}
+
+// The logit of candidate t as the normaliser sees it (`-inf` if not visible);
+// kept at the raw-logits offset when the header asks for it.
+fn cand_logit(e: AttnItem, t: u32) -> f32 {
+    var z = f_neg_inf();
+    if cand_visible(e, t) {
+        z = item_logit(e, t);
+    }
+    let raw = params[9];
+    if raw != 0u {
+        lg[raw + e.lg_off + t] = z;
+    }
+    return z;
+}
+
+// The normaliser statistic of a row (softmax ln Σ e^z, entmax τ in the
+// scaled space; -inf without a finite logit, NaN for a NaN / +inf row).
+fn row_stat(r: RowNorm, alpha: f32) -> f32 {
+    if r.tot < 0.0 {
+        return f_nan();
+    }
+    if r.tot == 0.0 {
+        return f_neg_inf();
+    }
     if NORM == 0u {
-        wg_softmax(lid, e.lg_off, e.n_cand);
-    } else {
-        tau = wg_entmax(lid, e.lg_off, e.n_cand, e.alpha);
+        return r.m + log(r.tot);
+    }
+    return entmax_tau(r, alpha);
+}
+
+// Evidence statistics of row `item` (call from one invocation).
+fn store_row_norm(item: u32, e: AttnItem, r: RowNorm) {
+    let s = params[8];
+    if s == 0u {
+        return;
+    }
+    lg[s + item] = row_stat(r, e.alpha);
+    let at = s + params[0] + 3u * item;
+    lg[at] = r.m;
+    lg[at + 1u] = r.tau;
+    lg[at + 2u] = r.tot;
+}
+
+// Weight of candidate t of row `item`, recomputed from its logit and the
+// statistics `store_row_norm` left (a second pass over Q·K, O(rows) memory).
+fn item_weight(item: u32, e: AttnItem, t: u32) -> f32 {
+    if !cand_visible(e, t) {
+        return 0.0;
+    }
+    let at = params[8] + params[0] + 3u * item;
+    let r = RowNorm(lg[at], lg[at + 1u], lg[at + 2u]);
+    return row_weight(r, item_logit(e, t), NORM != 0u, e.alpha);
+}
+
+fn norm_row(lid: u32, e: AttnItem) -> RowNorm {
+    if NORM == 0u {
+        return wg_softmax(lid, e.lg_off, e.n_cand);
+    }
+    return wg_entmax(lid, e.lg_off, e.n_cand, e.alpha);
+}
+
+// Runs row `item`; leaves the weights in lg[lg_off ..] and returns what the
+// normaliser left (see `RowNorm`).
+fn attend_item(lid: u32, item: u32, e: AttnItem) -> RowNorm {
+    let d = params[1];
+    for (var t = lid; t < e.n_cand; t += WG) {
+        lg[e.lg_off + t] = cand_logit(e, t);
+    }
+    let r = norm_row(lid, e);
+    if lid == 0u {
+        store_row_norm(item, e, r);
     }
     sync_all();
     for (var c = lid; c < d; c += WG) {
@@ -90,7 +160,7 @@ fn attend_item(lid: u32, e: AttnItem) -> f32 {
         }
         out[e.out_off + c] = acc;
     }
-    return tau;
+    return r;
 }
 
 // ---------------------------------------------------------------- split path
@@ -113,25 +183,14 @@ fn split_logits(chunk: u32, lid: u32) {
     if t >= ch.z {
         return;
     }
-    let d = params[1];
-    var z = f_neg_inf();
-    if cand_visible(e, t) {
-        let kr = (e.kv_row0 + cand_token(e, t)) * d;
-        var acc = 0.0;
-        for (var c = 0u; c < d; c++) {
-            acc += ld_q(e.q_off + c) * ld_k(kr + c);
-        }
-        z = bitcast<f32>(params[2]) * acc;
-    }
-    lg[e.lg_off + t] = z;
+    lg[e.lg_off + t] = cand_logit(e, t);
 }
 
 fn split_norm(item: u32, lid: u32) {
     let e = attn_item(item);
-    if NORM == 0u {
-        wg_softmax(lid, e.lg_off, e.n_cand);
-    } else {
-        _ = wg_entmax(lid, e.lg_off, e.n_cand, e.alpha);
+    let r = norm_row(lid, e);
+    if lid == 0u {
+        store_row_norm(item, e, r);
     }
 }
 

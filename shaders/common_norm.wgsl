@@ -20,6 +20,26 @@ struct RowStats {
     bad: u32, // 1 if the row holds NaN or +inf
 }
 
+// What a normaliser leaves behind: enough to recompute any weight of the row
+// from its entry x (softmax p = exp(x - m) / tot; entmax
+// p = [(α-1)(x - m) - tau]_+^{1/(α-1)} / tot). tot = 0: no finite entry (all
+// weights 0); tot < 0: a NaN / +inf row (all weights NaN).
+struct RowNorm {
+    m: f32,
+    tau: f32,
+    tot: f32,
+}
+
+fn row_norm(st: RowStats, tau: f32, tot: f32) -> RowNorm {
+    if st.bad != 0u {
+        return RowNorm(st.m, tau, -1.0);
+    }
+    if st.cnt == 0u {
+        return RowNorm(st.m, tau, 0.0);
+    }
+    return RowNorm(st.m, tau, tot);
+}
+
 fn wg_row_stats(lid: u32, start: u32, n: u32) -> RowStats {
     var m = FLT_LOWEST;
     var cnt = 0u;
@@ -51,7 +71,7 @@ fn wg_row_stats(lid: u32, start: u32, n: u32) -> RowStats {
 }
 
 // softmax: exp(x - max) / Σ; -inf -> 0; no finite entry -> zeros; NaN/+inf -> NaN row.
-fn wg_softmax(lid: u32, start: u32, n: u32) {
+fn wg_softmax(lid: u32, start: u32, n: u32) -> RowNorm {
     let st = wg_row_stats(lid, start, n);
     var s = 0.0;
     for (var i = lid; i < n; i += WG) {
@@ -73,6 +93,7 @@ fn wg_softmax(lid: u32, start: u32, n: u32) {
         }
         lg[start + i] = p;
     }
+    return row_norm(st, 0.0, tot);
 }
 
 // (u^c0, u^(c0-1), u^(c0-2)) for u > 0; derivative terms use u floored.
@@ -89,9 +110,8 @@ fn entmax_terms(u: f32, c0: f32) -> vec3<f32> {
 
 // α-entmax of the row by the hybrid Halley–bisection of `kvsieve::entmax::TauBracket`
 // (f32, bracket [-1, -n^(1-α)] on the max-shifted scaled row), then exact zeros at or
-// below τ and a final renormalisation. Returns τ in the scaled space (α-1)·x of the
-// unshifted row: +inf for a row with no finite entry, NaN for a NaN/+inf row.
-fn wg_entmax(lid: u32, start: u32, n: u32, alpha: f32) -> f32 {
+// below τ and a final renormalisation (see `entmax_tau` for τ itself).
+fn wg_entmax(lid: u32, start: u32, n: u32, alpha: f32) -> RowNorm {
     let st = wg_row_stats(lid, start, n);
     let am1 = alpha - 1.0;
     let c0 = 1.0 / am1;
@@ -169,11 +189,38 @@ fn wg_entmax(lid: u32, start: u32, n: u32, alpha: f32) -> f32 {
         }
         lg[start + i] = p;
     }
-    if st.bad != 0u {
+    return row_norm(st, tau, tot);
+}
+
+// τ of an entmax row in the scaled space (α-1)·x of the unshifted row:
+// +inf for a row with no finite entry, NaN for a NaN/+inf row.
+fn entmax_tau(r: RowNorm, alpha: f32) -> f32 {
+    if r.tot < 0.0 {
         return f_nan();
     }
-    if st.cnt == 0u {
+    if r.tot == 0.0 {
         return f_pos_inf();
     }
-    return tau + am1 * st.m;
+    return r.tau + (alpha - 1.0) * r.m;
+}
+
+// Weight of entry x of a row from what its normaliser left (`RowNorm`);
+// `entmax`: α-entmax with `alpha`, else softmax. Same arithmetic as the
+// normalisers above, so it reproduces their weights.
+fn row_weight(r: RowNorm, x: f32, entmax: bool, alpha: f32) -> f32 {
+    if r.tot < 0.0 {
+        return f_nan();
+    }
+    if r.tot == 0.0 || is_neg_inf(x) {
+        return 0.0;
+    }
+    if !entmax {
+        return exp(x - r.m) / r.tot;
+    }
+    let am1 = alpha - 1.0;
+    let u = am1 * (x - r.m) - r.tau;
+    if u > 0.0 {
+        return entmax_terms(u, 1.0 / am1).x / r.tot;
+    }
+    return 0.0;
 }

@@ -20,9 +20,9 @@ fn entmax_prefill(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let e = attn_item(item);
-    let tau = attend_item(lid, e);
+    let r = attend_item(lid, item, e);
     if lid == 0u {
-        tau_out[item] = tau;
+        tau_out[item] = entmax_tau(r, e.alpha);
     }
     let bk = params[3];
     let live_off = item * params[4];

@@ -17,5 +17,5 @@ fn softmax_rows(@builtin(workgroup_id) wid: vec3<u32>,
     for (var i = lid; i < n; i += WG) {
         lg[start + i] = x[start + i];
     }
-    wg_softmax(lid, start, n);
+    _ = wg_softmax(lid, start, n);
 }

@@ -8,15 +8,31 @@
 //! budgets really free memory after [`KvCache::shrink_to_fit`]. Query head
 //! `h` reads KV head `h / G`; K/V are never repeated per query head.
 //!
-//! Original token positions are kept on the host beside the rows and move
-//! with them through compaction and merging, so engines can keep post-RoPE
-//! keys or re-rotate.
+//! Original token positions and *arrival indices* (a token's index among
+//! the tokens appended to its sequence) are kept on the host beside the
+//! rows and move with them through compaction and merging, so engines can
+//! keep post-RoPE keys or re-rotate, and policies know which rows are
+//! recent without relying on row order.
+//!
+//! **Compaction fills holes.** Evicting rows keeps every kept row that is
+//! already inside the new length in place and moves kept rows from above
+//! the new length into the freed rows ([`compaction_moves`]): one decode
+//! step that evicts one token moves one row. Row order is therefore not
+//! arrival order after an eviction; [`KvView::arrivals`] is.
+//!
+//! **Memory follows use.** After a compaction or merge that leaves a layer
+//! using less than half of its capacity, and at the end of a prefill
+//! ([`KvCache::trim`]), each segment's capacity becomes its length plus a
+//! small headroom, so evicted tokens return their memory.
+//!
+//! Policies read a cache through [`KvView`]; [`LayerKv`] is one
+//! implementation and [`KvParts`] wraps buffers an engine owns.
 //!
 //! All tensor work (appending rows, compaction, merging, growth) goes
-//! through [`crate::ops`], so optimised backends accelerate it.
+//! through the backend's ops, so optimised backends accelerate it.
 #![forbid(unsafe_code)]
 
-use crate::backend::{Backend, Ops};
+use crate::backend::{Backend, CompactMeta, Ops};
 use crate::dtype::Element;
 use crate::error::{Result, shape};
 use crate::layout::{HeadGeometry, IndexList, Ragged, Scope, Segments};
@@ -56,8 +72,249 @@ pub struct LayerKv<B: Backend, T: Element> {
     segs: Segments,
     caps: Vec<u32>,
     positions: Vec<u32>,
+    arrivals: Vec<u32>,
     seen: Vec<u32>,
     geom: HeadGeometry,
+}
+
+/// What a policy reads of one layer's KV: buffers, segments, and per row
+/// the original position and the arrival index. [`LayerKv`] implements it;
+/// [`KvParts`] wraps memory an engine owns.
+///
+/// Contract: `k` and `v` are `[rows, D]` covering [`Segments::rows_needed`];
+/// `positions(s)` and `arrivals(s)` hold one entry per row of segment `s`
+/// in use; arrival indices are unique within a sequence's segment and
+/// below [`KvView::seen`] (the newest tokens have the largest).
+pub trait KvView<B: Backend, T: Element> {
+    /// Head geometry.
+    fn geom(&self) -> &HeadGeometry;
+    /// Segments in use.
+    fn segments(&self) -> &Segments;
+    /// K rows `[rows, D]`.
+    fn k(&self) -> &B::Buffer<T>;
+    /// V rows `[rows, D]`.
+    fn v(&self) -> &B::Buffer<T>;
+    /// Original positions of the rows of segment `s` (empty when out of range).
+    fn positions(&self, s: usize) -> &[u32];
+    /// Arrival index of each row of segment `s`: the token's index among
+    /// the tokens appended to its sequence (empty when out of range).
+    fn arrivals(&self, s: usize) -> &[u32];
+    /// Tokens appended so far to sequence `b`.
+    fn seen(&self, b: usize) -> usize;
+    /// Number of sequences.
+    fn batch(&self) -> usize {
+        self.segments().batch()
+    }
+}
+
+/// A [`KvView`] over buffers and host metadata an engine owns (no copy).
+/// `positions` and `arrivals` are indexed like the K/V rows (`[rows]`),
+/// `seen` has one entry per sequence.
+///
+/// An engine that keeps its own KV runs a policy's hook over a `KvParts`
+/// and applies destructive plans itself: `ops::drop_rows` /
+/// `ops::compact_rows` on K and V, and the same moves on its per-row
+/// metadata ([`crate::policy::Compaction`]).
+///
+/// ```
+/// use kvsieve::backend::{DecodeEvidence, Heads, evidence_blocks};
+/// use kvsieve::cache::{KvParts, KvView};
+/// use kvsieve::ops::{self, DecodeParams};
+/// use kvsieve::policy::{Budget, Compaction, Evidence, KvPolicy, Phase, Plan, StepCtx, Tova, TovaConfig};
+/// use kvsieve::{HeadGeometry, Normalizer, Ragged, Restrict, Segments, reference::Reference};
+///
+/// # fn main() -> kvsieve::Result<()> {
+/// // The engine's cache: one sequence, one KV head, D = 2, 4 tokens (the
+/// // newest last) in a buffer of 8 rows.
+/// let geom = HeadGeometry::new(1, 1, 2)?;
+/// let mut segs = Segments::with_capacity(1, 1, 8, vec![4])?;
+/// let mut k = vec![1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+/// let mut v = k.clone();
+/// let mut positions: Vec<u32> = (0..8).collect();
+/// let mut arrivals: Vec<u32> = (0..8).collect();
+/// let seen = vec![4u32];
+/// let q = vec![2.0f32, 0.0];
+/// // Attention with the evidence TOVA asks for (its current query's weights).
+/// let mut tova = Tova::new(TovaConfig { budget: Budget::tokens(3), ..TovaConfig::default() })?;
+/// let heads = KvPolicy::<Reference, f32>::needs(&tova, 0).decode_probs.unwrap_or(Heads::Mean);
+/// let mut probs = vec![0.0f32; evidence_blocks(&geom, &segs, heads, &[1])?.total()];
+/// let mut out = vec![0.0f32; 2];
+/// let p = DecodeParams { geom, segments: &segs, scale: Some(1.0), normalizer: &Normalizer::Softmax, restrict: Restrict::Dense };
+/// ops::decode_attention_with(&Reference, &p, &q, &k, &v, &mut out,
+///     DecodeEvidence { probs: Some((heads, &mut probs)), ..DecodeEvidence::default() })?;
+/// let plan = {
+///     let kv = KvParts::new(&Reference, KvParts {
+///         geom, segments: &segs, k: &k, v: &v, positions: &positions, arrivals: &arrivals, seen: &seen,
+///     })?;
+///     let ctx = StepCtx {
+///         backend: &Reference, layer: 0, num_layers: 1, kv: &kv, queries: &q,
+///         q_rows: &Ragged::uniform(1, 1)?, step: 0, phase: Phase::Decode, scale: Some(1.0),
+///         evidence: Evidence { probs: Some((heads, &probs)), ..Evidence::default() },
+///     };
+///     tova.on_decode_step(&ctx)?
+/// };
+/// // TOVA drops the token the query attends to least (row 1, key [0, 1]).
+/// let Plan::Drop(drop) = plan else { unreachable!() };
+/// assert_eq!(drop.list(0), &[1]);
+/// let c = Compaction::from_drop(&segs, &drop);
+/// let new_segs = ops::drop_rows(&Reference, 2, &segs, &drop, &mut k)?;
+/// ops::drop_rows(&Reference, 2, &segs, &drop, &mut v)?;
+/// c.apply(0, &mut positions);
+/// c.apply(0, &mut arrivals);
+/// segs = new_segs;
+/// assert_eq!(segs.lens(), &[3]);
+/// assert_eq!(&positions[..3], &[0, 3, 2]); // the newest token took the freed row
+/// # Ok(()) }
+/// ```
+pub struct KvParts<'a, B: Backend, T: Element> {
+    /// Head geometry.
+    pub geom: HeadGeometry,
+    /// Segments in use.
+    pub segments: &'a Segments,
+    /// K rows.
+    pub k: &'a B::Buffer<T>,
+    /// V rows.
+    pub v: &'a B::Buffer<T>,
+    /// Original position of every buffer row.
+    pub positions: &'a [u32],
+    /// Arrival index of every buffer row.
+    pub arrivals: &'a [u32],
+    /// Tokens appended per sequence.
+    pub seen: &'a [u32],
+}
+
+impl<'a, B: Backend, T: Element> KvParts<'a, B, T> {
+    /// Checks the metadata against the segments and buffers.
+    pub fn new(backend: &B, parts: KvParts<'a, B, T>) -> Result<Self> {
+        const OP: &str = "KvParts::new";
+        let p = parts;
+        let d = p.geom.head_dim();
+        let rows = p.segments.rows_needed();
+        for (name, buf) in [("k", p.k), ("v", p.v)] {
+            let n = backend.buffer_len(buf);
+            if n % d != 0 || n / d < rows {
+                return Err(shape(
+                    OP,
+                    format!("{name} has {n} elements, expected [rows >= {rows}, {d}]"),
+                ));
+            }
+        }
+        if p.segments.num_kv_heads() != p.geom.num_kv_heads() {
+            return Err(shape(OP, "segments and geometry disagree on the KV heads"));
+        }
+        if p.positions.len() < rows || p.arrivals.len() < rows {
+            return Err(shape(
+                OP,
+                format!("positions and arrivals need {rows} entries (one per row)"),
+            ));
+        }
+        if p.seen.len() != p.segments.batch() {
+            return Err(shape(OP, "seen needs one entry per sequence"));
+        }
+        for s in 0..p.segments.num_segments() {
+            let b = s / p.geom.num_kv_heads();
+            if let Some(&a) = p.arrivals[p.segments.rows_of(s)]
+                .iter()
+                .find(|&&a| a >= p.seen[b])
+            {
+                return Err(shape(
+                    OP,
+                    format!("segment {s}: arrival {a} is not below seen = {}", p.seen[b]),
+                ));
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl<B: Backend, T: Element> KvView<B, T> for KvParts<'_, B, T> {
+    fn geom(&self) -> &HeadGeometry {
+        &self.geom
+    }
+    fn segments(&self) -> &Segments {
+        self.segments
+    }
+    fn k(&self) -> &B::Buffer<T> {
+        self.k
+    }
+    fn v(&self) -> &B::Buffer<T> {
+        self.v
+    }
+    fn positions(&self, s: usize) -> &[u32] {
+        rows_of(self.segments, self.positions, s)
+    }
+    fn arrivals(&self, s: usize) -> &[u32] {
+        rows_of(self.segments, self.arrivals, s)
+    }
+    fn seen(&self, b: usize) -> usize {
+        self.seen.get(b).map_or(0, |&x| x as usize)
+    }
+}
+
+fn rows_of<'x>(segs: &Segments, per_row: &'x [u32], s: usize) -> &'x [u32] {
+    if s >= segs.num_segments() {
+        return &[];
+    }
+    per_row.get(segs.rows_of(s)).unwrap_or(&[])
+}
+
+/// The row moves that compact a segment to `keep` (sorted, unique,
+/// segment-local): `(dst, src)` pairs, each hole below `keep.len()` filled
+/// by the next kept row at or above it, lowest first. Rows of `keep`
+/// already below `keep.len()` stay in place. Empty when nothing moves.
+///
+/// ```
+/// // Keep rows 0, 2, 5, 6 of 7: row 5 fills hole 1, row 6 fills hole 3.
+/// assert_eq!(kvsieve::cache::compaction_moves(&[0, 2, 5, 6]), vec![(1, 5), (3, 6)]);
+/// ```
+pub fn compaction_moves(keep: &[u32]) -> Vec<(u32, u32)> {
+    let n = keep.len() as u32;
+    let inside = keep.partition_point(|&j| j < n);
+    let fillers = &keep[inside..];
+    let mut moves = Vec::with_capacity(fillers.len());
+    let mut kept = keep[..inside].iter().peekable();
+    let mut f = fillers.iter();
+    for hole in 0..n {
+        if kept.peek() == Some(&&hole) {
+            kept.next();
+            continue;
+        }
+        match f.next() {
+            Some(&src) => moves.push((hole, src)),
+            None => break,
+        }
+    }
+    moves
+}
+
+/// The moves of [`compaction_moves`] for the complement of `drop` (sorted,
+/// unique, below `len`), in O(|drop|) time.
+///
+/// ```
+/// // Drop rows 1 and 3 of 7: the same moves as keeping 0, 2, 4, 5, 6.
+/// assert_eq!(kvsieve::cache::drop_moves(7, &[1, 3]), vec![(1, 5), (3, 6)]);
+/// ```
+pub fn drop_moves(len: usize, drop: &[u32]) -> Vec<(u32, u32)> {
+    let n = len.saturating_sub(drop.len()) as u32;
+    let inside = drop.partition_point(|&j| j < n);
+    let mut above = drop[inside..].iter().peekable();
+    let mut moves = Vec::with_capacity(inside);
+    let mut src = n;
+    for &hole in &drop[..inside] {
+        while above.peek() == Some(&&src) {
+            above.next();
+            src += 1;
+        }
+        moves.push((hole, src));
+        src += 1;
+    }
+    moves
+}
+
+/// Headroom left above a segment's length when capacity is trimmed: a
+/// decode step appends one token before it evicts one.
+fn headroom(len: u32) -> u32 {
+    (len / 8).max(16)
 }
 
 impl<B: Backend, T: Element> LayerKv<B, T> {
@@ -91,10 +348,11 @@ impl<B: Backend, T: Element> LayerKv<B, T> {
     }
     /// Original positions of the tokens of segment `s` (empty when out of range).
     pub fn positions(&self, s: usize) -> &[u32] {
-        if s >= self.segs.num_segments() {
-            return &[];
-        }
-        self.positions.get(self.segs.rows_of(s)).unwrap_or(&[])
+        rows_of(&self.segs, &self.positions, s)
+    }
+    /// Arrival indices of the tokens of segment `s` (see [`KvView::arrivals`]).
+    pub fn arrivals(&self, s: usize) -> &[u32] {
+        rows_of(&self.segs, &self.arrivals, s)
     }
     /// Tokens appended so far to sequence `b` (its next position by default).
     pub fn seen(&self, b: usize) -> usize {
@@ -114,6 +372,30 @@ impl<B: Backend, T: Element> LayerKv<B, T> {
             * 2
             * self.geom.head_dim()
             * T::DTYPE.size()
+    }
+}
+
+impl<B: Backend, T: Element> KvView<B, T> for LayerKv<B, T> {
+    fn geom(&self) -> &HeadGeometry {
+        &self.geom
+    }
+    fn segments(&self) -> &Segments {
+        &self.segs
+    }
+    fn k(&self) -> &B::Buffer<T> {
+        &self.k
+    }
+    fn v(&self) -> &B::Buffer<T> {
+        &self.v
+    }
+    fn positions(&self, s: usize) -> &[u32] {
+        LayerKv::positions(self, s)
+    }
+    fn arrivals(&self, s: usize) -> &[u32] {
+        LayerKv::arrivals(self, s)
+    }
+    fn seen(&self, b: usize) -> usize {
+        LayerKv::seen(self, b)
     }
 }
 
@@ -164,6 +446,7 @@ impl<B: Ops, T: Element> KvCache<B, T> {
                 segs: segs_for(batch, geom.num_kv_heads(), &caps, vec![0; nseg])?,
                 caps: caps.clone(),
                 positions: vec![0; rows],
+                arrivals: vec![0; rows],
                 seen: vec![0; batch],
                 geom,
             });
@@ -239,12 +522,15 @@ impl<B: Ops, T: Element> KvCache<B, T> {
             ops::scatter_rows(backend, d, &dst_rows, &tmp, &mut nv)?;
         }
         let mut pos = vec![0u32; total_rows];
+        let mut arr = vec![0u32; total_rows];
         for (&s, &t) in src_rows.iter().zip(&dst_rows) {
             pos[t as usize] = l.positions[s as usize];
+            arr[t as usize] = l.arrivals[s as usize];
         }
         l.k = nk;
         l.v = nv;
         l.positions = pos;
+        l.arrivals = arr;
         l.segs = new_segs;
         l.caps = caps;
         Ok(())
@@ -286,6 +572,41 @@ impl<B: Ops, T: Element> KvCache<B, T> {
         let l = self.layer_mut(layer)?;
         let caps = l.segs.lens().to_vec();
         Self::relayout(backend, l, caps)
+    }
+
+    /// Sets every segment's capacity of `layer` to its length plus a small
+    /// headroom (`max(16, len / 8)` rows), unless every segment is already
+    /// within that headroom of it: what the driver does at the end of a
+    /// prefill (so the first decode steps do not double the buffers) and
+    /// after an eviction leaves the layer under half full.
+    pub fn trim(&mut self, backend: &B, layer: usize) -> Result<()> {
+        let l = self.layer_mut(layer)?;
+        let fits = l
+            .segs
+            .lens()
+            .iter()
+            .zip(&l.caps)
+            .all(|(&n, &c)| c > n && c - n <= headroom(n));
+        if fits {
+            return Ok(());
+        }
+        let caps: Vec<u32> = l
+            .segs
+            .lens()
+            .iter()
+            .map(|&n| n.saturating_add(headroom(n)))
+            .collect();
+        Self::relayout(backend, l, caps)
+    }
+
+    /// [`KvCache::trim`] when the layer uses less than half its capacity.
+    fn trim_if_sparse(&mut self, backend: &B, layer: usize) -> Result<()> {
+        let l = self.layer(layer)?;
+        let cap: u64 = l.caps.iter().map(|&c| u64::from(c)).sum();
+        if 2 * (l.segs.total_len() as u64) < cap {
+            self.trim(backend, layer)?;
+        }
+        Ok(())
     }
 
     /// Appends new tokens to `layer` for the whole batch in one call.
@@ -360,6 +681,7 @@ impl<B: Ops, T: Element> KvCache<B, T> {
                         None => l.seen[b].saturating_add(i as u32),
                     };
                     l.positions[row] = pos;
+                    l.arrivals[row] = l.seen[b].saturating_add(i as u32);
                 }
             }
             for g in 0..hkv {
@@ -374,20 +696,106 @@ impl<B: Ops, T: Element> KvCache<B, T> {
     }
 
     /// Compacts `layer` in place to the rows in `keep` (one sorted list per
-    /// segment, scope [`Scope::KvHead`]); positions follow their rows.
+    /// segment, scope [`Scope::KvHead`]) by filling holes
+    /// ([`compaction_moves`]); positions and arrivals follow their rows.
+    /// Trims the capacity when the layer ends up less than half full.
     pub fn compact(&mut self, backend: &B, layer: usize, keep: &IndexList) -> Result<()> {
+        const OP: &str = "KvCache::compact";
+        let l = self.layer(layer)?;
+        if keep.scope() != Scope::KvHead || keep.num_lists() != l.segs.num_segments() {
+            return Err(shape(
+                OP,
+                format!(
+                    "keep must hold one KvHead list per segment ({}), got {} {:?} lists",
+                    l.segs.num_segments(),
+                    keep.num_lists(),
+                    keep.scope()
+                ),
+            ));
+        }
+        let mut moves = Vec::with_capacity(l.segs.num_segments());
+        for s in 0..l.segs.num_segments() {
+            let list = keep.list(s);
+            if let Some(&last) = list.last()
+                && last as usize >= l.segs.len_of(s)
+            {
+                return Err(shape(
+                    OP,
+                    format!("segment {s}: index {last} >= length {}", l.segs.len_of(s)),
+                ));
+            }
+            moves.push(compaction_moves(list));
+        }
+        let lens = keep.indptr().lens().map(|n| n as u32).collect();
+        self.apply_moves(backend, layer, &moves, lens)
+    }
+
+    /// Removes the rows in `drop` (one sorted list per segment, scope
+    /// [`Scope::KvHead`]) from `layer`: the same compaction as keeping the
+    /// complement, in O(dropped rows).
+    pub fn drop_rows(&mut self, backend: &B, layer: usize, drop: &IndexList) -> Result<()> {
+        const OP: &str = "KvCache::drop_rows";
+        let l = self.layer(layer)?;
+        if drop.scope() != Scope::KvHead || drop.num_lists() != l.segs.num_segments() {
+            return Err(shape(
+                OP,
+                format!(
+                    "drop must hold one KvHead list per segment ({}), got {} {:?} lists",
+                    l.segs.num_segments(),
+                    drop.num_lists(),
+                    drop.scope()
+                ),
+            ));
+        }
+        let mut moves = Vec::with_capacity(l.segs.num_segments());
+        let mut lens = Vec::with_capacity(l.segs.num_segments());
+        for s in 0..l.segs.num_segments() {
+            let (list, len) = (drop.list(s), l.segs.len_of(s));
+            if let Some(&last) = list.last()
+                && last as usize >= len
+            {
+                return Err(shape(
+                    OP,
+                    format!("segment {s}: index {last} >= length {len}"),
+                ));
+            }
+            moves.push(drop_moves(len, list));
+            lens.push((len - list.len()) as u32);
+        }
+        self.apply_moves(backend, layer, &moves, lens)
+    }
+
+    /// Applies per-segment `(dst, src)` row moves (segment-local) and the
+    /// new lengths; positions and arrivals follow.
+    fn apply_moves(
+        &mut self,
+        backend: &B,
+        layer: usize,
+        moves: &[Vec<(u32, u32)>],
+        lens: Vec<u32>,
+    ) -> Result<()> {
         let d = self.geom.head_dim();
         let l = self.layer_mut(layer)?;
-        let new_segs = ops::compact_rows(backend, d, &l.segs, keep, &mut l.k)?;
-        ops::compact_rows(backend, d, &l.segs, keep, &mut l.v)?;
-        for s in 0..l.segs.num_segments() {
-            let off = l.segs.offset(s);
-            for (i, &j) in keep.list(s).iter().enumerate() {
-                l.positions[off + i] = l.positions[off + j as usize];
+        let new_segs = l.segs.shrink_to(lens)?;
+        let mut abs = Vec::new();
+        for (s, m) in moves.iter().enumerate() {
+            let off = l.segs.offset(s) as u32;
+            abs.extend(m.iter().map(|&(dst, src)| (off + dst, off + src)));
+        }
+        if !abs.is_empty() {
+            let meta = CompactMeta {
+                width: d,
+                moves: abs,
+            };
+            backend.compact_rows(&meta, &mut l.k)?;
+            backend.compact_rows(&meta, &mut l.v)?;
+            for &(dst, src) in &meta.moves {
+                l.positions[dst as usize] = l.positions[src as usize];
+                l.arrivals[dst as usize] = l.arrivals[src as usize];
             }
         }
         l.segs = new_segs;
-        Ok(())
+        self.trim_if_sparse(backend, layer)
     }
 
     /// Applies a [`MergeSpec`]: merged rows replace their targets, then the

@@ -98,8 +98,8 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use half::{bf16, f16};
 
 // The one place this module names the session types (they may move).
-use crate::policy::LayerInput;
-pub use crate::policy::{Session, SessionConfig};
+use crate::attention::LayerInput;
+pub use crate::attention::{Session, SessionConfig};
 
 use crate::backend::Ops;
 use crate::dtype::Element;

@@ -14,7 +14,9 @@
 //! | validated ops | [`ops`] |
 //! | row α-entmax solvers, backward, learned α | [`mod@entmax`] |
 //! | KV cache with per-head lengths | [`cache::KvCache`] |
-//! | policies and their driver | [`policy::KvPolicy`], [`policy::Session`] and one type per method |
+//! | policies | [`policy::KvPolicy`] and one type per method |
+//! | the driver (cache → policy → ops, every plan applied) | [`attention::Session`], [`attention::apply_plan`] |
+//! | policies over engine-owned KV | [`cache::KvView`], [`cache::KvParts`] |
 //! | evaluation traces | [`eval`] |
 //!
 //! ```
@@ -39,6 +41,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
+pub mod attention;
 pub mod backend;
 pub mod cache;
 #[cfg(feature = "candle")]

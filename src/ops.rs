@@ -54,6 +54,25 @@ fn check_len<B: Backend, T: Element>(
     Ok(())
 }
 
+/// Evidence outputs may be longer than their layout (reused buffers); only
+/// the first `want` entries are written.
+fn check_at_least<B: Backend, T: Element>(
+    b: &B,
+    op: &'static str,
+    name: &str,
+    buf: &B::Buffer<T>,
+    want: usize,
+) -> Result<()> {
+    let got = b.buffer_len(buf);
+    if got < want {
+        return Err(shape(
+            op,
+            format!("{name} has {got} elements, expected at least {want}"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_kv<B: Backend, T: Element>(
     b: &B,
     op: &'static str,
@@ -293,6 +312,51 @@ pub fn qk_logits<B: ScoreOps, T: Element>(
     })
 }
 
+/// `d_j = ‖o − v_j‖₂` for every token of every block, with `o` the
+/// `weights`-weighted sum of the block's segment's value rows (`fast`: their
+/// mean; `weights` is then ignored and may be empty); see [`DistMeta`].
+/// `weights` and `out` are laid out by [`evidence_blocks`]`(geom, segments,
+/// heads, &[1; batch])` (CAOTE's eviction errors); `centers`, when given,
+/// receives every block's `o` (`[blocks, D]`, f32).
+#[allow(clippy::too_many_arguments)]
+pub fn value_distances<B: ScoreOps, T: Element>(
+    b: &B,
+    geom: HeadGeometry,
+    segments: &Segments,
+    heads: Heads,
+    fast: bool,
+    weights: &B::Buffer<f32>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<f32>,
+    centers: Option<&mut B::Buffer<f32>>,
+) -> Result<()> {
+    const OP: &str = "value_distances";
+    check_geom_segs(OP, &geom, segments)?;
+    let blocks = evidence_blocks(&geom, segments, heads, &vec![1; segments.batch()])?;
+    if !fast {
+        check_len(b, OP, "weights", weights, blocks.total())?;
+    }
+    check_kv(b, OP, "v", v, segments, geom.head_dim())?;
+    check_len(b, OP, "out", out, blocks.total())?;
+    if let Some(c) = &centers {
+        check_len(
+            b,
+            OP,
+            "centers",
+            *c,
+            blocks.num_segments() * geom.head_dim(),
+        )?;
+    }
+    let meta = DistMeta {
+        geom,
+        segs: segments.clone(),
+        heads,
+        blocks,
+        fast,
+    };
+    b.value_distances(&meta, weights, v, out, centers)
+}
+
 // ------------------------------------------------------------------ selection
 
 /// Per-row top-k (see [`SelectOps::topk_rows`]). `scope` only tags the
@@ -421,7 +485,14 @@ pub fn scatter_rows<B: CacheOps, T: Element>(
 }
 
 /// Compacts every segment of `buf` in place to the rows in `keep` (scope
-/// `KvHead`, one list per segment) and returns the new segments.
+/// `KvHead`, one sorted list per segment) and returns the new segments.
+///
+/// Rows already inside the new length stay where they are; each freed row
+/// below the new length is filled by a kept row from above it, lowest hole
+/// first (see [`crate::cache::compaction_moves`]). So a decode step that
+/// evicts one token moves one row, not the tail of the cache; row order no
+/// longer follows arrival order (the cache tracks arrivals and positions
+/// per row).
 pub fn compact_rows<B: CacheOps, T: Element>(
     b: &B,
     width: usize,
@@ -462,15 +533,78 @@ pub fn compact_rows<B: CacheOps, T: Element>(
         }
     }
     let new_segs = segs.shrink_to(keep.indptr().lens().map(|l| l as u32).collect())?;
-    b.compact_rows(
-        &CompactMeta {
-            width,
-            segs: segs.clone(),
-            keep: keep.clone(),
-            new_segs: new_segs.clone(),
-        },
-        buf,
-    )?;
+    let mut moves = Vec::new();
+    for s in 0..segs.num_segments() {
+        let off = segs.offset(s) as u32;
+        moves.extend(
+            crate::cache::compaction_moves(keep.list(s))
+                .into_iter()
+                .map(|(d, r)| (off + d, off + r)),
+        );
+    }
+    if !moves.is_empty() {
+        b.compact_rows(&CompactMeta { width, moves }, buf)?;
+    }
+    Ok(new_segs)
+}
+
+/// Removes the rows in `drop` (scope `KvHead`, one sorted list per
+/// segment) from every segment of `buf` in place: the compaction of
+/// [`compact_rows`] for the complement, in O(dropped rows) (see
+/// [`crate::cache::drop_moves`]). Returns the new segments.
+pub fn drop_rows<B: CacheOps, T: Element>(
+    b: &B,
+    width: usize,
+    segs: &Segments,
+    drop: &IndexList,
+    buf: &mut B::Buffer<T>,
+) -> Result<Segments> {
+    const OP: &str = "drop_rows";
+    let rows = check_width(b, OP, width, buf)?;
+    if rows < segs.rows_needed() {
+        return Err(shape(
+            OP,
+            format!(
+                "buffer has {rows} rows, segments need {}",
+                segs.rows_needed()
+            ),
+        ));
+    }
+    if drop.scope() != Scope::KvHead || drop.num_lists() != segs.num_segments() {
+        return Err(shape(
+            OP,
+            format!(
+                "drop must hold one KvHead-scoped list per segment ({}), got {} {:?} lists",
+                segs.num_segments(),
+                drop.num_lists(),
+                drop.scope()
+            ),
+        ));
+    }
+    let mut lens = Vec::with_capacity(segs.num_segments());
+    let mut moves = Vec::new();
+    for s in 0..segs.num_segments() {
+        let (list, len) = (drop.list(s), segs.len_of(s));
+        if let Some(&last) = list.last()
+            && last as usize >= len
+        {
+            return Err(shape(
+                OP,
+                format!("segment {s}: index {last} >= length {len}"),
+            ));
+        }
+        let off = segs.offset(s) as u32;
+        moves.extend(
+            crate::cache::drop_moves(len, list)
+                .into_iter()
+                .map(|(d, r)| (off + d, off + r)),
+        );
+        lens.push((len - list.len()) as u32);
+    }
+    let new_segs = segs.shrink_to(lens)?;
+    if !moves.is_empty() {
+        b.compact_rows(&CompactMeta { width, moves }, buf)?;
+    }
     Ok(new_segs)
 }
 
@@ -548,12 +682,45 @@ pub fn decode_attention<B: AttnOps, T: Element>(
     v: &B::Buffer<T>,
     out: &mut B::Buffer<T>,
 ) -> Result<()> {
+    decode_attention_with(b, p, q, k, v, out, DecodeEvidence::default())
+}
+
+/// [`decode_attention`] that also writes the requested evidence (see
+/// [`crate::backend::evidence`] for the layouts; size the buffers with
+/// [`evidence_blocks`]`(geom, segments, heads, &[1; batch])`, `stats` is
+/// `[batch, Hq]`).
+pub fn decode_attention_with<B: AttnOps, T: Element>(
+    b: &B,
+    p: &DecodeParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    ev: DecodeEvidence<'_, B>,
+) -> Result<()> {
+    decode_attention_impl(b, p, q, k, v, out, ev, false)
+}
+
+/// The decode entry point; `prechecked` skips the restriction's index
+/// check (the driver validated it when it applied the plan).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_attention_impl<B: AttnOps, T: Element>(
+    b: &B,
+    p: &DecodeParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    mut ev: DecodeEvidence<'_, B>,
+    prechecked: bool,
+) -> Result<()> {
     const OP: &str = "decode_attention";
     check_geom_segs(OP, &p.geom, p.segments)?;
     p.normalizer.validate(OP, &p.geom)?;
     let scale = resolve_scale(OP, p.scale, &p.geom)?;
     match p.restrict {
         Restrict::Dense => {}
+        _ if prechecked => {}
         Restrict::Indices(list) => list.check_against(OP, &p.geom, p.segments)?,
         Restrict::Mask(mask) => {
             mask.check_against(OP, &p.geom, p.segments, &vec![1; p.segments.batch()])?
@@ -562,6 +729,29 @@ pub fn decode_attention<B: AttnOps, T: Element>(
     let d = p.geom.head_dim();
     let qn = p.segments.batch() * p.geom.num_q_heads() * d;
     check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
+    if !ev.is_empty() {
+        let ones = vec![1; p.segments.batch()];
+        if let Some((heads, buf)) = &ev.probs {
+            let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
+            check_at_least(b, OP, "evidence probs", *buf, n)?;
+        }
+        if let Some(buf) = &ev.logits {
+            let n = evidence_blocks(&p.geom, p.segments, Heads::PerHead, &ones)?.total();
+            check_at_least(b, OP, "evidence logits", *buf, n)?;
+        }
+    }
+    if let Some(buf) = &ev.output {
+        check_at_least(b, OP, "evidence output", *buf, qn)?;
+    }
+    if let Some(buf) = &ev.stats {
+        check_at_least(
+            b,
+            OP,
+            "evidence stats",
+            *buf,
+            p.segments.batch() * p.geom.num_q_heads(),
+        )?;
+    }
     let meta = DecodeMeta {
         geom: p.geom,
         segs: p.segments,
@@ -569,7 +759,7 @@ pub fn decode_attention<B: AttnOps, T: Element>(
         normalizer: p.normalizer,
         restrict: p.restrict,
     };
-    b.decode_attention(&meta, q, k, v, out)
+    b.decode_attention(&meta, q, k, v, out, &mut ev)
 }
 
 /// Parameters of [`prefill_attention`].
@@ -600,18 +790,67 @@ pub fn prefill_attention<B: AttnOps, T: Element>(
     v: &B::Buffer<T>,
     out: &mut B::Buffer<T>,
 ) -> Result<()> {
+    prefill_attention_with(b, p, q, k, v, out, PrefillEvidence::default())
+}
+
+/// [`prefill_attention`] that also writes the requested evidence: column
+/// sums (blocks of 1 row) and the last queries' weights (blocks of
+/// [`crate::backend::Window::rows_for`]`(n_q(b))` rows). Size the buffers
+/// with [`evidence_blocks`].
+pub fn prefill_attention_with<B: AttnOps, T: Element>(
+    b: &B,
+    p: &PrefillParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    ev: PrefillEvidence<'_, B>,
+) -> Result<()> {
+    prefill_attention_impl(b, p, q, k, v, out, ev, false)
+}
+
+/// The prefill entry point; `prechecked` skips the mask's shape check.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prefill_attention_impl<B: AttnOps, T: Element>(
+    b: &B,
+    p: &PrefillParams<'_>,
+    q: &B::Buffer<T>,
+    k: &B::Buffer<T>,
+    v: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    mut ev: PrefillEvidence<'_, B>,
+    prechecked: bool,
+) -> Result<()> {
     const OP: &str = "prefill_attention";
     check_geom_segs(OP, &p.geom, p.segments)?;
     check_q_rows(OP, p.q_rows, p.segments, p.causal)?;
     p.normalizer.validate(OP, &p.geom)?;
     let scale = resolve_scale(OP, p.scale, &p.geom)?;
-    if let Some(mask) = p.mask {
+    if let Some(mask) = p.mask
+        && !prechecked
+    {
         let q_rows: Vec<usize> = p.q_rows.lens().collect();
         mask.check_against(OP, &p.geom, p.segments, &q_rows)?;
     }
     let d = p.geom.head_dim();
     let qn = p.q_rows.total() * p.geom.num_q_heads() * d;
     check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
+    if let Some((heads, buf)) = &ev.col_sums {
+        let ones = vec![1; p.segments.batch()];
+        let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
+        check_at_least(b, OP, "evidence col_sums", *buf, n)?;
+    }
+    if let Some((w, buf)) = &ev.window {
+        if w.queries == 0 {
+            return Err(shape(
+                OP,
+                "the evidence window must cover at least one query",
+            ));
+        }
+        let rows: Vec<usize> = p.q_rows.lens().map(|n| w.rows_for(n)).collect();
+        let n = evidence_blocks(&p.geom, p.segments, w.heads, &rows)?.total();
+        check_at_least(b, OP, "evidence window", *buf, n)?;
+    }
     let meta = PrefillMeta {
         geom: p.geom,
         q_rows: p.q_rows,
@@ -621,7 +860,7 @@ pub fn prefill_attention<B: AttnOps, T: Element>(
         scale,
         normalizer: p.normalizer,
     };
-    b.prefill_attention(&meta, q, k, v, out)
+    b.prefill_attention(&meta, q, k, v, out, &mut ev)
 }
 
 // ----------------------------------------------------------- entmax attention

@@ -7,6 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use kvsieve::attention::{LayerInput, Session};
 use kvsieve::candle::{
     CandleSession, SessionConfig, borrows_storage, decode_attention, prefill_attention,
     with_host_vec,
@@ -14,7 +15,6 @@ use kvsieve::candle::{
 use kvsieve::cpu::Cpu;
 use kvsieve::eval::policies::make_policy;
 use kvsieve::ops::{self, DecodeParams, PrefillParams};
-use kvsieve::policy::{LayerInput, Session};
 use kvsieve::reference::Reference;
 use kvsieve::{HeadGeometry, Normalizer, Ragged, Restrict, Segments};
 

@@ -3,6 +3,7 @@
 //! `Full`, bit for bit), needle retrieval at 2 % budgets over 16K tokens,
 //! the Selection Cache, serialisation and bad input. Reference backend.
 
+use kvsieve::attention::*;
 use kvsieve::cache::KvCache;
 use kvsieve::ops::{self, DecodeParams, PrefillParams};
 use kvsieve::policy::*;
@@ -60,17 +61,80 @@ fn ctx<'a>(
         backend: &Reference,
         layer,
         num_layers: c.num_layers(),
-        cache: c.layer(layer).unwrap(),
+        kv: c.layer(layer).unwrap(),
         queries: q,
         q_rows,
         step,
         phase: Phase::Select,
         scale: None,
+        evidence: Evidence::default(),
     }
 }
 
 fn select(p: &mut dyn KvPolicy<Reference, f32>, cx: &StepCtx<'_, Reference, f32>) -> Plan {
     p.select_for_attention(cx).unwrap()
+}
+
+/// One decode step of `layer` as the driver runs it: `select_for_attention`,
+/// attention (restricted by its plan) with the evidence `p.needs` asks for,
+/// then `on_decode_step`. Returns the selection plan.
+fn step(
+    p: &mut dyn KvPolicy<Reference, f32>,
+    c: &KvCache<Reference, f32>,
+    layer: usize,
+    q: &Vec<f32>,
+    rows: &Ragged,
+    step: usize,
+) -> Plan {
+    use kvsieve::backend::{DecodeEvidence, Heads, evidence_blocks};
+    let plan = select(p, &ctx(c, layer, q, rows, step));
+    let l = c.layer(layer).unwrap();
+    let g = *l.geom();
+    let needs = p.needs(layer);
+    let ones = vec![1; l.batch()];
+    let n = |h| evidence_blocks(&g, l.segments(), h, &ones).unwrap().total();
+    let mut probs = needs.decode_probs.map(|h| (h, vec![0.0f32; n(h)]));
+    let mut logits = needs.decode_logits.then(|| vec![0.0f32; n(Heads::PerHead)]);
+    let mut out = vec![0.0f32; q.len()];
+    let restrict = match &plan {
+        Plan::Select(list) => Restrict::Indices(list),
+        _ => Restrict::Dense,
+    };
+    let dp = DecodeParams {
+        geom: g,
+        segments: l.segments(),
+        scale: None,
+        normalizer: &Normalizer::Softmax,
+        restrict,
+    };
+    ops::decode_attention_with(
+        &Reference,
+        &dp,
+        q,
+        l.k(),
+        l.v(),
+        &mut out,
+        DecodeEvidence {
+            probs: probs.as_mut().map(|(h, b)| (*h, b)),
+            logits: logits.as_mut(),
+            stats: None,
+            output: None,
+        },
+    )
+    .unwrap();
+    let cx = StepCtx {
+        phase: Phase::Decode,
+        evidence: Evidence {
+            probs: probs.as_ref().map(|(h, b)| (*h, b)),
+            logits: logits.as_ref(),
+            output: None,
+            col_sums: None,
+            window: None,
+        },
+        ..ctx(c, layer, q, rows, step)
+    };
+    assert_eq!(p.on_decode_step(&cx).unwrap(), Plan::KeepAll);
+    plan
 }
 
 fn selected(plan: Plan) -> IndexList {
@@ -241,10 +305,10 @@ fn token_select_prefill_chunk_mask() {
     };
     let mut ts = TokenSelect::new(cfg).unwrap();
     let cx = StepCtx {
-        phase: Phase::PrefillChunk,
+        phase: Phase::PrefillSelect,
         ..ctx(&c, 0, &q, &rows, 0)
     };
-    let list = selected(ts.on_prefill_chunk(&cx).unwrap());
+    let list = selected(ts.before_prefill_chunk(&cx).unwrap());
     assert_eq!(list.list(0).len(), 9);
     let layer = c.layer(0).unwrap();
     let mask = selection_prefill_mask(&list, &g, &rows, layer.segments()).unwrap();
@@ -307,8 +371,8 @@ fn ragged_batch_mixes_dense_and_sparse_sequences() {
         ..TidalDecodeConfig::default()
     })
     .unwrap();
-    select(&mut td, &ctx(&c, 1, &q, &rows, 0));
-    let list = selected(select(&mut td, &ctx(&c, 2, &q, &rows, 0)));
+    step(&mut td, &c, 1, &q, &rows, 0);
+    let list = selected(step(&mut td, &c, 2, &q, &rows, 0));
     assert_eq!(list.num_lists(), 8);
     assert_eq!(list.list(0).len(), 10);
     assert_eq!(list.list(5).len(), 12);
@@ -321,10 +385,12 @@ fn ragged_batch_mixes_dense_and_sparse_sequences() {
         ts.select_for_attention(&ctx(&c, 0, &short, &rows, 0))
             .is_err()
     );
-    assert!(
-        td.select_for_attention(&ctx(&c, 1, &short, &rows, 1))
-            .is_err()
-    );
+    // A selection layer's decode hook without its logits evidence.
+    let no_evidence = StepCtx {
+        phase: Phase::Decode,
+        ..ctx(&c, 1, &short, &rows, 1)
+    };
+    assert!(td.on_decode_step(&no_evidence).is_err());
     let far = StepCtx {
         layer: usize::MAX,
         ..ctx(&c, 0, &q, &rows, 0)
@@ -429,8 +495,7 @@ fn tidal_decode_layer_roles_and_persistence() {
     let qs: Vec<Vec<f32>> = (0..layers).map(|_| r.vec(16)).collect();
     let mut lists = Vec::new();
     for (l, q) in qs.iter().enumerate() {
-        let plan = select(&mut td, &ctx(&c, l, q, &rows, 0));
-        lists.push(plan);
+        lists.push(step(&mut td, &c, l, q, &rows, 0));
     }
     assert_eq!(lists[0], Plan::KeepAll);
     assert_eq!(lists[2], Plan::KeepAll, "selection layers attend densely");
@@ -474,8 +539,8 @@ fn tidal_decode_layer_roles_and_persistence() {
         ..TidalDecodeConfig::default()
     })
     .unwrap();
-    select(&mut tds, &ctx(&c, 2, &qs[2], &rows, 0));
-    let l = selected(select(&mut tds, &ctx(&c, 3, &qs[3], &rows, 0)));
+    step(&mut tds, &c, 2, &qs[2], &rows, 0);
+    let l = selected(step(&mut tds, &c, 3, &qs[3], &rows, 0));
     assert_eq!(l.scope(), Scope::KvHead);
     assert_eq!(l.num_lists(), 2);
     let out = decode_out(g, &c, 3, &qs[3], Restrict::Indices(&l));
@@ -544,8 +609,8 @@ fn needle_is_selected_at_two_percent_over_16k() {
             ..TidalDecodeConfig::default()
         })
         .unwrap();
-        assert_eq!(select(&mut td, &ctx(&c, 0, &q, &rows, 0)), Plan::KeepAll);
-        let list = selected(select(&mut td, &ctx(&c, 1, &q, &rows, 0)));
+        assert_eq!(step(&mut td, &c, 0, &q, &rows, 0), Plan::KeepAll);
+        let list = selected(step(&mut td, &c, 1, &q, &rows, 0));
         for i in 0..list.num_lists() {
             assert_eq!(list.list(i).len(), budget);
             assert!(
@@ -924,4 +989,130 @@ fn bad_input_is_a_clear_error() {
         Dam::from_patterns(1, 1, 8, vec![HeadPattern::default()]).is_err(),
         "diagonal 0 missing"
     );
+}
+
+// ------------------------------------------- selections restrict prefill chunks
+
+/// DAM through `Session::prefill` (chunked: DAM's own 512-token blocks, or
+/// 16 here) equals one `prefill_attention` with DAM's prefill mask over the
+/// whole prompt: the chunk hook's masks take effect.
+#[test]
+fn dam_prefill_through_session_equals_masked_prefill() {
+    let map = synthetic_map();
+    let dam = Dam::calibrate(&dam_cfg(), &[vec![&map[..], &map[..]]]).unwrap();
+    let g = geom(2, 1, 4);
+    let mut r = Rng::new(8);
+    let n = 90;
+    let (q, k, v) = (r.vec(n * 8), r.vec(n * 4), r.vec(n * 4));
+    let rows = Ragged::from_lens(&[n as u32]).unwrap();
+    let cfg = SessionConfig {
+        prefill_chunk: Some(16),
+        ..SessionConfig::default()
+    };
+    let mut s = Session::new(Reference, g, 1, 1, Box::new(dam.clone()), cfg).unwrap();
+    let got = s
+        .prefill(
+            &rows,
+            &[LayerInput {
+                q: &q,
+                k: &k,
+                v: &v,
+            }],
+        )
+        .unwrap()
+        .remove(0);
+    let c = s.cache().layer(0).unwrap();
+    let mask = dam.prefill_mask(0, &g, &rows, c.segments()).unwrap();
+    let mut want = vec![0.0f32; q.len()];
+    let p = PrefillParams {
+        geom: g,
+        q_rows: &rows,
+        segments: c.segments(),
+        causal: true,
+        mask: Some(&mask),
+        scale: None,
+        normalizer: &Normalizer::Softmax,
+    };
+    ops::prefill_attention(&Reference, &p, &q, c.k(), c.v(), &mut want).unwrap();
+    assert_eq!(got, want);
+    let mut dense = vec![0.0f32; q.len()];
+    let p = PrefillParams { mask: None, ..p };
+    ops::prefill_attention(&Reference, &p, &q, c.k(), c.v(), &mut dense).unwrap();
+    assert_ne!(got, dense, "the mask is sparse: it must change the output");
+}
+
+/// TokenSelect through `Session::prefill_chunk_layer`: each chunk's output
+/// equals `prefill_attention` with `selection_prefill_mask` of the selection
+/// TokenSelect makes for that chunk (recomputed by a twin policy on a twin
+/// cache).
+#[test]
+fn token_select_prefill_through_session_equals_masked_prefill() {
+    let g = geom(2, 1, 4);
+    let mut r = Rng::new(9);
+    let (chunk, chunks) = (12usize, 5usize);
+    let n = chunk * chunks;
+    let (q, k) = (r.vec(n * 8), r.vec(n * 4));
+    let cfg = TokenSelectConfig {
+        n_init: 2,
+        k: 5,
+        n_local: 3,
+        chunk,
+        ..TokenSelectConfig::default()
+    };
+    let mut s = Session::new(
+        Reference,
+        g,
+        1,
+        1,
+        Box::new(TokenSelect::new(cfg.clone()).unwrap()),
+        SessionConfig::default(),
+    )
+    .unwrap();
+    let mut twin = TokenSelect::new(cfg).unwrap();
+    let mut tc = KvCache::<Reference, f32>::new(&Reference, g, 1, 1).unwrap();
+    let rows = Ragged::from_lens(&[chunk as u32]).unwrap();
+    let mut sparse_chunks = 0;
+    for c in 0..chunks {
+        let qc = q[c * chunk * 8..(c + 1) * chunk * 8].to_vec();
+        let kc = k[c * chunk * 4..(c + 1) * chunk * 4].to_vec();
+        let got = s
+            .prefill_chunk_layer(
+                0,
+                &rows,
+                &LayerInput {
+                    q: &qc,
+                    k: &kc,
+                    v: &kc,
+                },
+                c + 1 == chunks,
+            )
+            .unwrap();
+        s.end_prefill_chunk();
+        tc.append(&Reference, 0, &rows, &kc, &kc, None).unwrap();
+        let cx = StepCtx {
+            phase: Phase::PrefillSelect,
+            ..ctx(&tc, 0, &qc, &rows, c)
+        };
+        let l = tc.layer(0).unwrap();
+        let mask = match twin.before_prefill_chunk(&cx).unwrap() {
+            Plan::Select(list) => {
+                sparse_chunks += 1;
+                Some(selection_prefill_mask(&list, &g, &rows, l.segments()).unwrap())
+            }
+            _ => None,
+        };
+        let mut want = vec![0.0f32; qc.len()];
+        let p = PrefillParams {
+            geom: g,
+            q_rows: &rows,
+            segments: l.segments(),
+            causal: true,
+            mask: mask.as_ref(),
+            scale: None,
+            normalizer: &Normalizer::Softmax,
+        };
+        ops::prefill_attention(&Reference, &p, &qc, l.k(), l.v(), &mut want).unwrap();
+        assert_eq!(got, want, "chunk {c}");
+    }
+    assert!(sparse_chunks >= 3, "later chunks select ({sparse_chunks})");
 }

@@ -16,10 +16,11 @@ use kvsieve::*;
 
 /// Every op of `kvsieve::Ops`, by stem, and whether it takes a storage dtype
 /// (the others work on f32 logits only).
-const OPS: [(&str, bool); 13] = [
+const OPS: [(&str, bool); 14] = [
     ("softmax_rows", false),
     ("entmax_rows", false),
     ("qk_logits", true),
+    ("value_distances", true),
     ("topk_rows", false),
     ("count_above", false),
     ("gather_rows", true),
@@ -70,6 +71,21 @@ fn run_op<T: Element>(b: &Wgpu, op: &str) -> Result<()> {
             };
             let mut z = b.zeros::<f32>(ops::qk_layout(&p)?.blocks.total())?;
             ops::qk_logits(b, &p, &q, &k, &mut z).map(drop)
+        }
+        "value_distances" => {
+            let w = b.upload(&[0.25f32; 10])?;
+            let mut dist = b.zeros::<f32>(10)?;
+            ops::value_distances(
+                b,
+                geom,
+                &segs,
+                kvsieve::backend::Heads::Sum,
+                false,
+                &w,
+                &v,
+                &mut dist,
+                None,
+            )
         }
         "gather_rows" => {
             let mut dst = b.zeros::<T>(16)?;

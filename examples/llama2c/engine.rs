@@ -2,7 +2,8 @@
 //! attention goes through a kvsieve [`Session`] — one layer at a time, the
 //! way an engine runs — with any KV policy, on any backend.
 
-use kvsieve::policy::{KvPolicy, LayerInput, Session, SessionConfig};
+use kvsieve::attention::{LayerInput, Session, SessionConfig};
+use kvsieve::policy::KvPolicy;
 use kvsieve::{HeadGeometry, Ops, Ragged};
 
 use super::model::Model;

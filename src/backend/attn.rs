@@ -1,6 +1,6 @@
 //! Attention: decode over a ragged KV cache, and prefill.
 
-use super::Backend;
+use super::{Backend, DecodeEvidence, PrefillEvidence};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::layout::{HeadGeometry, IndexList, MaskList, Ragged, Segments};
@@ -158,9 +158,11 @@ impl PrefillMeta<'_> {
 }
 
 /// Attention ops.
-pub trait AttnOps: Backend {
-    /// Decode attention over a ragged KV cache (see [`DecodeMeta`]). GQA:
-    /// one pass over a KV head's rows serves every query head of its group.
+pub trait AttnOps: Backend + Sized {
+    /// Decode attention over a ragged KV cache (see [`DecodeMeta`]), and the
+    /// requested evidence (see [`super::evidence`]; buffers validated by
+    /// `ops`). GQA: one pass over a KV head's rows serves every query head
+    /// of its group.
     fn decode_attention<T: Element>(
         &self,
         meta: &DecodeMeta<'_>,
@@ -168,9 +170,10 @@ pub trait AttnOps: Backend {
         k: &Self::Buffer<T>,
         v: &Self::Buffer<T>,
         out: &mut Self::Buffer<T>,
+        evidence: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()>;
 
-    /// Prefill attention (see [`PrefillMeta`]).
+    /// Prefill attention (see [`PrefillMeta`]) and the requested evidence.
     fn prefill_attention<T: Element>(
         &self,
         meta: &PrefillMeta<'_>,
@@ -178,5 +181,6 @@ pub trait AttnOps: Backend {
         k: &Self::Buffer<T>,
         v: &Self::Buffer<T>,
         out: &mut Self::Buffer<T>,
+        evidence: &mut PrefillEvidence<'_, Self>,
     ) -> Result<()>;
 }

@@ -1,9 +1,9 @@
-//! Cache ops: gather, in-place compaction, weighted merge.
+//! Cache ops: gather, scatter, in-place compaction (row moves), weighted merge.
 
 use super::Backend;
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::layout::{IndexList, Ragged, Segments};
+use crate::layout::Ragged;
 
 /// `dst[i] = src[indices[i]]` for rows of `width` elements.
 #[derive(Clone, Debug)]
@@ -23,14 +23,14 @@ impl GatherMeta {
     }
 }
 
-/// In-place compaction of KV segments: for each segment `s`, row
-/// `offset(s) + i` becomes row `offset(s) + keep_s[i]`.
+/// In-place row moves of a compaction: row `src` is copied to row `dst`
+/// for every pair `(dst, src)`. Built by `ops` from a keep list (see
+/// [`crate::cache::compaction_moves`]): destinations are unique, sources
+/// are unique, and no row is both, so the moves can run in any order.
 #[derive(Clone, Debug)]
 pub struct CompactMeta {
     pub(crate) width: usize,
-    pub(crate) segs: Segments,
-    pub(crate) keep: IndexList,
-    pub(crate) new_segs: Segments,
+    pub(crate) moves: Vec<(u32, u32)>,
 }
 
 impl CompactMeta {
@@ -38,17 +38,9 @@ impl CompactMeta {
     pub fn width(&self) -> usize {
         self.width
     }
-    /// Segments before compaction.
-    pub fn segments(&self) -> &Segments {
-        &self.segs
-    }
-    /// Rows kept per segment (scope `KvHead`, sorted unique, in range).
-    pub fn keep(&self) -> &IndexList {
-        &self.keep
-    }
-    /// Segments after compaction (same offsets, new lengths).
-    pub fn new_segments(&self) -> &Segments {
-        &self.new_segs
+    /// `(dst, src)` buffer rows.
+    pub fn moves(&self) -> &[(u32, u32)] {
+        &self.moves
     }
 }
 

@@ -4,10 +4,10 @@
 //! | family | trait | ops |
 //! |---|---|---|
 //! | normalisers | [`NormOps`] | `softmax_rows`, `entmax_rows` |
-//! | scoring | [`ScoreOps`] | `qk_logits` |
+//! | scoring | [`ScoreOps`] | `qk_logits`, `value_distances` |
 //! | selection | [`SelectOps`] | `topk_rows`, `count_above` |
 //! | cache ops | [`CacheOps`] | `gather_rows`, `scatter_rows`, `compact_rows`, `merge_rows` |
-//! | attention | [`AttnOps`] | `decode_attention`, `prefill_attention` |
+//! | attention | [`AttnOps`] | `decode_attention`, `prefill_attention` (with optional [`evidence`]) |
 //! | entmax attention | [`EntmaxOps`] | `entmax_prefill`, `entmax_prefill_backward` |
 //!
 //! **Why descriptors.** Every op method takes a `*Meta` descriptor that only
@@ -25,15 +25,17 @@
 mod attn;
 mod cache_ops;
 mod entmax_attn;
+pub mod evidence;
 mod norm;
-mod score;
+pub(crate) mod score;
 mod select;
 
 pub use attn::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
 pub use cache_ops::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 pub use entmax_attn::{BlockStats, EntmaxOps, EntmaxPrefillMeta};
+pub use evidence::{DecodeEvidence, Heads, PrefillEvidence, Window, evidence_blocks};
 pub use norm::{EntmaxRowsMeta, NormOps, RowsMeta};
-pub use score::{QkMeta, ScoreOps};
+pub use score::{DistMeta, QkMeta, ScoreOps};
 pub use select::{SelectOps, TopkMeta};
 
 use crate::dtype::Element;

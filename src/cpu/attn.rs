@@ -50,10 +50,13 @@ use super::norm::{chunked_apply, chunked_sums, entmax_row_inplace, softmax_row_i
 use super::simd::{self, PowMode};
 use super::tau::solve_tau;
 use super::workspace::{DecodeWs, grow};
-use crate::backend::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
+use crate::backend::{
+    AttnOps, DecodeEvidence, DecodeMeta, Heads, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
+};
+use crate::backend::{Window, evidence_blocks};
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::layout::Scope;
+use crate::layout::{Ragged, Scope};
 
 /// Tokens per decode key block (fixed: the split-K boundaries).
 pub const DECODE_BLOCK: usize = 512;
@@ -95,6 +98,8 @@ impl Unit<'_> {
 struct Plan<'m, 'a> {
     meta: &'m DecodeMeta<'a>,
     per_head: bool,
+    /// Keep a copy of the raw scores per block (logits evidence).
+    raw: bool,
     /// Group size (max heads per unit) and head dim.
     g: usize,
     d: usize,
@@ -102,7 +107,7 @@ struct Plan<'m, 'a> {
 }
 
 impl<'m, 'a> Plan<'m, 'a> {
-    fn new(meta: &'m DecodeMeta<'a>) -> Self {
+    fn new(meta: &'m DecodeMeta<'a>, raw: bool) -> Self {
         let per_head = match meta.restrict {
             Restrict::Indices(l) => l.scope() == Scope::QueryHead,
             Restrict::Mask(m) => m.scope() == Scope::QueryHead,
@@ -113,6 +118,7 @@ impl<'m, 'a> Plan<'m, 'a> {
         Self {
             meta,
             per_head,
+            raw,
             g: geom.group(),
             d: geom.head_dim(),
             units: if per_head {
@@ -130,7 +136,17 @@ impl<'m, 'a> Plan<'m, 'a> {
 
     /// Workspace stride of one block.
     fn stride(&self) -> usize {
-        1 + 2 * self.g + self.g * BK + self.g * self.d
+        1 + 2 * self.g + self.g * BK * (1 + usize::from(self.raw)) + self.g * self.d
+    }
+
+    /// The unit and head-in-unit of query head `hh` of segment `(b, g)`.
+    fn unit_of_head(&self, b: usize, g: usize, hh: usize) -> (usize, usize) {
+        let geom = &self.meta.geom;
+        if self.per_head {
+            (b * geom.num_q_heads() + g * self.g + hh, 0)
+        } else {
+            (b * geom.num_kv_heads() + g, hh)
+        }
     }
 
     fn unit(&self, u: usize) -> Unit<'a> {
@@ -255,13 +271,27 @@ fn block_values<T: Element>(
     }
 }
 
-/// Splits one workspace block into (header, scores, acc).
-fn split_block(blk: &mut [f32], g: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+/// Splits one workspace block into (header, scores, raw scores, acc); the
+/// raw area is empty unless the plan keeps it.
+fn split_block(blk: &mut [f32], g: usize, raw: bool) -> Parts<'_> {
     let (hdr, rest) = blk.split_at_mut(1 + 2 * g);
-    let (sc, acc) = rest.split_at_mut(g * BK);
-    (hdr, sc, acc)
+    let (sc, rest) = rest.split_at_mut(g * BK);
+    let (raw, acc) = rest.split_at_mut(if raw { g * BK } else { 0 });
+    (hdr, sc, raw, acc)
 }
 
+/// A workspace block split into header, scores, raw scores and accumulators.
+type Parts<'b> = (&'b mut [f32], &'b mut [f32], &'b mut [f32], &'b mut [f32]);
+
+/// Read-only view of one workspace block's parts (as [`split_block`]).
+fn block_parts(blk: &[f32], g: usize, raw: bool) -> (&[f32], &[f32], &[f32]) {
+    let (hdr, rest) = blk.split_at(1 + 2 * g);
+    let (sc, rest) = rest.split_at(g * BK);
+    let raw = &rest[..if raw { g * BK } else { 0 }];
+    (hdr, sc, raw)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn decode<T: Element>(
     cpu: &Cpu,
     ws: &mut DecodeWs,
@@ -270,9 +300,10 @@ fn decode<T: Element>(
     k: &[T],
     v: &[T],
     out: &mut [T],
+    ev: &mut DecodeEvidence<'_, Cpu>,
 ) {
     let isa = cpu.isa;
-    let plan = Plan::new(meta);
+    let plan = Plan::new(meta, ev.logits.is_some());
     let (g, d, gh, units) = (plan.g, plan.d, plan.gh(), plan.units);
     if units == 0 || d == 0 {
         return;
@@ -315,9 +346,12 @@ fn decode<T: Element>(
                 let unit = plan.unit(u);
                 let rows = block_rows(&unit, i - prefix[u], idx);
                 let nb = rows_len(&rows);
-                let (hdr, sc, acc) = split_block(blk, g);
+                let (hdr, sc, raw, acc) = split_block(blk, g, plan.raw);
                 hdr[0] = nb as f32;
                 block_scores(isa, &qs[u * g * d..], gh, k, d, unit.off, &rows, sc);
+                if plan.raw {
+                    raw.copy_from_slice(sc);
+                }
                 for h in 0..gh {
                     let row = &mut sc[h * BK..h * BK + nb];
                     let m = simd::max_f32(isa, row);
@@ -375,7 +409,7 @@ fn decode<T: Element>(
                     let unit = plan.unit(u);
                     let rows = block_rows(&unit, i - prefix[u], idx);
                     let nb = rows_len(&rows);
-                    let (hdr, sc, acc) = split_block(blk, g);
+                    let (hdr, sc, _, acc) = split_block(blk, g, plan.raw);
                     for h in 0..gh {
                         let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
                         let row = &mut sc[h * BK..h * BK + nb];
@@ -389,11 +423,13 @@ fn decode<T: Element>(
 
         // Phase 4: combine the blocks of each unit in order.
         let comb = grow(&mut ws.comb, units * g * d);
+        let norm = grow(&mut ws.norm, units * g * 2);
         let blocks_ro: &[f32] = blocks;
         out.par_chunks_mut(gh * d)
             .zip(comb.par_chunks_mut(g * d))
+            .zip(norm.par_chunks_mut(2 * g))
             .enumerate()
-            .for_each(|(u, (o, c))| {
+            .for_each(|(u, ((o, c), nm))| {
                 let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
                 for h in 0..gh {
                     let ch = &mut c[h * d..(h + 1) * d];
@@ -416,10 +452,12 @@ fn decode<T: Element>(
                                 continue;
                             }
                             l += f * blk[1 + g + h];
-                            let acc = &blk[1 + 2 * g + g * BK + h * d..][..d];
+                            let acc = &blk[sb - g * d + h * d..][..d];
                             simd::axpy_multi(isa, ch, 1, &[f], acc);
                         }
                     }
+                    nm[2 * h] = big_m;
+                    nm[2 * h + 1] = l;
                     let oh = &mut o[h * d..(h + 1) * d];
                     if l > 0.0 {
                         simd::scale_f32(isa, ch, 1.0 / l);
@@ -429,7 +467,159 @@ fn decode<T: Element>(
                     }
                 }
             });
+
+        if let Some(o) = ev.output.as_deref_mut() {
+            // The combined f32 rows, before rounding to the storage dtype.
+            for u in 0..units {
+                let c = &comb[u * g * d..u * g * d + gh * d];
+                o[u * gh * d..(u + 1) * gh * d].copy_from_slice(c);
+            }
+        }
+        if ev.probs.is_some() || ev.logits.is_some() || ev.stats.is_some() {
+            let tau: &[f32] = if entmax { &ws.tau[..units * g] } else { &[] };
+            let ctx = EvidenceCtx {
+                plan: &plan,
+                prefix,
+                blocks: blocks_ro,
+                idx: &*idx,
+                norm: &ws.norm[..units * g * 2],
+                tau,
+                entmax,
+            };
+            decode_evidence(&ctx, ev);
+        }
     });
+}
+
+/// What the decode evidence pass reads from the workspace.
+struct EvidenceCtx<'c, 'm, 'a> {
+    plan: &'c Plan<'m, 'a>,
+    prefix: &'c [usize],
+    blocks: &'c [f32],
+    idx: &'c [u32],
+    /// Per unit and head: `(M, L)` of the combine.
+    norm: &'c [f32],
+    /// Per unit and head: τ (entmax).
+    tau: &'c [f32],
+    entmax: bool,
+}
+
+/// Splits `buf` into consecutive chunks of the given lengths.
+fn split_lens(mut buf: &mut [f32], lens: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
+    let mut v = Vec::new();
+    for n in lens {
+        let (a, b) = std::mem::take(&mut buf).split_at_mut(n);
+        v.push(a);
+        buf = b;
+    }
+    v
+}
+
+/// The evidence of one decode call, from the workspace of the main pass:
+/// per segment `(b, g)` (in parallel), for each query head of the group,
+/// `p_j = ŝ_j · e^{m_blk − M} / L` (softmax; entmax `ŝ_j / L`) at the
+/// token of every stream entry, folded over the group, and the raw logits.
+fn decode_evidence(c: &EvidenceCtx<'_, '_, '_>, ev: &mut DecodeEvidence<'_, Cpu>) {
+    let plan = c.plan;
+    let meta = plan.meta;
+    let (geom, segs) = (&meta.geom, meta.segs);
+    let (g, sb) = (plan.g, plan.stride());
+    let nseg = segs.num_segments();
+    let lens = || (0..nseg).map(|s| segs.len_of(s));
+    let heads = ev.probs.as_ref().map(|p| p.0);
+    let mut probs: Vec<Option<&mut [f32]>> = match ev.probs.as_mut() {
+        Some((Heads::PerHead, buf)) => split_lens(buf, lens().map(|l| l * g))
+            .into_iter()
+            .map(Some)
+            .collect(),
+        Some((_, buf)) => split_lens(buf, lens()).into_iter().map(Some).collect(),
+        None => (0..nseg).map(|_| None).collect(),
+    };
+    let mut logits: Vec<Option<&mut [f32]>> = match ev.logits.as_deref_mut() {
+        Some(buf) => split_lens(buf, lens().map(|l| l * g))
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => (0..nseg).map(|_| None).collect(),
+    };
+    let mut stats: Vec<Option<&mut [f32]>> = match ev.stats.as_deref_mut() {
+        Some(buf) => split_lens(buf, (0..nseg).map(|_| g))
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => (0..nseg).map(|_| None).collect(),
+    };
+    let work: Vec<_> = probs
+        .iter_mut()
+        .zip(logits.iter_mut())
+        .zip(stats.iter_mut())
+        .enumerate()
+        .map(|(s, ((p, l), st))| (s, p.take(), l.take(), st.take()))
+        .collect();
+    work.into_par_iter()
+        .for_each(|(s, mut pr, mut lg, mut st)| {
+            let (b, kv) = (s / geom.num_kv_heads(), s % geom.num_kv_heads());
+            let len = segs.len_of(s);
+            if let Some(p) = pr.as_deref_mut() {
+                p.fill(0.0);
+            }
+            if let Some(l) = lg.as_deref_mut() {
+                l.fill(f32::NEG_INFINITY);
+            }
+            for hh in 0..g {
+                let (u, i) = plan.unit_of_head(b, kv, hh);
+                let unit = plan.unit(u);
+                let (big_m, l) = (c.norm[(u * g + i) * 2], c.norm[(u * g + i) * 2 + 1]);
+                let am1 = plan.alpha(unit.h0 + i).map_or(1.0, |a| a - 1.0);
+                if let Some(st) = st.as_deref_mut() {
+                    st[hh] = if c.entmax {
+                        c.tau[u * g + i]
+                    } else if l > 0.0 {
+                        big_m + l.ln()
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                for blk in c.prefix[u]..c.prefix[u + 1] {
+                    let (hdr, sc, raw) =
+                        block_parts(&c.blocks[blk * sb..(blk + 1) * sb], g, plan.raw);
+                    let nb = hdr[0] as usize;
+                    let start = (blk - c.prefix[u]) * BK;
+                    let f = if l <= 0.0 {
+                        0.0
+                    } else if c.entmax {
+                        1.0 / l
+                    } else if hdr[1 + i] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (hdr[1 + i] - big_m).exp() / l
+                    };
+                    let row = &sc[i * BK..i * BK + nb];
+                    for (t, &x) in row.iter().enumerate() {
+                        let tok = match unit.src {
+                            Src::Dense => start + t,
+                            Src::List(list) => list[start + t] as usize,
+                            Src::Mask(_) => c.idx[blk * BK + t] as usize,
+                        };
+                        if let (Some(p), Some(h)) = (pr.as_deref_mut(), heads) {
+                            let w = x * f;
+                            match h {
+                                Heads::PerHead => p[hh * len + tok] = w,
+                                Heads::Max => p[tok] = p[tok].max(w),
+                                _ => p[tok] += w,
+                            }
+                        }
+                        if let Some(lg) = lg.as_deref_mut() {
+                            lg[hh * len + tok] = raw[i * BK + t] / am1;
+                        }
+                    }
+                }
+            }
+            if let (Some(p), Some(Heads::Mean)) = (pr, heads) {
+                let inv = 1.0 / g as f32;
+                p.iter_mut().for_each(|x| *x *= inv);
+            }
+        });
 }
 
 /// Softmax or entmax (f32 τ, renormalised) of one logit row in place.
@@ -479,13 +669,34 @@ pub(crate) fn mask_bit(words: &[u32], wpr: usize, i: usize, j: usize) -> bool {
     (words[i * wpr + j / 32] >> (j % 32)) & 1 == 1
 }
 
-fn prefill<T: Element>(
+/// Per-group evidence accumulators of a prefill call, shaped per query
+/// head (blocks `(b, h)` of `rows × len(b, h/G)`), summed over groups and
+/// reduced over heads at the end.
+#[derive(Default)]
+struct PrefillAcc {
+    col: Vec<f32>,
+    win: Vec<f32>,
+}
+
+/// The evidence layouts of a prefill call (per query head).
+struct PrefillEv<'r> {
+    col: Option<&'r Ragged>,
+    win: Option<(Window, &'r Ragged)>,
+}
+
+/// One query tile of a prefill call: every KV head's group of query heads
+/// scores the visible key strip, normalises in place, accumulates `P·V`,
+/// and adds its weights to the evidence accumulators.
+#[allow(clippy::too_many_arguments)]
+fn prefill_tile<T: Element>(
     cpu: &Cpu,
     meta: &PrefillMeta<'_>,
     q: &[T],
     k: &[T],
     v: &[T],
-    out: &mut [T],
+    (b, i0, n, o): Tile<'_, T>,
+    ev: &PrefillEv<'_>,
+    acc_ev: &mut PrefillAcc,
 ) {
     let isa = cpu.isa;
     let geom = &meta.geom;
@@ -495,81 +706,267 @@ fn prefill<T: Element>(
         geom.group(),
         geom.head_dim(),
     );
-    if d == 0 {
-        return;
-    }
-    let tiles = query_tiles(meta.q_rows, hq * d, PREFILL_TILE_Q, out);
-    cpu.install(|| {
-        tiles.into_par_iter().for_each(|(b, i0, n, o)| {
-            let nq = meta.q_rows.len_of(b);
-            let r0 = meta.q_rows.range(b).start + i0;
-            for kvh in 0..hkv {
-                let s = meta.segs.index(b, kvh);
-                let (off, kv) = (meta.segs.offset(s), meta.segs.len_of(s));
-                // Visible strip: causal keys up to the tile's last position.
-                let strip = if meta.causal {
-                    (kv + i0 + n).saturating_sub(nq).min(kv)
-                } else {
-                    kv
-                };
-                let rows = g * n;
-                cpu.scratch.with(|cand| {
-                    cpu.scratch.with(|buf| {
-                        let buf = grow(buf, rows * d + rows * strip.max(1) + rows * d);
-                        let (qs, rest) = buf.split_at_mut(rows * d);
-                        let (sc, acc) = rest.split_at_mut(rows * strip.max(1));
-                        // Rows ordered (head, query).
-                        for hh in 0..g {
-                            let h = kvh * g + hh;
-                            for i in 0..n {
-                                let dst = &mut qs[(hh * n + i) * d..(hh * n + i + 1) * d];
-                                simd::to_f32_slice(isa, &q[((r0 + i) * hq + h) * d..][..d], dst);
-                                simd::scale_f32(isa, dst, meta.scale);
+    let nq = meta.q_rows.len_of(b);
+    let r0 = meta.q_rows.range(b).start + i0;
+    for kvh in 0..hkv {
+        let s = meta.segs.index(b, kvh);
+        let (off, kv) = (meta.segs.offset(s), meta.segs.len_of(s));
+        // Visible strip: causal keys up to the tile's last position.
+        let strip = if meta.causal {
+            (kv + i0 + n).saturating_sub(nq).min(kv)
+        } else {
+            kv
+        };
+        let rows = g * n;
+        cpu.scratch.with(|cand| {
+            cpu.scratch.with(|buf| {
+                let buf = grow(buf, rows * d + rows * strip.max(1) + rows * d);
+                let (qs, rest) = buf.split_at_mut(rows * d);
+                let (sc, acc) = rest.split_at_mut(rows * strip.max(1));
+                // Rows ordered (head, query).
+                for hh in 0..g {
+                    let h = kvh * g + hh;
+                    for i in 0..n {
+                        let dst = &mut qs[(hh * n + i) * d..(hh * n + i + 1) * d];
+                        simd::to_f32_slice(isa, &q[((r0 + i) * hq + h) * d..][..d], dst);
+                        simd::scale_f32(isa, dst, meta.scale);
+                    }
+                }
+                acc.fill(0.0);
+                if strip > 0 {
+                    let krows = &k[off * d..(off + strip) * d];
+                    simd::scores_rows_strided(isa, qs, rows, krows, d, 1.0, sc, strip);
+                    for hh in 0..g {
+                        let h = kvh * g + hh;
+                        let mask = meta.mask.map(|m| {
+                            let li = m.scope().list_of(b, h, geom);
+                            (m.words_of(li), kv.div_ceil(32))
+                        });
+                        for i in 0..n {
+                            let row = &mut sc[(hh * n + i) * strip..(hh * n + i + 1) * strip];
+                            let qi = i0 + i;
+                            if meta.causal {
+                                let vis = (kv + qi + 1).saturating_sub(nq).min(strip);
+                                row[vis..].fill(f32::NEG_INFINITY);
                             }
-                        }
-                        acc.fill(0.0);
-                        if strip > 0 {
-                            let krows = &k[off * d..(off + strip) * d];
-                            simd::scores_rows_strided(isa, qs, rows, krows, d, 1.0, sc, strip);
-                            for hh in 0..g {
-                                let h = kvh * g + hh;
-                                let mask = meta.mask.map(|m| {
-                                    let li = m.scope().list_of(b, h, geom);
-                                    (m.words_of(li), kv.div_ceil(32))
-                                });
-                                for i in 0..n {
-                                    let row =
-                                        &mut sc[(hh * n + i) * strip..(hh * n + i + 1) * strip];
-                                    let qi = i0 + i;
-                                    if meta.causal {
-                                        let vis = (kv + qi + 1).saturating_sub(nq).min(strip);
-                                        row[vis..].fill(f32::NEG_INFINITY);
+                            if let Some((words, wpr)) = mask {
+                                for (j, x) in row.iter_mut().enumerate() {
+                                    if !mask_bit(words, wpr, qi, j) {
+                                        *x = f32::NEG_INFINITY;
                                     }
-                                    if let Some((words, wpr)) = mask {
-                                        for (j, x) in row.iter_mut().enumerate() {
-                                            if !mask_bit(words, wpr, qi, j) {
-                                                *x = f32::NEG_INFINITY;
-                                            }
-                                        }
-                                    }
-                                    normalize_inplace(isa, row, meta.normalizer.alpha(h), cand);
                                 }
                             }
-                            let vrows = &v[off * d..(off + strip) * d];
-                            simd::weighted_rows_strided(isa, acc, rows, sc, strip, vrows, d);
-                        }
-                        for hh in 0..g {
-                            let h = kvh * g + hh;
-                            for i in 0..n {
-                                let a = &acc[(hh * n + i) * d..(hh * n + i + 1) * d];
-                                simd::from_f32_slice(isa, a, &mut o[(i * hq + h) * d..][..d]);
+                            normalize_inplace(isa, row, meta.normalizer.alpha(h), cand);
+                            let blk = b * hq + h;
+                            if let Some(cb) = ev.col {
+                                let at = cb.range(blk).start;
+                                for (a, &p) in acc_ev.col[at..at + strip].iter_mut().zip(row.iter())
+                                {
+                                    *a += p;
+                                }
+                            }
+                            if let Some((w, wb)) = ev.win
+                                && qi + w.queries >= nq
+                            {
+                                let r = if w.rows {
+                                    qi + w.queries.min(nq) - nq
+                                } else {
+                                    0
+                                };
+                                if acc_ev.win.is_empty() {
+                                    acc_ev.win = vec![0.0; wb.total()];
+                                }
+                                let at = wb.range(blk).start + r * kv;
+                                for (a, &p) in acc_ev.win[at..at + strip].iter_mut().zip(row.iter())
+                                {
+                                    *a += p;
+                                }
                             }
                         }
-                    })
-                });
+                    }
+                    let vrows = &v[off * d..(off + strip) * d];
+                    simd::weighted_rows_strided(isa, acc, rows, sc, strip, vrows, d);
+                }
+                for hh in 0..g {
+                    let h = kvh * g + hh;
+                    for i in 0..n {
+                        let a = &acc[(hh * n + i) * d..(hh * n + i + 1) * d];
+                        simd::from_f32_slice(isa, a, &mut o[(i * hq + h) * d..][..d]);
+                    }
+                }
+            })
+        });
+    }
+}
+
+/// Most tile groups a prefill with evidence uses (each group accumulates
+/// its evidence privately; groups are fixed by the shapes, so results do
+/// not depend on the number of threads).
+const EVIDENCE_GROUPS: usize = 16;
+
+/// Cuts `tiles` into at most `groups` runs of consecutive tiles of about
+/// equal cost (visible keys × rows).
+fn group_tiles<'o, T>(
+    meta: &PrefillMeta<'_>,
+    tiles: Vec<Tile<'o, T>>,
+    groups: usize,
+) -> Vec<Vec<Tile<'o, T>>> {
+    let cost = |&(b, i0, n, _): &Tile<'o, T>| {
+        let nq = meta.q_rows.len_of(b);
+        let kv = meta.segs.len_of(meta.segs.index(b, 0));
+        let strip = if meta.causal {
+            (kv + i0 + n).saturating_sub(nq).min(kv)
+        } else {
+            kv
+        };
+        (strip.max(1) * n) as u64
+    };
+    let total: u64 = tiles.iter().map(cost).sum();
+    let per = total.div_ceil(groups.max(1) as u64).max(1);
+    let mut out: Vec<Vec<Tile<'o, T>>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut acc = 0u64;
+    for t in tiles {
+        acc += cost(&t);
+        cur.push(t);
+        if acc >= per {
+            out.push(std::mem::take(&mut cur));
+            acc = 0;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Sums per-group accumulators in group order into `total` (per query head).
+fn sum_groups(parts: &[&[f32]], total: &mut [f32]) {
+    total.fill(0.0);
+    for p in parts {
+        if p.is_empty() {
+            continue;
+        }
+        for (t, &x) in total.iter_mut().zip(p.iter()) {
+            *t += x;
+        }
+    }
+}
+
+/// Writes per-query-head blocks `src` (partition `src_blocks`) to `dst` in
+/// the layout of `heads` (`dst_blocks`), reducing over each GQA group.
+fn reduce_blocks(
+    geom: &crate::layout::HeadGeometry,
+    heads: Heads,
+    src: &[f32],
+    src_blocks: &Ragged,
+    dst: &mut [f32],
+    dst_blocks: &Ragged,
+) {
+    if heads == Heads::PerHead {
+        dst[..src.len()].copy_from_slice(src);
+        return;
+    }
+    let (hq, hkv, g) = (geom.num_q_heads(), geom.num_kv_heads(), geom.group());
+    for bi in 0..dst_blocks.num_segments() {
+        let (b, kv) = (bi / hkv, bi % hkv);
+        let out = &mut dst[dst_blocks.range(bi)];
+        for hh in 0..g {
+            let x = &src[src_blocks.range(b * hq + kv * g + hh)];
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = if hh == 0 {
+                    v
+                } else if heads == Heads::Max {
+                    o.max(v)
+                } else {
+                    *o + v
+                };
             }
-        })
+        }
+        if heads == Heads::Mean {
+            let inv = 1.0 / g as f32;
+            out.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
+fn prefill<T: Element>(
+    cpu: &Cpu,
+    meta: &PrefillMeta<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    ev: &mut PrefillEvidence<'_, Cpu>,
+) -> Result<()> {
+    let geom = &meta.geom;
+    let (hq, d) = (geom.num_q_heads(), geom.head_dim());
+    if d == 0 {
+        return Ok(());
+    }
+    let batch = meta.segs.batch();
+    let col_blocks = match &ev.col_sums {
+        Some(_) => Some(evidence_blocks(
+            geom,
+            meta.segs,
+            Heads::PerHead,
+            &vec![1; batch],
+        )?),
+        None => None,
+    };
+    let win_blocks = match &ev.window {
+        Some((w, _)) => {
+            let rows: Vec<usize> = meta.q_rows.lens().map(|n| w.rows_for(n)).collect();
+            Some((*w, evidence_blocks(geom, meta.segs, Heads::PerHead, &rows)?))
+        }
+        None => None,
+    };
+    let pev = PrefillEv {
+        col: col_blocks.as_ref(),
+        win: win_blocks.as_ref().map(|(w, r)| (*w, r)),
+    };
+    let tiles = query_tiles(meta.q_rows, hq * d, PREFILL_TILE_Q, out);
+    if ev.is_empty() {
+        cpu.install(|| {
+            tiles
+                .into_par_iter()
+                .for_each(|t| prefill_tile(cpu, meta, q, k, v, t, &pev, &mut PrefillAcc::default()))
+        });
+        return Ok(());
+    }
+    let groups = group_tiles(meta, tiles, EVIDENCE_GROUPS);
+    let col_len = col_blocks.as_ref().map_or(0, |r| r.total());
+    let accs: Vec<PrefillAcc> = cpu.install(|| {
+        groups
+            .into_par_iter()
+            .map(|grp| {
+                let mut acc = PrefillAcc {
+                    col: vec![0.0; col_len],
+                    win: Vec::new(),
+                };
+                for t in grp {
+                    prefill_tile(cpu, meta, q, k, v, t, &pev, &mut acc);
+                }
+                acc
+            })
+            .collect()
     });
+    if let (Some((heads, buf)), Some(src_blocks)) = (ev.col_sums.as_mut(), &col_blocks) {
+        let mut total = vec![0.0f32; col_len];
+        let parts: Vec<&[f32]> = accs.iter().map(|a| a.col.as_slice()).collect();
+        sum_groups(&parts, &mut total);
+        let dst_blocks = evidence_blocks(geom, meta.segs, *heads, &vec![1; batch])?;
+        reduce_blocks(geom, *heads, &total, src_blocks, buf, &dst_blocks);
+    }
+    if let (Some((w, buf)), Some((_, src_blocks))) = (ev.window.as_mut(), &win_blocks) {
+        let mut total = vec![0.0f32; src_blocks.total()];
+        let parts: Vec<&[f32]> = accs.iter().map(|a| a.win.as_slice()).collect();
+        sum_groups(&parts, &mut total);
+        let rows: Vec<usize> = meta.q_rows.lens().map(|n| w.rows_for(n)).collect();
+        let dst_blocks = evidence_blocks(geom, meta.segs, w.heads, &rows)?;
+        reduce_blocks(geom, w.heads, &total, src_blocks, buf, &dst_blocks);
+    }
+    Ok(())
 }
 
 impl AttnOps for Cpu {
@@ -580,9 +977,10 @@ impl AttnOps for Cpu {
         k: &Vec<T>,
         v: &Vec<T>,
         out: &mut Vec<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
         self.decode_ws
-            .with(|ws| decode(self, ws, meta, q, k, v, out));
+            .with(|ws| decode(self, ws, meta, q, k, v, out, ev));
         Ok(())
     }
 
@@ -593,8 +991,8 @@ impl AttnOps for Cpu {
         k: &Vec<T>,
         v: &Vec<T>,
         out: &mut Vec<T>,
+        ev: &mut PrefillEvidence<'_, Self>,
     ) -> Result<()> {
-        prefill(self, meta, q, k, v, out);
-        Ok(())
+        prefill(self, meta, q, k, v, out, ev)
     }
 }

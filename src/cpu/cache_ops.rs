@@ -2,9 +2,8 @@
 //!
 //! * `gather_rows`: destination rows in parallel, each a plain copy.
 //! * `scatter_rows`: source rows copied in place (unique destinations).
-//! * `compact_rows`: per segment, kept rows move down in increasing order
-//!   (`keep[i] ≥ i`, so a move never overwrites a row still to be read);
-//!   segments are disjoint and are processed in parallel.
+//! * `compact_rows`: the row moves of the compaction (sources and
+//!   destinations disjoint), one copy each — O(moved rows), not O(cache).
 //! * `merge_rows`: per group (in parallel), `Σ w_m · src[member_m]`
 //!   accumulated in f32 in member order, rounded once to the storage dtype.
 #![forbid(unsafe_code)]
@@ -50,31 +49,11 @@ impl CacheOps for Cpu {
 
     fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut Vec<T>) -> Result<()> {
         let w = meta.width;
-        // Disjoint segment slices, in buffer order.
-        let mut order: Vec<usize> = (0..meta.segs.num_segments()).collect();
-        order.sort_by_key(|&s| meta.segs.offset(s));
-        let mut parts = Vec::with_capacity(order.len());
-        let mut rest: &mut [T] = buf;
-        let mut at = 0usize;
-        for &s in &order {
-            let r = meta.segs.rows_of(s);
-            let tail = std::mem::take(&mut rest);
-            let (_, tail) = tail.split_at_mut((r.start - at) * w);
-            let (seg, tail) = tail.split_at_mut(r.len() * w);
-            parts.push((s, seg));
-            rest = tail;
-            at = r.end;
+        // Sources and destinations are disjoint: plain row copies.
+        for &(dst, src) in &meta.moves {
+            let (dst, src) = (dst as usize, src as usize);
+            buf.copy_within(src * w..(src + 1) * w, dst * w);
         }
-        self.install(|| {
-            parts.into_par_iter().for_each(|(s, seg)| {
-                for (i, &j) in meta.keep.list(s).iter().enumerate() {
-                    let j = j as usize;
-                    if i != j {
-                        seg.copy_within(j * w..(j + 1) * w, i * w);
-                    }
-                }
-            })
-        });
         Ok(())
     }
 

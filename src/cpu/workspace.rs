@@ -54,4 +54,6 @@ pub(crate) struct DecodeWs {
     pub tau: Vec<f32>,
     /// Per unit: the combined f32 output.
     pub comb: Vec<f32>,
+    /// Per unit and head: the combine's `(M, L)` (evidence pass).
+    pub norm: Vec<f32>,
 }

@@ -10,13 +10,14 @@
 //! - entmax: `qk_logits` into a workspace, `entmax_rows` (threshold per query row),
 //!   `decode_attention_pv` (V rows only for tokens with a non-zero weight), combine.
 
-use cudarc::driver::CudaSlice;
-
-use super::device::CudaBackend;
+use super::device::{CudaBackend, DeviceBytes};
 use super::kernels::{self, KernelId, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
-use crate::backend::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
+use crate::backend::{
+    AttnOps, DecodeEvidence, DecodeMeta, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
+    evidence,
+};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::{BitMask, HeadGeometry, Scope};
@@ -194,9 +195,9 @@ pub(crate) fn prefill_plan<'a>(
 
 /// Device copies of a plan's tables.
 struct PlanBufs {
-    work: CudaSlice<u8>,
-    idx: CudaSlice<u8>,
-    mask: CudaSlice<u8>,
+    work: DeviceBytes,
+    idx: DeviceBytes,
+    mask: DeviceBytes,
 }
 
 fn plan_bufs(be: &CudaBackend, plan: &Plan<'_>) -> Result<PlanBufs> {
@@ -210,13 +211,13 @@ fn plan_bufs(be: &CudaBackend, plan: &Plan<'_>) -> Result<PlanBufs> {
 /// Output of the entmax threshold pass, kept for entmax prefill.
 pub(crate) struct EntmaxState {
     /// Logits workspace, row `o` at `o_base[o]`, `items[o]` entries.
-    pub ws: CudaSlice<u8>,
-    pub o_base: CudaSlice<u8>,
+    pub ws: DeviceBytes,
+    pub o_base: DeviceBytes,
     pub items: Vec<u32>,
     /// (zmax, τ shifted) per output row.
-    pub tau: CudaSlice<u8>,
+    pub tau: DeviceBytes,
     /// α per output row.
-    pub alpha_rows: CudaSlice<u8>,
+    pub alpha_rows: DeviceBytes,
 }
 
 /// Writes the Q·K logits of every unit's items: `out[o_base[o] + i]`, `-inf` past the
@@ -227,9 +228,9 @@ pub(crate) fn logits<T: Element>(
     plan: &Plan<'_>,
     geom: &HeadGeometry,
     scale: f32,
-    q: &CudaSlice<u8>,
-    k: &CudaSlice<u8>,
-    out: &mut CudaSlice<u8>,
+    q: &DeviceBytes,
+    k: &DeviceBytes,
+    out: &mut DeviceBytes,
     o_base: &[u32],
     o_cols: &[u32],
     op: &'static str,
@@ -290,8 +291,8 @@ pub(crate) fn entmax_thresholds<T: Element>(
     geom: &HeadGeometry,
     scale: f32,
     alphas: &[f32],
-    q: &CudaSlice<u8>,
-    k: &CudaSlice<u8>,
+    q: &DeviceBytes,
+    k: &DeviceBytes,
     op: &'static str,
 ) -> Result<EntmaxState> {
     let hq = geom.num_q_heads();
@@ -467,6 +468,7 @@ impl AttnOps for CudaBackend {
         k: &CudaBuffer<T>,
         v: &CudaBuffer<T>,
         out: &mut CudaBuffer<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
         let plan = decode_plan(meta);
         let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
@@ -482,7 +484,7 @@ impl AttnOps for CudaBackend {
             out,
             "decode_attention",
         )?;
-        Ok(())
+        evidence::fallback::decode(self, meta, q, k, out, ev)
     }
 
     fn prefill_attention<T: Element>(
@@ -492,6 +494,7 @@ impl AttnOps for CudaBackend {
         k: &CudaBuffer<T>,
         v: &CudaBuffer<T>,
         out: &mut CudaBuffer<T>,
+        ev: &mut PrefillEvidence<'_, Self>,
     ) -> Result<()> {
         let plan = prefill_plan(&meta.geom, meta.q_rows, meta.segs, meta.causal, meta.mask);
         let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
@@ -507,6 +510,6 @@ impl AttnOps for CudaBackend {
             out,
             "prefill_attention",
         )?;
-        Ok(())
+        evidence::fallback::prefill(self, meta, q, k, ev)
     }
 }

@@ -1,6 +1,6 @@
 //! Cache ops on the GPU: gather, scatter, two-phase in-place compaction, weighted merge.
 
-use super::device::CudaBackend;
+use super::device::{CudaBackend, DeviceBytes};
 use super::kernels::{GATHER, KernelId, MERGE, PerDtype, SCATTER, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
@@ -22,8 +22,8 @@ fn copy_blocks(total: usize) -> u32 {
 fn move_rows<T: Element>(
     be: &CudaBackend,
     (kernel, names): (KernelId, &PerDtype),
-    src: &cudarc::driver::CudaSlice<u8>,
-    dst: &mut cudarc::driver::CudaSlice<u8>,
+    src: &DeviceBytes,
+    dst: &mut DeviceBytes,
     rows: &[u32],
     width: usize,
 ) -> Result<()> {
@@ -65,17 +65,8 @@ impl CacheOps for CudaBackend {
     }
 
     fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut CudaBuffer<T>) -> Result<()> {
-        let mut from = Vec::new();
-        let mut to = Vec::new();
-        for s in 0..meta.segs.num_segments() {
-            let off = meta.segs.offset(s) as u32;
-            for (i, &j) in meta.keep.list(s).iter().enumerate() {
-                if j as usize != i {
-                    from.push(off + j);
-                    to.push(off + i as u32);
-                }
-            }
-        }
+        let from: Vec<u32> = meta.moves.iter().map(|m| m.1).collect();
+        let to: Vec<u32> = meta.moves.iter().map(|m| m.0).collect();
         if from.is_empty() {
             return Ok(());
         }

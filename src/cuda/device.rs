@@ -1,6 +1,6 @@
-//! Context, stream and the per-device module cache.
+//! Context, stream and the per-device module cache; or the CPU SIMT simulator.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -10,9 +10,16 @@ use super::kernels::{self, KernelId};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 
+/// The bytes of a device buffer: a driver allocation, or host memory under the simulator.
+pub(crate) enum DeviceBytes {
+    Driver(CudaSlice<u8>),
+    #[cfg(feature = "cuda-sim")]
+    Sim(super::sim::SimBuf),
+}
+
 /// A device buffer of `len` elements of `T`, stored as bytes.
 pub struct CudaBuffer<T> {
-    pub(crate) data: CudaSlice<u8>,
+    pub(crate) data: DeviceBytes,
     len: usize,
     _t: PhantomData<T>,
 }
@@ -31,36 +38,83 @@ pub(crate) fn driver_err(e: DriverError) -> Error {
     }
 }
 
+/// A buffer of one engine handed to the other (a simulator buffer to a device backend or
+/// the reverse).
+#[cfg(feature = "cuda-sim")]
+pub(crate) fn foreign_buffer() -> Error {
+    Error::Device {
+        backend: "cuda",
+        reason: "a buffer of the CUDA simulator was passed to a device backend, or the reverse"
+            .into(),
+    }
+}
+
+/// What runs the kernels.
+#[derive(Clone)]
+pub(crate) enum Engine {
+    /// A GPU through the driver: one context, one stream.
+    Driver {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+    },
+    /// The CPU SIMT simulator (`cuda/sim/`).
+    #[cfg(feature = "cuda-sim")]
+    Sim,
+}
+
+/// Streaming multiprocessors the simulator reports: an H200's, so the host code plans the
+/// same grids (split-K, work units) as on that device.
+#[cfg(feature = "cuda-sim")]
+const SIM_SM_COUNT: u32 = 132;
+
 /// The CUDA backend: one device, one stream, its compiled modules.
 ///
 /// Kernels are compiled with NVRTC for the device's compute capability the first time an
 /// op needs them and cached (one module per `cuda/<stem>.cu`, functions by entry name).
+/// With the feature `cuda-sim`, [`CudaBackend::simulator`] runs the same host code and the
+/// same kernel sources on the CPU instead (`docs/cuda.md`).
 ///
 /// Cloning is cheap and shares the context, the stream and the caches.
 #[derive(Clone)]
 pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    engine: Engine,
     arch: String,
     sm_count: u32,
     cache: Arc<Cache>,
 }
 
-/// Compiled modules (one per kernel source) and loaded functions.
+/// Compiled modules (one per kernel source), loaded functions, and the names launched.
 struct Cache {
     modules: [OnceLock<Arc<CudaModule>>; KernelId::ALL.len()],
     compile_lock: Mutex<()>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    launched: Mutex<BTreeSet<&'static str>>,
+}
+
+impl Cache {
+    fn new() -> Arc<Self> {
+        Arc::new(Cache {
+            modules: std::array::from_fn(|_| OnceLock::new()),
+            compile_lock: Mutex::new(()),
+            functions: Mutex::new(HashMap::new()),
+            launched: Mutex::new(BTreeSet::new()),
+        })
+    }
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "CudaBackend(ordinal {}, {})",
-            self.ctx.ordinal(),
-            self.arch
-        )
+        match &self.engine {
+            Engine::Driver { ctx, .. } => {
+                write!(f, "CudaBackend(ordinal {}, {})", ctx.ordinal(), self.arch)
+            }
+            #[cfg(feature = "cuda-sim")]
+            Engine::Sim => write!(
+                f,
+                "CudaBackend(simulator, {} geometry, {} SMs)",
+                self.arch, self.sm_count
+            ),
+        }
     }
 }
 
@@ -95,21 +149,45 @@ impl CudaBackend {
             .map_err(driver_err)?;
         let stream = ctx.default_stream();
         Ok(Self {
-            ctx,
-            stream,
+            engine: Engine::Driver { ctx, stream },
             arch: format!("compute_{major}{minor}"),
             sm_count: u32::try_from(sm_count).unwrap_or(1).max(1),
-            cache: Arc::new(Cache {
-                modules: std::array::from_fn(|_| OnceLock::new()),
-                compile_lock: Mutex::new(()),
-                functions: Mutex::new(HashMap::new()),
-            }),
+            cache: Cache::new(),
         })
+    }
+
+    /// The CPU SIMT simulator (feature `cuda-sim`): the kernels of `cuda/` compiled with the
+    /// host C++ compiler, run deterministically (threads of a block as fibers, blocks one
+    /// after another) with checks a device does not make: out-of-bounds and misaligned
+    /// accesses, writes to inputs, barriers or warp intrinsics reached by part of a block or
+    /// warp, shared-memory races, host arguments that do not match the kernel's signature.
+    /// It reports the geometry of an H200 (132 SMs, `compute_90`). See `docs/cuda.md`.
+    ///
+    /// Errors: [`Error::NoDevice`] when this build has no simulator (no C++ compiler was
+    /// found when it was built).
+    #[cfg(feature = "cuda-sim")]
+    pub fn simulator() -> Result<Self> {
+        super::sim::available()?;
+        Ok(Self {
+            engine: Engine::Sim,
+            arch: "compute_90".into(),
+            sm_count: SIM_SM_COUNT,
+            cache: Cache::new(),
+        })
+    }
+
+    /// True when the kernels run on the CPU simulator rather than a device.
+    pub fn is_simulator(&self) -> bool {
+        !matches!(self.engine, Engine::Driver { .. })
     }
 
     /// The device name.
     pub fn device_name(&self) -> Result<String> {
-        self.ctx.name().map_err(driver_err)
+        match &self.engine {
+            Engine::Driver { ctx, .. } => ctx.name().map_err(driver_err),
+            #[cfg(feature = "cuda-sim")]
+            Engine::Sim => Ok("kvsieve SIMT simulator (cuda-sim)".into()),
+        }
     }
 
     /// The NVRTC target (`compute_XY`).
@@ -122,8 +200,36 @@ impl CudaBackend {
         self.sm_count
     }
 
-    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// Entry names of every kernel this backend instance has launched (sorted): coverage
+    /// tests check it against [`KernelId::entries`].
+    pub fn launched_kernels(&self) -> Vec<&'static str> {
+        let set = self
+            .cache
+            .launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.iter().copied().collect()
+    }
+
+    pub(crate) fn record_launch(&self, name: &'static str) {
+        let mut set = self
+            .cache
+            .launched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.insert(name);
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(crate) fn stream(&self) -> Result<&Arc<CudaStream>> {
+        match &self.engine {
+            Engine::Driver { stream, .. } => Ok(stream),
+            #[cfg(feature = "cuda-sim")]
+            Engine::Sim => Err(foreign_buffer()),
+        }
     }
 
     fn module(&self, id: KernelId) -> Result<Arc<CudaModule>> {
@@ -131,6 +237,11 @@ impl CudaBackend {
         if let Some(m) = slot.get() {
             return Ok(m.clone());
         }
+        let ctx = match &self.engine {
+            Engine::Driver { ctx, .. } => ctx,
+            #[cfg(feature = "cuda-sim")]
+            Engine::Sim => return Err(foreign_buffer()),
+        };
         // One compilation at a time; re-check after taking the lock.
         let _guard = self
             .cache
@@ -146,7 +257,7 @@ impl CudaBackend {
             Err(_) if self.arch != "compute_90" => kernels::compile(id, "compute_90")?,
             Err(e) => return Err(e),
         };
-        let m = self.ctx.load_module(ptx).map_err(driver_err)?;
+        let m = ctx.load_module(ptx).map_err(driver_err)?;
         Ok(slot.get_or_init(|| m).clone())
     }
 
@@ -170,12 +281,19 @@ impl CudaBackend {
         Ok(f)
     }
 
-    /// Compiles and loads every entry point of every kernel source; returns how many.
+    /// Compiles and loads every entry point of every kernel source; returns how many. (The
+    /// simulator checks that its build has every entry point.)
     pub fn load_all_kernels(&self) -> Result<usize> {
         let mut n = 0;
         for id in KernelId::ALL {
             for name in id.entries() {
-                self.function(id, name)?;
+                match &self.engine {
+                    Engine::Driver { .. } => {
+                        self.function(id, name)?;
+                    }
+                    #[cfg(feature = "cuda-sim")]
+                    Engine::Sim => super::sim::has_kernel(name)?,
+                }
                 n += 1;
             }
         }
@@ -195,60 +313,128 @@ impl CudaBackend {
                 what: format!("src has {} elements, dst {}", src.len, dst.len),
             });
         }
-        self.stream
-            .memcpy_dtod(&src.data, &mut dst.data)
-            .map_err(driver_err)
+        match (&src.data, &mut dst.data) {
+            (DeviceBytes::Driver(s), DeviceBytes::Driver(d)) => {
+                self.stream()?.memcpy_dtod(s, d).map_err(driver_err)
+            }
+            #[cfg(feature = "cuda-sim")]
+            (DeviceBytes::Sim(s), DeviceBytes::Sim(d)) => {
+                d.bytes_mut().copy_from_slice(s.bytes());
+                Ok(())
+            }
+            #[cfg(feature = "cuda-sim")]
+            _ => Err(foreign_buffer()),
+        }
     }
 
     // ------------------------------------------------------------ raw byte buffers
 
-    pub(crate) fn upload_bytes(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
-        if bytes.is_empty() {
-            return self.stream.alloc_zeros::<u8>(16).map_err(driver_err);
+    /// A zeroed buffer of `bytes` bytes (at least 16).
+    pub(crate) fn scratch(&self, bytes: usize) -> Result<DeviceBytes> {
+        let bytes = bytes.max(16);
+        match &self.engine {
+            Engine::Driver { stream, .. } => Ok(DeviceBytes::Driver(
+                stream.alloc_zeros::<u8>(bytes).map_err(driver_err)?,
+            )),
+            #[cfg(feature = "cuda-sim")]
+            Engine::Sim => Ok(DeviceBytes::Sim(super::sim::SimBuf::zeroed(bytes))),
         }
-        self.stream.clone_htod(bytes).map_err(driver_err)
     }
 
-    pub(crate) fn upload_u32(&self, v: &[u32]) -> Result<CudaSlice<u8>> {
+    pub(crate) fn upload_bytes(&self, bytes: &[u8]) -> Result<DeviceBytes> {
+        if bytes.is_empty() {
+            return self.scratch(16);
+        }
+        match &self.engine {
+            Engine::Driver { stream, .. } => Ok(DeviceBytes::Driver(
+                stream.clone_htod(bytes).map_err(driver_err)?,
+            )),
+            #[cfg(feature = "cuda-sim")]
+            Engine::Sim => {
+                let mut b = super::sim::SimBuf::zeroed(bytes.len());
+                b.bytes_mut().copy_from_slice(bytes);
+                Ok(DeviceBytes::Sim(b))
+            }
+        }
+    }
+
+    pub(crate) fn upload_u32(&self, v: &[u32]) -> Result<DeviceBytes> {
         self.upload_bytes(bytemuck::cast_slice(v))
     }
 
-    pub(crate) fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<u8>> {
+    pub(crate) fn upload_f32(&self, v: &[f32]) -> Result<DeviceBytes> {
         self.upload_bytes(bytemuck::cast_slice(v))
     }
 
-    /// Uninitialised-free scratch: `bytes` zeroed bytes (at least 16).
-    pub(crate) fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
-        self.stream
-            .alloc_zeros::<u8>(bytes.max(16))
-            .map_err(driver_err)
+    pub(crate) fn zero(&self, s: &mut DeviceBytes) -> Result<()> {
+        match s {
+            DeviceBytes::Driver(d) => self.stream()?.memset_zeros(d).map_err(driver_err),
+            #[cfg(feature = "cuda-sim")]
+            DeviceBytes::Sim(b) => {
+                b.bytes_mut().fill(0);
+                Ok(())
+            }
+        }
     }
 
-    pub(crate) fn zero(&self, s: &mut CudaSlice<u8>) -> Result<()> {
-        self.stream.memset_zeros(s).map_err(driver_err)
+    /// The first `n` bytes of `s` (a device error if it is shorter: an internal bug).
+    pub(crate) fn download_bytes(&self, s: &DeviceBytes, n: usize) -> Result<Vec<u8>> {
+        match s {
+            DeviceBytes::Driver(d) => {
+                let mut bytes = self.stream()?.clone_dtoh(d).map_err(driver_err)?;
+                head(&bytes, n)?;
+                bytes.truncate(n);
+                Ok(bytes)
+            }
+            #[cfg(feature = "cuda-sim")]
+            DeviceBytes::Sim(b) => Ok(head(b.bytes(), n)?.to_vec()),
+        }
     }
 
-    pub(crate) fn download_u32(&self, s: &CudaSlice<u8>, len: usize) -> Result<Vec<u32>> {
-        let bytes = self.stream.clone_dtoh(s).map_err(driver_err)?;
-        Ok(pod_vec(head(&bytes, len * 4)?))
+    pub(crate) fn download_u32(&self, s: &DeviceBytes, len: usize) -> Result<Vec<u32>> {
+        Ok(pod_vec(&self.download_bytes(s, len * 4)?))
     }
 
-    pub(crate) fn download_f32(&self, s: &CudaSlice<u8>, len: usize) -> Result<Vec<f32>> {
-        let bytes = self.stream.clone_dtoh(s).map_err(driver_err)?;
-        Ok(pod_vec(head(&bytes, len * 4)?))
+    pub(crate) fn download_f32(&self, s: &DeviceBytes, len: usize) -> Result<Vec<f32>> {
+        Ok(pod_vec(&self.download_bytes(s, len * 4)?))
     }
 
-    pub(crate) fn write_bytes(&self, dst: &mut CudaSlice<u8>, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_bytes(&self, dst: &mut DeviceBytes, bytes: &[u8]) -> Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
-        let mut view = dst.slice_mut(0..bytes.len());
-        self.stream
-            .memcpy_htod(bytes, &mut view)
-            .map_err(driver_err)
+        match dst {
+            DeviceBytes::Driver(d) => {
+                let mut view = d.slice_mut(0..bytes.len());
+                self.stream()?
+                    .memcpy_htod(bytes, &mut view)
+                    .map_err(driver_err)
+            }
+            #[cfg(feature = "cuda-sim")]
+            DeviceBytes::Sim(b) => {
+                let len = b.bytes().len();
+                b.bytes_mut()
+                    .get_mut(..bytes.len())
+                    .ok_or_else(|| Error::Device {
+                        backend: "cuda",
+                        reason: format!("write of {} bytes into {len}", bytes.len()),
+                    })?
+                    .copy_from_slice(bytes);
+                Ok(())
+            }
+        }
     }
 
-    pub(crate) fn buffer<T: Element>(&self, data: CudaSlice<u8>, len: usize) -> CudaBuffer<T> {
+    /// Waits for the device (the simulator runs every launch to completion).
+    pub(crate) fn wait(&self) -> Result<()> {
+        match &self.engine {
+            Engine::Driver { stream, .. } => stream.synchronize().map_err(driver_err),
+            #[cfg(feature = "cuda-sim")]
+            Engine::Sim => Ok(()),
+        }
+    }
+
+    pub(crate) fn buffer<T: Element>(&self, data: DeviceBytes, len: usize) -> CudaBuffer<T> {
         CudaBuffer {
             data,
             len,

@@ -5,7 +5,8 @@
 //! |---|---|
 //! | context, stream, per-device module cache | [`CudaBackend`] (`device.rs`) |
 //! | kernel sources and entry names | [`kernels`] (`cuda/<stem>.cu` + `cuda/common.cuh`) |
-//! | the one `unsafe` launch | `launch.rs` |
+//! | the one launch point (the `unsafe` driver launch, or the simulator) | `launch.rs` |
+//! | the CPU SIMT simulator (feature `cuda-sim`): buffers, launches, its detector tests | `sim.rs` (+ `cuda/sim/`, `build.rs`) |
 //! | ops | `norm.rs`, `score.rs`, `select.rs`, `cache_ops.rs`, `attn.rs`, `entmax_attn.rs` |
 //!
 //! Building needs no toolkit and no GPU. At run time [`CudaBackend::new`] needs `libcuda`
@@ -24,6 +25,8 @@ mod launch;
 mod norm;
 mod score;
 mod select;
+#[cfg(feature = "cuda-sim")]
+mod sim;
 
 pub use device::{CudaBackend, CudaBuffer};
 pub use kernels::KernelId;
@@ -45,12 +48,8 @@ impl Backend for CudaBackend {
     }
 
     fn download<T: Element>(&self, buf: &CudaBuffer<T>) -> Result<Vec<T>> {
-        let bytes = self
-            .stream()
-            .clone_dtoh(&buf.data)
-            .map_err(device::driver_err)?;
-        let n = buf.len() * size_of::<T>();
-        Ok(device::pod_vec(device::head(&bytes, n)?))
+        let bytes = self.download_bytes(&buf.data, buf.len() * size_of::<T>())?;
+        Ok(device::pod_vec(&bytes))
     }
 
     fn zeros<T: Element>(&self, len: usize) -> Result<CudaBuffer<T>> {
@@ -63,7 +62,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream().synchronize().map_err(device::driver_err)
+        self.wait()
     }
 }
 

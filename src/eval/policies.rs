@@ -8,12 +8,12 @@
 //! | `h2o` | [`H2O`] | heavy hitters + `B/4` recent |
 //! | `tova` | [`Tova`] | `B` by the current query's attention |
 //! | `snapkv` | [`SnapKv`] | window `min(32, B/2)`, avg-pool 5 |
-//! | `morph_kv` | [`MorphKv`] | capacity `B − 1` (keeps `B`), window `min(32, B/2)`, sum fusion |
+//! | `morph_kv` | [`MorphKv`] | capacity `B` (attention sees `B + 1`), window `min(32, B/2)`, sum fusion |
 //! | `caote_h2o`, `caote_tova`, `caote_snapkv` | [`Caote`] over that scorer | as the base policy |
 //! | `fastcaote_h2o` | [`Caote`] with the mean value | as H2O |
 //! | `ems` | [`Ems`] | window `min(32, B/2)`, B8 defaults |
 //! | `token_select` | [`TokenSelect`] (selection only, cache kept) | 4 sinks + `B/8` local + top-k of the rest |
-//! | `tidal_decode` | [`TidalDecode`] (selection only) | top-`B` per query head, selected at layer 0 and reused by every later layer (evaluation traces are shallow; engines keep the paper's dense layers 0–1) |
+//! | `tidal_decode` | [`TidalDecode`] (selection only) | top-`B` per query head; with [`make_policy_for`] and 3+ layers the paper's roles (dense layers 0–1, selection at 2, reused by every later layer), else selected at layer 0 |
 
 use crate::backend::Ops;
 use crate::dtype::Element;
@@ -39,6 +39,33 @@ pub const POLICIES: &[&str] = &[
 
 /// Smallest budget the conventions above accept.
 pub const MIN_BUDGET: usize = 8;
+
+/// Builds policy `name` with a per-head budget of `budget` tokens for a
+/// model of `num_layers` layers (TidalDecode's layer roles depend on it).
+pub fn make_policy_for<B: Ops + 'static, T: Element>(
+    name: &str,
+    budget: usize,
+    num_layers: usize,
+) -> Result<Box<dyn KvPolicy<B, T>>> {
+    if name == "tidal_decode" && num_layers >= 3 {
+        if budget < MIN_BUDGET {
+            return Err(budget_err(
+                "make_policy",
+                format!("budget {budget} < {MIN_BUDGET}"),
+            ));
+        }
+        return Ok(Box::new(TidalDecode::for_layers(
+            TidalDecodeConfig {
+                k: budget,
+                sparse_layer_start: 2,
+                reselect_layers: Vec::new(),
+                ..TidalDecodeConfig::default()
+            },
+            num_layers,
+        )?));
+    }
+    make_policy(name, budget)
+}
 
 /// Builds policy `name` with a per-head budget of `budget` tokens.
 pub fn make_policy<B: Ops + 'static, T: Element>(
@@ -81,7 +108,7 @@ pub fn make_policy<B: Ops + 'static, T: Element>(
         "snapkv" => Box::new(SnapKv::new(snap())?),
         "morph_kv" => Box::new(MorphKv::new(MorphKvConfig {
             window,
-            capacity: budget - 1,
+            capacity: budget,
             ..MorphKvConfig::default()
         })?),
         "caote_h2o" => Box::new(Caote::new(caote(false), H2oScorer::default())?),

@@ -22,19 +22,28 @@
 //!
 //! Schedule: block-wise prefill (`block` tokens per chunk, default 128) with
 //! eviction back to the budget after every block, and one eviction per
-//! decode step once over budget. Protected sinks/recent rows of the budget
-//! stay protected. Cost per hook: the base scorer, one `merge_rows` (the
-//! pseudo-outputs), one Q·K pass of the outputs against V and the row norms
-//! of V (ops), O(L) host work per head.
+//! decode step once over budget, after that step's attention (whose
+//! evidence feeds the base scorer). Protected sinks/recent tokens of the
+//! budget stay protected, and so do the base method's own
+//! ([`Scorer::protects`]: SnapKV's window, TOVA's current token).
+//!
+//! `‖o − v_j‖` is computed directly from the difference in f32 by
+//! [`crate::ops::value_distances`] (the expanded form
+//! `‖o‖² − 2 o·v + ‖v‖²` cancels exactly where CAOTE matters, `v_j ≈ o`).
+//! Cost per hook: the base scorer and one `value_distances` (two passes
+//! over V: the weighted sums, then the distances), O(L) host work per head.
 #![forbid(unsafe_code)]
 
-use super::evidence::{check_scores, evict_by_scores};
-use super::{Budget, Capabilities, KvPolicy, Needs, Plan, Scorer, StepCtx};
-use crate::backend::{Backend, Ops};
-use crate::cache::{LayerKv, row_sq_norms};
+use super::evidence::{
+    Compaction, RowState, check_scores, evict_by_scores, segment_of, split_protected,
+};
+use super::{
+    Budget, Capabilities, Heads, KvPolicy, Needs, Phase, Plan, ScoreUpdate, Scorer, StepCtx,
+};
+use crate::backend::{Backend, Ops, evidence_blocks};
+use crate::cache::KvView;
 use crate::dtype::Element;
 use crate::error::{Error, Result, config, shape};
-use crate::layout::{IndexList, Ragged};
 use crate::ops;
 
 /// GQA rule of [`Caote`].
@@ -57,6 +66,10 @@ pub struct CaoteConfig {
     pub block: usize,
     /// GQA rule.
     pub gqa: CaoteGqa,
+    /// Follow the pseudo-output across decode steps and re-score only the
+    /// rows the distance bounds cannot rule out (default); `false` runs the
+    /// full pass every step (same decisions, for checking).
+    pub incremental: bool,
 }
 
 impl Default for CaoteConfig {
@@ -66,6 +79,7 @@ impl Default for CaoteConfig {
             fast: false,
             block: 128,
             gqa: CaoteGqa::RootSumSquares,
+            incremental: true,
         }
     }
 }
@@ -76,6 +90,19 @@ impl Default for CaoteConfig {
 pub struct Caote<S> {
     cfg: CaoteConfig,
     scorer: S,
+    layers: Vec<Option<LayerState>>,
+    counts: CaoteCounts,
+}
+
+/// What CAOTE's decode steps cost (see [`KvPolicy::counters`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct CaoteCounts {
+    /// Hooks run.
+    hooks: u64,
+    /// Full passes over V (prefill, first and refresh steps, loose bounds).
+    full_passes: u64,
+    /// Rows re-scored exactly on the host by incremental steps.
+    rescored: u64,
 }
 
 impl<S> Caote<S> {
@@ -85,7 +112,12 @@ impl<S> Caote<S> {
         if cfg.block == 0 {
             return Err(config("Caote", "block must be positive"));
         }
-        Ok(Self { cfg, scorer })
+        Ok(Self {
+            cfg,
+            scorer,
+            layers: Vec::new(),
+            counts: CaoteCounts::default(),
+        })
     }
     /// The base scorer.
     pub fn scorer(&self) -> &S {
@@ -97,14 +129,20 @@ impl<B: Backend, T: Element> Scorer<B, T> for Box<dyn Scorer<B, T>> {
     fn name(&self) -> &'static str {
         self.as_ref().name()
     }
-    fn needs(&self) -> Needs {
-        self.as_ref().needs()
+    fn needs(&self, heads: Heads) -> Needs {
+        self.as_ref().needs(heads)
     }
-    fn score(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Vec<Vec<f64>>> {
-        self.as_mut().score(ctx)
+    fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
+        self.as_mut().score(ctx, heads)
     }
-    fn retain(&mut self, layer: usize, keep: &IndexList) -> Result<()> {
-        self.as_mut().retain(layer, keep)
+    fn retain(&mut self, layer: usize, c: &Compaction) -> Result<()> {
+        self.as_mut().retain(layer, c)
+    }
+    fn protects(&self) -> (usize, usize) {
+        self.as_ref().protects()
+    }
+    fn update(&self) -> ScoreUpdate {
+        self.as_ref().update()
     }
     fn reset(&mut self) {
         self.as_mut().reset()
@@ -129,109 +167,84 @@ pub(crate) fn to_simplex(op: &'static str, h: &[f64]) -> Result<Vec<f64>> {
     }
 }
 
-/// CAOTE scores per (sequence `b`, query head `h`) (index `b * Hq + h`) for
-/// given weights `alpha` (each summing to 1 over its segment; not
-/// renormalised here): `c_j = α_j/(1 − α_j) · ‖o − v_j‖` with
-/// `o = Σ_i α_i v_i`, or `v̄` when `fast`. `+∞` where `1 − α_j < 1e-6`.
-///
-/// `o` is built with [`ops::merge_rows`], `o · v_j` with [`ops::qk_logits`]
-/// and `‖v_j‖²` from the row norms, so `‖o − v_j‖² = ‖o‖² − 2 o·v_j + ‖v_j‖²`
-/// (clamped at 0) never touches V on the host.
+/// CAOTE scores per block of `heads` (per (sequence, query head) for
+/// [`Heads::PerHead`], else per (sequence, KV head)) for given weights
+/// `alpha` (each summing to 1 over its segment; not renormalised here):
+/// `c_j = α_j/(1 − α_j) · ‖o − v_j‖` with `o = Σ_i α_i v_i`, or `v̄` when
+/// `fast`. `+∞` where `1 − α_j < 1e-6`. The distances come from
+/// [`ops::value_distances`] (direct differences in f32, on the backend).
 pub fn caote_scores<B: Ops, T: Element>(
     backend: &B,
-    cache: &LayerKv<B, T>,
+    kv: &dyn KvView<B, T>,
+    heads: Heads,
     alpha: &[Vec<f64>],
     fast: bool,
 ) -> Result<Vec<Vec<f64>>> {
     const OP: &str = "caote_scores";
-    let geom = *cache.geom();
-    let segs = cache.segments();
-    let (hq, d) = (geom.num_q_heads(), geom.head_dim());
-    let batch = segs.batch();
-    if alpha.len() != batch * hq {
+    let geom = *kv.geom();
+    let segs = kv.segments();
+    let blocks = evidence_blocks(&geom, segs, heads, &vec![1; segs.batch()])?;
+    if alpha.len() != blocks.num_segments() {
         return Err(shape(
             OP,
             format!(
-                "{} weight vectors for {batch} sequences x {hq} query heads",
-                alpha.len()
+                "{} weight vectors for {} blocks",
+                alpha.len(),
+                blocks.num_segments()
             ),
         ));
     }
-    let mut lens = Vec::with_capacity(batch * hq);
-    let mut members = Vec::new();
-    let mut weights = Vec::new();
-    for b in 0..batch {
-        for h in 0..hq {
-            let s = segs.index(b, geom.kv_head(h));
-            let a = &alpha[b * hq + h];
-            if a.len() != segs.len_of(s) {
-                return Err(shape(
-                    OP,
-                    format!(
-                        "(sequence {b}, head {h}): {} weights for {} tokens",
-                        a.len(),
-                        segs.len_of(s)
-                    ),
-                ));
-            }
-            if let Some(x) = a.iter().find(|x| !x.is_finite()) {
-                return Err(Error::NonFinite {
-                    op: OP,
-                    what: format!("weight {x}"),
-                });
-            }
-            lens.push(a.len() as u32);
-            let n = a.len().max(1) as f64;
-            for (i, &w) in a.iter().enumerate() {
-                members.push((segs.offset(s) + i) as u32);
-                weights.push(if fast { (1.0 / n) as f32 } else { w as f32 });
-            }
+    let mut w = Vec::with_capacity(blocks.total());
+    for (i, a) in alpha.iter().enumerate() {
+        if a.len() != blocks.len_of(i) {
+            return Err(shape(
+                OP,
+                format!(
+                    "block {i}: {} weights for {} tokens",
+                    a.len(),
+                    blocks.len_of(i)
+                ),
+            ));
         }
+        if let Some(x) = a.iter().find(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                op: OP,
+                what: format!("weight {x}"),
+            });
+        }
+        w.extend(a.iter().map(|&x| x as f32));
     }
-    let groups = Ragged::from_lens(&lens)?;
-    let mut o = backend.zeros::<T>(batch * hq * d)?;
-    ops::merge_rows(backend, d, &groups, &members, &weights, cache.v(), &mut o)?;
-    let q_rows = Ragged::uniform(batch, 1)?;
-    let p = ops::QkParams {
+    let wb = backend.upload(&w)?;
+    let mut dist = backend.zeros::<f32>(blocks.total())?;
+    ops::value_distances(
+        backend,
         geom,
-        q_rows: &q_rows,
-        segments: segs,
-        causal: false,
-        scale: Some(1.0),
-    };
-    let layout = ops::qk_layout(&p)?;
-    let mut ov = backend.zeros::<f32>(layout.blocks.total())?;
-    ops::qk_logits(backend, &p, &o, cache.v(), &mut ov)?;
-    let ov = backend.download(&ov)?;
-    let vv = row_sq_norms(backend, cache.v(), d)?;
-    let oh = backend.download(&o)?;
-    let mut out = Vec::with_capacity(batch * hq);
-    for b in 0..batch {
-        for h in 0..hq {
-            let i = b * hq + h;
-            let s = segs.index(b, geom.kv_head(h));
-            let oo: f64 = oh[i * d..(i + 1) * d]
-                .iter()
-                .map(|x| x.to_f64() * x.to_f64())
-                .sum();
-            let blk = &ov[layout.blocks.range(i)];
-            let c = alpha[i]
-                .iter()
-                .enumerate()
-                .map(|(j, &a)| {
-                    let d2 =
-                        (oo - 2.0 * f64::from(blk[j]) + f64::from(vv[segs.offset(s) + j])).max(0.0);
+        segs,
+        heads,
+        fast,
+        &wb,
+        kv.v(),
+        &mut dist,
+        None,
+    )?;
+    let dist = backend.download(&dist)?;
+    Ok(alpha
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let dv = &dist[blocks.range(i)];
+            a.iter()
+                .zip(dv)
+                .map(|(&a, &dj)| {
                     if 1.0 - a < 1e-6 {
                         f64::INFINITY
                     } else {
-                        a / (1.0 - a) * d2.sqrt()
+                        a / (1.0 - a) * f64::from(dj)
                     }
                 })
-                .collect();
-            out.push(c);
-        }
-    }
-    Ok(out)
+                .collect()
+        })
+        .collect())
 }
 
 /// Exact output change when a whole set `S` is evicted at once (host-side
@@ -272,70 +285,503 @@ pub fn joint_eviction_error(alpha: &[f64], values: &[f64], set: &[usize]) -> Res
     Ok(e.iter().map(|x| x * x).sum::<f64>().sqrt() / rest)
 }
 
+/// Decode steps between exact re-computations of CAOTE's pseudo-outputs and
+/// distances (bounds float drift of the incremental updates).
+const REFRESH_STEPS: usize = 256;
+
+/// Share of candidates above which CAOTE re-scores every row in one pass
+/// instead of the ones its bounds cannot rule out.
+const FULL_PASS_SHARE: f64 = 0.25;
+
+/// How CAOTE's pseudo-output follows a decode step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rule {
+    /// Recomputed with a pass over V.
+    Full,
+    /// `U += output`, `o = U / ΣH` ([`ScoreUpdate::Accumulate`]).
+    Accumulate,
+    /// `o = output` ([`ScoreUpdate::Current`]).
+    Current,
+    /// FastCAOTE: `o` = the mean value row, `U += v_new`.
+    MeanValue,
+}
+
+/// CAOTE's per-layer state for incremental decode steps: per block (query
+/// head, or KV head for the mean rule) the numerator `U = Σ_j H_j v_j` of
+/// the pseudo-output (f64), the pseudo-output `o`, the path length the
+/// pseudo-output has travelled, and per row the last exact distance and
+/// the path length when it was exact. `|‖o − v_j‖ − d_j| ≤ drift − stamp_j`
+/// by the triangle inequality.
+#[derive(Clone, Debug)]
+struct LayerState {
+    u: Vec<Vec<f64>>,
+    o: Vec<Vec<f64>>,
+    drift: Vec<f64>,
+    dist: RowState<f32>,
+    stamp: RowState<f64>,
+    steps: usize,
+}
+
+fn norm2(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// `α / (1 − α) · d`, `+∞` where `1 − α < 1e-6` (never evicted, whatever
+/// the distance).
+fn error(a: f64, d: f64) -> f64 {
+    if 1.0 - a < 1e-6 {
+        f64::INFINITY
+    } else if a <= 0.0 {
+        0.0
+    } else {
+        a / (1.0 - a) * d
+    }
+}
+
 impl<S> Caote<S> {
+    /// The scorer's group treatment: per query head for the root-sum-square
+    /// rule, the group mean for [`CaoteGqa::MeanScores`].
+    fn heads(&self) -> Heads {
+        match self.cfg.gqa {
+            CaoteGqa::RootSumSquares => Heads::PerHead,
+            CaoteGqa::MeanScores => Heads::Mean,
+        }
+    }
+
+    /// How the pseudo-output follows a decode step (see [`ScoreUpdate`]).
+    fn rule<B: Ops, T: Element>(&self) -> Rule
+    where
+        S: Scorer<B, T>,
+    {
+        if self.cfg.fast {
+            return Rule::MeanValue;
+        }
+        match self.scorer.update() {
+            ScoreUpdate::Accumulate => Rule::Accumulate,
+            ScoreUpdate::Current => Rule::Current,
+            ScoreUpdate::Other => Rule::Full,
+        }
+    }
+
+    /// The group-combined CAOTE score of one segment's row from per-block
+    /// values `c_h` (root sum of squares over the group, or the single mean
+    /// block).
+    fn combine(c: impl Iterator<Item = f64>) -> f64 {
+        c.map(|x| x * x).sum::<f64>().sqrt()
+    }
+
+    /// One full pass: exact pseudo-outputs and distances for every row
+    /// (`value_distances`), CAOTE scores per segment, and a fresh state.
+    fn full_pass<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        alpha: &[Vec<f64>],
+        sums: &[f64],
+    ) -> Result<Vec<Vec<f64>>> {
+        self.counts.full_passes += 1;
+        let geom = *ctx.geom();
+        let (hq, hkv, d) = (geom.num_q_heads(), geom.num_kv_heads(), geom.head_dim());
+        let segs = ctx.kv.segments();
+        let be = ctx.backend;
+        let blocks = evidence_blocks(&geom, segs, heads, &vec![1; segs.batch()])?;
+        let w: Vec<f32> = alpha.iter().flatten().map(|&x| x as f32).collect();
+        let wb = be.upload(&w)?;
+        let mut dist = be.zeros::<f32>(blocks.total())?;
+        let mut cen = be.zeros::<f32>(blocks.num_segments() * d)?;
+        ops::value_distances(
+            be,
+            geom,
+            segs,
+            heads,
+            self.cfg.fast,
+            &wb,
+            ctx.kv.v(),
+            &mut dist,
+            Some(&mut cen),
+        )?;
+        let dist = be.download(&dist)?;
+        let cen = be.download(&cen)?;
+        let nb = blocks.num_segments();
+        let mut st = LayerState {
+            u: Vec::with_capacity(nb),
+            o: Vec::with_capacity(nb),
+            drift: vec![0.0; nb],
+            dist: RowState::new(heads),
+            stamp: RowState::new(heads),
+            steps: 0,
+        };
+        st.dist.adopt(ctx, 0.0);
+        st.stamp.adopt(ctx, 0.0);
+        for i in 0..nb {
+            let o: Vec<f64> = cen[i * d..(i + 1) * d]
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            let scale = if self.cfg.fast {
+                segs.len_of(segment_of(i, heads, hq, hkv)) as f64
+            } else {
+                sums[i]
+            };
+            st.u.push(o.iter().map(|x| x * scale).collect());
+            st.o.push(o);
+            st.dist.rows[i].copy_from_slice(&dist[blocks.range(i)]);
+        }
+        if ctx.layer >= self.layers.len() {
+            self.layers.resize_with(ctx.layer + 1, || None);
+        }
+        self.layers[ctx.layer] = Some(st);
+        Ok(self.scores_from_state(ctx, heads, alpha, None))
+    }
+
+    /// CAOTE scores per segment from the state's distances; rows outside
+    /// `only` (per segment) get `+∞` (never the first evicted).
+    fn scores_from_state<B: Ops, T: Element>(
+        &self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        alpha: &[Vec<f64>],
+        only: Option<&[Vec<u32>]>,
+    ) -> Vec<Vec<f64>> {
+        let geom = ctx.geom();
+        let (hq, hkv) = (geom.num_q_heads(), geom.num_kv_heads());
+        let per = if heads == Heads::PerHead {
+            geom.group()
+        } else {
+            1
+        };
+        let st = match self.layers.get(ctx.layer) {
+            Some(Some(st)) => st,
+            _ => return Vec::new(),
+        };
+        let segs = ctx.kv.segments();
+        (0..segs.num_segments())
+            .map(|s| {
+                let (b, g) = (s / hkv, s % hkv);
+                let first = if heads == Heads::PerHead {
+                    b * hq + g * per
+                } else {
+                    s
+                };
+                let mut out = vec![f64::INFINITY; segs.len_of(s)];
+                let mut fill = |j: usize| {
+                    out[j] = Self::combine(
+                        (first..first + per)
+                            .map(|i| error(alpha[i][j], f64::from(st.dist.rows[i][j]))),
+                    );
+                };
+                match only {
+                    Some(rows) => rows[s].iter().for_each(|&j| fill(j as usize)),
+                    None => (0..segs.len_of(s)).for_each(&mut fill),
+                }
+                out
+            })
+            .collect()
+    }
+
     fn step<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan>
     where
         S: Scorer<B, T>,
     {
         const OP: &str = "Caote";
-        let segs = ctx.cache.segments();
+        self.counts.hooks += 1;
+        let segs = ctx.kv.segments();
         let g = *ctx.geom();
-        let (hq, hkv) = (g.num_q_heads(), g.num_kv_heads());
-        let raw = self.scorer.score(ctx)?;
-        check_scores(OP, ctx, &raw)?;
-        let needs_eviction = (0..segs.num_segments()).try_fold(false, |acc, s| {
-            let bud = self.cfg.budget.resolve(
+        let (hq, hkv, d) = (g.num_q_heads(), g.num_kv_heads(), g.head_dim());
+        let heads = self.heads();
+        let raw = self.scorer.score(ctx, heads)?;
+        check_scores(OP, ctx, heads, &raw)?;
+        let mut budget = self.cfg.budget.clone();
+        let (sink, recent) = self.scorer.protects();
+        budget.sink = budget.sink.max(sink);
+        budget.recent = budget.recent.max(recent);
+        let mut over = vec![false; segs.num_segments()];
+        for (s, o) in over.iter_mut().enumerate() {
+            let bud = budget.resolve(
                 OP,
                 ctx.layer,
                 ctx.num_layers,
                 s % hkv,
                 hkv,
-                ctx.cache.seen(s / hkv),
+                ctx.kv.seen(s / hkv),
             )?;
-            Ok::<bool, Error>(acc || segs.len_of(s) > bud)
-        })?;
-        if !needs_eviction {
-            return Ok(Plan::KeepAll);
+            *o = segs.len_of(s) > bud;
         }
-        let mut alpha = raw
+        let sums: Vec<f64> = raw.iter().map(|h| h.iter().sum()).collect();
+        let alpha = raw
             .iter()
             .map(|h| to_simplex(OP, h))
             .collect::<Result<Vec<_>>>()?;
-        if self.cfg.gqa == CaoteGqa::MeanScores {
-            let grp = g.group();
-            for b in 0..ctx.batch() {
-                for kv in 0..hkv {
-                    let base = b * hq + kv * grp;
-                    let n = alpha[base].len();
-                    let mean: Vec<f64> = (0..n)
-                        .map(|j| (0..grp).map(|k| alpha[base + k][j]).sum::<f64>() / grp as f64)
-                        .collect();
-                    for k in 0..grp {
-                        alpha[base + k] = mean.clone();
+        let rule = self.rule::<B, T>();
+        let incremental = ctx.phase == Phase::Decode
+            && self.cfg.incremental
+            && rule != Rule::Full
+            && matches!(self.layers.get(ctx.layer), Some(Some(st)) if st.steps < REFRESH_STEPS);
+        if !incremental {
+            if !over.iter().any(|&o| o) && ctx.phase == Phase::Decode && rule == Rule::Full {
+                return Ok(Plan::KeepAll);
+            }
+            let scores = self.full_pass(ctx, heads, &alpha, &sums)?;
+            return self.evict(ctx, heads, &budget, &scores, &raw);
+        }
+        // Incremental: move the pseudo-outputs, then score only the rows the
+        // distance bounds cannot rule out.
+        let out = match rule {
+            Rule::Accumulate | Rule::Current => Some(ctx.decode_output()?),
+            _ => None,
+        };
+        let newest = if rule == Rule::MeanValue {
+            let rows: Vec<u32> = (0..segs.num_segments())
+                .map(|s| (segs.offset(s) + segs.len_of(s) - 1) as u32)
+                .collect();
+            Some(gather_host(ctx, &rows)?)
+        } else {
+            None
+        };
+        let st = self.layers[ctx.layer]
+            .as_mut()
+            .ok_or_else(|| config(OP, "missing state"))?;
+        st.dist.sync(OP, ctx, 0.0)?;
+        st.stamp.sync(OP, ctx, f64::NEG_INFINITY)?;
+        st.steps += 1;
+        let per = if heads == Heads::PerHead {
+            g.group()
+        } else {
+            1
+        };
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..st.o.len() {
+            let s = segment_of(i, heads, hq, hkv);
+            let new_o: Vec<f64> = match rule {
+                Rule::Accumulate | Rule::Current => {
+                    let out = out.as_deref().unwrap_or(&[]);
+                    // The block's output: its head, or the group's mean.
+                    let (b, first) = if heads == Heads::PerHead {
+                        (i / hq, i)
+                    } else {
+                        (s / hkv, (s / hkv) * hq + (s % hkv) * g.group())
+                    };
+                    let _ = b;
+                    let n = if heads == Heads::PerHead {
+                        1
+                    } else {
+                        g.group()
+                    };
+                    let mut o = vec![0.0f64; d];
+                    for h in first..first + n {
+                        for (a, &x) in o.iter_mut().zip(&out[h * d..(h + 1) * d]) {
+                            *a += f64::from(x) / n as f64;
+                        }
+                    }
+                    if rule == Rule::Accumulate {
+                        for (u, x) in st.u[i].iter_mut().zip(&o) {
+                            *u += x;
+                        }
+                        st.u[i]
+                            .iter()
+                            .map(|u| u / sums[i].max(f64::MIN_POSITIVE))
+                            .collect()
+                    } else {
+                        o
+                    }
+                }
+                _ => {
+                    let nv = newest.as_ref().map_or(&[][..], |v| &v[s * d..(s + 1) * d]);
+                    for (u, &x) in st.u[i].iter_mut().zip(nv) {
+                        *u += f64::from(x);
+                    }
+                    let len = segs.len_of(s).max(1) as f64;
+                    st.u[i].iter().map(|u| u / len).collect()
+                }
+            };
+            st.drift[i] += norm2(&new_o, &st.o[i]);
+            st.o[i] = new_o;
+        }
+        if !over.iter().any(|&o| o) {
+            return Ok(Plan::KeepAll);
+        }
+        // Bounds per candidate row; the rows that could be evicted.
+        let mut need: Vec<Vec<u32>> = vec![Vec::new(); segs.num_segments()];
+        let mut total_cand = 0usize;
+        let mut total_need = 0usize;
+        for s in 0..segs.num_segments() {
+            if !over[s] {
+                continue;
+            }
+            let (b, kv) = (s / hkv, s % hkv);
+            let bud = budget.resolve(OP, ctx.layer, ctx.num_layers, kv, hkv, ctx.kv.seen(b))?;
+            let arr = ctx.kv.arrivals(s);
+            let (prot, cand) = split_protected(arr, ctx.kv.seen(b), budget.sink, budget.recent);
+            let m = segs.len_of(s) - bud.max(prot.len()).min(segs.len_of(s));
+            let m = m.min(cand.len());
+            if m == 0 {
+                continue;
+            }
+            total_cand += cand.len();
+            let first = if heads == Heads::PerHead {
+                b * hq + kv * per
+            } else {
+                s
+            };
+            let bound = |j: usize, sign: f64| {
+                Self::combine((first..first + per).map(|i| {
+                    let slack = st.drift[i] - st.stamp.rows[i][j];
+                    let dj = f64::from(st.dist.rows[i][j]);
+                    let dj = (dj + sign * (slack + 1e-5 * (dj + 1.0))).max(0.0);
+                    let dj = if slack.is_finite() {
+                        dj
+                    } else if sign > 0.0 {
+                        f64::INFINITY
+                    } else {
+                        0.0
+                    };
+                    error(alpha[i][j], dj)
+                }))
+            };
+            let mut hi: Vec<f64> = cand.iter().map(|&j| bound(j as usize, 1.0)).collect();
+            let t = {
+                let k = m - 1;
+                let (_, x, _) = hi.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+                *x
+            };
+            need[s] = cand
+                .iter()
+                .copied()
+                .filter(|&j| bound(j as usize, -1.0) <= t)
+                .collect();
+            total_need += need[s].len();
+        }
+        if total_need as f64 > FULL_PASS_SHARE * total_cand.max(1) as f64 {
+            let scores = self.full_pass(ctx, heads, &alpha, &sums)?;
+            return self.evict(ctx, heads, &budget, &scores, &raw);
+        }
+        // Exact distances of the rows that could be evicted (host, f64).
+        let rows: Vec<u32> = (0..segs.num_segments())
+            .flat_map(|s| need[s].iter().map(move |&j| (segs.offset(s) as u32) + j))
+            .collect();
+        let vh = gather_host(ctx, &rows)?;
+        self.counts.rescored += rows.len() as u64;
+        let st = self.layers[ctx.layer]
+            .as_mut()
+            .ok_or_else(|| config(OP, "missing state"))?;
+        let mut at = 0usize;
+        for (s, rows_s) in need.iter().enumerate() {
+            let (b, kv) = (s / hkv, s % hkv);
+            let first = if heads == Heads::PerHead {
+                b * hq + kv * per
+            } else {
+                s
+            };
+            for &j in rows_s {
+                let v = &vh[at * d..(at + 1) * d];
+                at += 1;
+                for i in first..first + per {
+                    let dj = st.o[i]
+                        .iter()
+                        .zip(v)
+                        .map(|(o, &x)| (o - f64::from(x)).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    st.dist.rows[i][j as usize] = dj as f32;
+                    st.stamp.rows[i][j as usize] = st.drift[i];
+                }
+            }
+        }
+        let scores = self.scores_from_state(ctx, heads, &alpha, Some(&need));
+        self.evict(ctx, heads, &budget, &scores, &raw)
+    }
+
+    /// Drops the worst rows by `scores`; the state, the scorer and the
+    /// pseudo-output numerators follow.
+    fn evict<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        budget: &Budget,
+        scores: &[Vec<f64>],
+        raw: &[Vec<f64>],
+    ) -> Result<Plan>
+    where
+        S: Scorer<B, T>,
+    {
+        const OP: &str = "Caote";
+        let (plan, comp) = evict_by_scores(OP, ctx, budget, scores)?;
+        let Some(comp) = comp else {
+            return Ok(plan);
+        };
+        let g = *ctx.geom();
+        let (hq, hkv, d) = (g.num_q_heads(), g.num_kv_heads(), g.head_dim());
+        let per = if heads == Heads::PerHead {
+            g.group()
+        } else {
+            1
+        };
+        let rule = self.rule::<B, T>();
+        // Numerators lose the evicted rows: U −= H_e v_e (mean: −v_e).
+        if let (Plan::Drop(list), Some(Some(_))) = (&plan, self.layers.get(ctx.layer))
+            && matches!(rule, Rule::Accumulate | Rule::MeanValue)
+        {
+            let segs = ctx.kv.segments();
+            let raw_rows: Vec<u32> = (0..list.num_lists())
+                .flat_map(|s| list.list(s).iter().map(move |&j| segs.offset(s) as u32 + j))
+                .collect();
+            let vh = gather_host(ctx, &raw_rows)?;
+            if let Some(Some(st)) = self.layers.get_mut(ctx.layer) {
+                let mut at = 0usize;
+                for s in 0..list.num_lists() {
+                    let (b, kv) = (s / hkv, s % hkv);
+                    let first = if heads == Heads::PerHead {
+                        b * hq + kv * per
+                    } else {
+                        s
+                    };
+                    for &j in list.list(s) {
+                        let v = &vh[at * d..(at + 1) * d];
+                        at += 1;
+                        for i in first..first + per {
+                            let w = if rule == Rule::MeanValue {
+                                1.0
+                            } else {
+                                raw.get(i)
+                                    .and_then(|r| r.get(j as usize))
+                                    .copied()
+                                    .unwrap_or(0.0)
+                            };
+                            for (u, &x) in st.u[i].iter_mut().zip(v) {
+                                *u -= w * f64::from(x);
+                            }
+                        }
                     }
                 }
             }
         }
-        let c = caote_scores(ctx.backend, ctx.cache, &alpha, self.cfg.fast)?;
-        let grp = g.group();
-        let mut kv_scores = Vec::with_capacity(segs.num_segments());
-        for b in 0..ctx.batch() {
-            for kv in 0..hkv {
-                let base = b * hq + kv * grp;
-                let n = c[base].len();
-                kv_scores.push(
-                    (0..n)
-                        .map(|j| (0..grp).map(|k| c[base + k][j].powi(2)).sum::<f64>().sqrt())
-                        .collect::<Vec<f64>>(),
-                );
-            }
+        if let Some(Some(st)) = self.layers.get_mut(ctx.layer) {
+            st.dist.retain(&comp, hq, hkv);
+            st.stamp.retain(&comp, hq, hkv);
         }
-        let plan = evict_by_scores(OP, ctx, &self.cfg.budget, &kv_scores)?;
-        if let Plan::Evict(keep) = &plan {
-            self.scorer.retain(ctx.layer, keep)?;
-        }
+        self.scorer.retain(ctx.layer, &comp)?;
         Ok(plan)
     }
+}
+
+/// Value rows `rows` (buffer rows) on the host as f32, `[rows, D]`.
+fn gather_host<B: Ops, T: Element>(ctx: &StepCtx<'_, B, T>, rows: &[u32]) -> Result<Vec<f32>> {
+    let d = ctx.geom().head_dim();
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut buf = ctx.backend.zeros::<T>(rows.len() * d)?;
+    ops::gather_rows(ctx.backend, d, rows, ctx.kv.v(), &mut buf)?;
+    Ok(ctx
+        .backend
+        .download(&buf)?
+        .iter()
+        .map(|x| x.to_f32())
+        .collect())
 }
 
 impl<B: Ops, T: Element, S: Scorer<B, T>> KvPolicy<B, T> for Caote<S> {
@@ -343,8 +789,8 @@ impl<B: Ops, T: Element, S: Scorer<B, T>> KvPolicy<B, T> for Caote<S> {
         if self.cfg.fast { "fast_caote" } else { "caote" }
     }
     fn capabilities(&self) -> Capabilities {
-        let mut needs = self.scorer.needs();
-        needs.values = true;
+        let mut needs = self.scorer.needs(self.heads());
+        needs.decode_output = matches!(self.rule::<B, T>(), Rule::Accumulate | Rule::Current);
         Capabilities {
             evicts: true,
             needs,
@@ -358,8 +804,16 @@ impl<B: Ops, T: Element, S: Scorer<B, T>> KvPolicy<B, T> for Caote<S> {
     fn on_decode_step(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         self.step(ctx)
     }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("hooks", self.counts.hooks),
+            ("full_passes", self.counts.full_passes),
+            ("rescored_rows", self.counts.rescored),
+        ]
+    }
     fn reset(&mut self) {
         self.scorer.reset();
+        self.layers.clear();
     }
 }
 

@@ -591,12 +591,20 @@ impl<B: Backend, T: Element> KvPolicy<B, T> for Dam {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             selects: true,
+            // Prefill masks hold `q_len × kv_len` bits per query head:
+            // chunks bound them.
+            prefill_block: Some(512),
             ..Capabilities::default()
         }
     }
+    /// The chunk's prefill masks (DAM's own prefill phase).
+    fn before_prefill_chunk(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
+        self.prefill_mask(ctx.layer, ctx.geom(), ctx.q_rows, ctx.kv.segments())
+            .map(Plan::SelectMask)
+    }
     /// The decode mask's tokens as a `QueryHead` list.
     fn select_for_attention(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        self.decode_indices(ctx.layer, ctx.geom(), ctx.cache.segments())
+        self.decode_indices(ctx.layer, ctx.geom(), ctx.kv.segments())
             .map(Plan::Select)
     }
 }

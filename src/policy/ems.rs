@@ -27,18 +27,20 @@
 //!    zero class, slot `c` = centre `c`); slot 0 is dropped, so the same
 //!    control flow serves every head.
 //!
-//! Decode tokens are appended uncompressed. Cost at prefill end: the
-//! window's Q·K pass and softmax, one key and one value dot-product pass of
+//! Decode tokens are appended uncompressed. `s_Glo` accumulates the
+//! attention ops' column-sum evidence of every prefill chunk and `s_Loc` is
+//! their window evidence of the last chunk (no Q·K pass of EMS's own, O(N)
+//! memory). Cost at prefill end: one key and one value dot-product pass of
 //! the dropped tokens against the centres, the row norms of K and V (all
 //! ops), two `merge_rows` and a compaction; host work O(N log N + N·K) on
 //! scalars per head.
 #![forbid(unsafe_code)]
 
-use super::evidence::{
-    QueryWindow, attention_probs, keep_list, layer_slot, reduce_group, split_protected, top_k,
-};
+use super::evidence::{blocks_f64, keep_list, split_protected, top_k};
+use super::tova::to_kv_scores;
 use super::{
-    Budget, BudgetSize, Capabilities, GqaReduce, H2oScorer, KvPolicy, Needs, Plan, Scorer, StepCtx,
+    Budget, BudgetSize, Capabilities, GqaReduce, H2oScorer, Heads, KvPolicy, Needs, Plan, Scorer,
+    StepCtx, Window,
 };
 use crate::backend::Ops;
 use crate::cache::{MergeSpec, row_dots, row_sq_norms};
@@ -46,6 +48,10 @@ use crate::dtype::Element;
 use crate::error::{Error, Result, budget, config};
 use crate::layout::{Ragged, Segments};
 use crate::ops;
+
+/// To-be-merged tokens scored against the centres at once (bounds the
+/// cosine matrix held in memory).
+const MERGE_CHUNK: usize = 512;
 
 /// Over which tokens the means of the Global-Local alignment are taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,7 +143,7 @@ pub fn global_local_scores(
 pub struct Ems<B: Ops, T: Element> {
     cfg: EmsConfig,
     global: H2oScorer,
-    windows: Vec<Option<QueryWindow<B, T>>>,
+    _marker: std::marker::PhantomData<fn() -> (B, T)>,
 }
 
 impl<B: Ops, T: Element> Ems<B, T> {
@@ -179,8 +185,19 @@ impl<B: Ops, T: Element> Ems<B, T> {
         Ok(Self {
             cfg,
             global: H2oScorer::default(),
-            windows: Vec::new(),
+            _marker: std::marker::PhantomData,
         })
+    }
+}
+
+impl<B: Ops, T: Element> Ems<B, T> {
+    /// Evidence layout: reduced by the op for `Sum` / `Mean`, per query
+    /// head for `Max` (the maximum of accumulated sums).
+    fn heads(&self) -> Heads {
+        match self.cfg.reduce {
+            GqaReduce::Max => Heads::PerHead,
+            r => r.into(),
+        }
     }
 }
 
@@ -189,42 +206,32 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for Ems<B, T> {
         "ems"
     }
     fn capabilities(&self) -> Capabilities {
+        let heads = self.heads();
         Capabilities {
             evicts: true,
             merges: true,
             needs: Needs {
-                recent_queries: true,
-                accumulated_attention: true,
-                values: true,
+                prefill_col_sums: Some(heads),
+                prefill_window: Some(Window {
+                    queries: self.cfg.window,
+                    heads,
+                    rows: false,
+                }),
                 ..Needs::default()
             },
             ..Capabilities::default()
         }
     }
     fn on_prefill_chunk(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        Scorer::<B, T>::score(&mut self.global, ctx)?;
-        let w = self.cfg.window;
-        let g = *ctx.geom();
-        layer_slot(&mut self.windows, ctx.layer)
-            .get_or_insert_with(|| QueryWindow::new(w))
-            .push(
-                ctx.backend,
-                ctx.queries,
-                ctx.q_rows,
-                g.num_q_heads() * g.head_dim(),
-            )?;
+        let heads = self.heads();
+        Scorer::<B, T>::score(&mut self.global, ctx, heads)?;
         Ok(Plan::KeepAll)
     }
     fn on_prefill_end(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        let plan = self.compress(ctx);
-        if let Some(w) = self.windows.get_mut(ctx.layer) {
-            *w = None;
-        }
-        plan
+        self.compress(ctx)
     }
     fn reset(&mut self) {
         Scorer::<B, T>::reset(&mut self.global);
-        self.windows.clear();
     }
 }
 
@@ -233,31 +240,27 @@ impl<B: Ops, T: Element> Ems<B, T> {
         const OP: &str = "Ems";
         let cfg = &self.cfg;
         let geom = *ctx.geom();
-        let (hq, hkv, d) = (geom.num_q_heads(), geom.num_kv_heads(), geom.head_dim());
-        let segs = ctx.cache.segments().clone();
+        let (hkv, d) = (geom.num_kv_heads(), geom.head_dim());
+        let segs = ctx.kv.segments().clone();
         let nseg = segs.num_segments();
-        let glo_q = Scorer::<B, T>::score(&mut self.global, ctx)?;
-        let Some(Some(win)) = self.windows.get(ctx.layer) else {
+        if ctx.evidence.window.is_none() {
             return Ok(Plan::KeepAll);
-        };
-        let Some((wq, wrows)) = win.packed(ctx.backend)? else {
-            return Ok(Plan::KeepAll);
-        };
-        let probs = attention_probs(ctx.backend, ctx.cache, &wq, &wrows, true, ctx.scale)?;
-        let mut loc_q = Vec::with_capacity(ctx.batch() * hq);
-        for b in 0..ctx.batch() {
-            for h in 0..hq {
-                let mut v = vec![0.0f64; segs.len_of(segs.index(b, geom.kv_head(h)))];
-                for r in 0..probs.n_q(b) {
-                    for (x, &p) in v.iter_mut().zip(probs.row(b, h, r)) {
-                        *x += f64::from(p);
-                    }
-                }
-                loc_q.push(v);
+        }
+        for s in 0..nseg {
+            if ctx.kv.arrivals(s).windows(2).any(|w| w[1] < w[0]) {
+                return Err(config(
+                    OP,
+                    format!(
+                        "segment {s} is not in arrival order: EMS compresses an uncompacted prompt"
+                    ),
+                ));
             }
         }
-        let glo = reduce_group(&glo_q, ctx.batch(), hq, hkv, cfg.reduce);
-        let loc = reduce_group(&loc_q, ctx.batch(), hq, hkv, cfg.reduce);
+        let heads = self.heads();
+        let glo = Scorer::<B, T>::score(&mut self.global, ctx, heads)?;
+        let loc = blocks_f64(&ctx.window()?.1);
+        let glo = to_kv_scores(ctx, heads, cfg.reduce, glo);
+        let loc = to_kv_scores(ctx, heads, cfg.reduce, loc);
 
         // Per segment: kept rows, centres, and the dropped tokens to merge.
         let mut keep_sets = Vec::with_capacity(nseg);
@@ -273,7 +276,7 @@ impl<B: Ops, T: Element> Ems<B, T> {
             // The window is EMS's protected recent area (ratio budgets are
             // raised to fit it, token budgets were checked at construction).
             let bud =
-                window_budget.resolve(OP, ctx.layer, ctx.num_layers, g, hkv, ctx.cache.seen(b))?;
+                window_budget.resolve(OP, ctx.layer, ctx.num_layers, g, hkv, ctx.kv.seen(b))?;
             if n <= bud || cfg.window >= n {
                 keep_sets.push((0..n as u32).collect::<Vec<u32>>());
                 continue;
@@ -296,9 +299,10 @@ impl<B: Ops, T: Element> Ems<B, T> {
                     what: format!("Global-Local score {x}"),
                 });
             }
-            let (prot, cand) = split_protected(n, cfg.budget.sink, cfg.window);
+            let arr = ctx.kv.arrivals(s);
+            let (prot, cand) = split_protected(arr, ctx.kv.seen(b), cfg.budget.sink, cfg.window);
             let k = bud - prot.len();
-            let important = top_k(OP, &sgl, &cand, k)?;
+            let important = top_k(OP, &sgl, arr, &cand, k)?;
             let mut keep = prot.clone();
             keep.extend(&important);
             let mut cs: Vec<u32> = prot
@@ -334,32 +338,16 @@ impl<B: Ops, T: Element> Ems<B, T> {
             return Ok(Plan::Evict(keep));
         }
 
-        // Cosines of every to-merge token against its head's centres (ops).
+        // Cosines of every to-merge token against its head's centres (ops),
+        // in chunks of `MERGE_CHUNK` tokens so memory stays O(chunk × K).
         let abs = |s: usize, rows: &[u32]| {
             rows.iter()
                 .map(|&j| (segs.offset(s) + j as usize) as u32)
                 .collect::<Vec<u32>>()
         };
-        let t_rows: Vec<u32> = (0..nseg).flat_map(|s| abs(s, &tbm[s])).collect();
-        let c_rows: Vec<u32> = (0..nseg).flat_map(|s| abs(s, &centres[s])).collect();
-        let q_rows = Ragged::from_lens(&tbm.iter().map(|v| v.len() as u32).collect::<Vec<_>>())?;
-        let c_segs = Segments::packed(
-            nseg,
-            1,
-            &centres.iter().map(|v| v.len() as u32).collect::<Vec<_>>(),
-        )?;
         let be = ctx.backend;
-        let dots = |buf: &B::Buffer<T>| -> Result<Vec<f32>> {
-            let mut a = be.zeros::<T>(t_rows.len() * d)?;
-            let mut c = be.zeros::<T>(c_rows.len() * d)?;
-            ops::gather_rows(be, d, &t_rows, buf, &mut a)?;
-            ops::gather_rows(be, d, &c_rows, buf, &mut c)?;
-            row_dots(be, &a, &c, d, &q_rows, &c_segs)
-        };
-        let kd = dots(ctx.cache.k())?;
-        let vd = dots(ctx.cache.v())?;
-        let kn = row_sq_norms(be, ctx.cache.k(), d)?;
-        let vn = row_sq_norms(be, ctx.cache.v(), d)?;
+        let kn = row_sq_norms(be, ctx.kv.k(), d)?;
+        let vn = row_sq_norms(be, ctx.kv.v(), d)?;
         let norm = |sq: &[f32], r: usize| f64::from(sq[r].max(0.0)).sqrt();
 
         let mut targets = Vec::new();
@@ -368,41 +356,54 @@ impl<B: Ops, T: Element> Ems<B, T> {
         let mut v_weights = Vec::new();
         let mut k_weights = Vec::new();
         let mut k_norms = Vec::new();
-        let mut off = 0usize;
         for s in 0..nseg {
-            let (nt, nc) = (tbm[s].len(), centres[s].len());
-            if nt == 0 {
+            let nc = centres[s].len();
+            if tbm[s].is_empty() || nc == 0 {
                 continue;
             }
+            let c_rows = abs(s, &centres[s]);
+            let c_segs = Segments::packed(1, 1, &[nc as u32])?;
             // Slot 0 is the zero class, slot c + 1 is centre c.
             let mut slot_members: Vec<Vec<u32>> = vec![Vec::new(); nc + 1];
-            for (ti, &t) in tbm[s].iter().enumerate() {
-                let tr = segs.offset(s) + t as usize;
-                let (tk, tv) = (norm(&kn, tr), norm(&vn, tr));
-                let mut best: Option<(usize, f64)> = None;
-                for (ci, &c) in centres[s].iter().enumerate() {
-                    let cr = segs.offset(s) + c as usize;
-                    let (ck, cv) = (norm(&kn, cr), norm(&vn, cr));
-                    if tk == 0.0 || tv == 0.0 || ck == 0.0 || cv == 0.0 {
-                        continue;
-                    }
-                    let cos_k = f64::from(kd[off + ti * nc + ci]) / (tk * ck);
-                    let cos_v = f64::from(vd[off + ti * nc + ci]) / (tv * cv);
-                    if cfg.sign_guard && (cos_k <= 0.0 || cos_v <= 0.0) {
-                        continue;
-                    }
-                    let r = cos_k * cos_v;
-                    if best.is_none_or(|(_, br)| r > br) {
-                        best = Some((ci, r));
-                    }
-                }
-                let slot = match best {
-                    Some((ci, r)) if r >= cfg.theta => ci + 1,
-                    _ => 0,
+            for chunk in tbm[s].chunks(MERGE_CHUNK) {
+                let t_rows = abs(s, chunk);
+                let q_rows = Ragged::from_lens(&[chunk.len() as u32])?;
+                let dots = |buf: &B::Buffer<T>| -> Result<Vec<f32>> {
+                    let mut a = be.zeros::<T>(t_rows.len() * d)?;
+                    let mut c = be.zeros::<T>(c_rows.len() * d)?;
+                    ops::gather_rows(be, d, &t_rows, buf, &mut a)?;
+                    ops::gather_rows(be, d, &c_rows, buf, &mut c)?;
+                    row_dots(be, &a, &c, d, &q_rows, &c_segs)
                 };
-                slot_members[slot].push(t);
+                let kd = dots(ctx.kv.k())?;
+                let vd = dots(ctx.kv.v())?;
+                for (ti, &t) in chunk.iter().enumerate() {
+                    let tr = segs.offset(s) + t as usize;
+                    let (tk, tv) = (norm(&kn, tr), norm(&vn, tr));
+                    let mut best: Option<(usize, f64)> = None;
+                    for (ci, &c) in centres[s].iter().enumerate() {
+                        let cr = segs.offset(s) + c as usize;
+                        let (ck, cv) = (norm(&kn, cr), norm(&vn, cr));
+                        if tk == 0.0 || tv == 0.0 || ck == 0.0 || cv == 0.0 {
+                            continue;
+                        }
+                        let cos_k = f64::from(kd[ti * nc + ci]) / (tk * ck);
+                        let cos_v = f64::from(vd[ti * nc + ci]) / (tv * cv);
+                        if cfg.sign_guard && (cos_k <= 0.0 || cos_v <= 0.0) {
+                            continue;
+                        }
+                        let r = cos_k * cos_v;
+                        if best.is_none_or(|(_, br)| r > br) {
+                            best = Some((ci, r));
+                        }
+                    }
+                    let slot = match best {
+                        Some((ci, r)) if r >= cfg.theta => ci + 1,
+                        _ => 0,
+                    };
+                    slot_members[slot].push(t);
+                }
             }
-            off += nt * nc;
             for (ci, ms) in slot_members.iter().enumerate().skip(1) {
                 if ms.is_empty() {
                     continue;

@@ -1,130 +1,211 @@
-//! Evidence shared by the policies: attention rows over the cache (through
-//! [`crate::ops`]), a device-side window of recent queries, and the host-side
-//! selection helpers (O(N) per head on downloaded score vectors).
+//! Host-side helpers shared by the policies: evidence blocks downloaded
+//! from the attention ops, row state that follows the cache through
+//! compactions, protected windows by arrival, and O(L) selection.
 #![forbid(unsafe_code)]
 
-use super::{Budget, GqaReduce, Plan, StepCtx};
+use super::{Budget, GqaReduce, Heads, Plan, StepCtx};
 use crate::backend::{Backend, Ops};
-use crate::cache::LayerKv;
+use crate::cache::{KvView, compaction_moves, drop_moves};
 use crate::dtype::Element;
 use crate::error::{Error, Result, shape};
-use crate::layout::{IndexList, IndexSet, Ragged, Scope};
+use crate::layout::{IndexList, IndexSet, Ragged, Scope, Segments};
 use crate::ops;
 
-/// Attention rows of some queries over one layer's cache, on the host.
-///
-/// Block `(b, h)` holds `n_q(b)` rows, each as long as segment `(b, h / G)`.
+/// Evidence blocks on the host: block `i` (per query head or per KV head,
+/// see [`Heads`]) holds `rows × len` values.
 #[derive(Clone, Debug)]
-pub struct Probs {
+pub struct HostBlocks {
     data: Vec<f32>,
     blocks: Ragged,
-    q_rows: Ragged,
-    kv_lens: Vec<usize>,
-    hq: usize,
+    heads: Heads,
 }
 
-impl Probs {
-    /// Number of query rows of sequence `b` (0 when out of range).
-    pub fn n_q(&self, b: usize) -> usize {
-        if b < self.q_rows.num_segments() {
-            self.q_rows.len_of(b)
-        } else {
-            0
+impl HostBlocks {
+    pub(crate) fn new(data: Vec<f32>, blocks: Ragged, heads: Heads) -> Self {
+        Self {
+            data,
+            blocks,
+            heads,
         }
     }
-    /// Row `i` of (sequence `b`, query head `h`); empty when out of range.
-    pub fn row(&self, b: usize, h: usize, i: usize) -> &[f32] {
-        if b >= self.q_rows.num_segments() || h >= self.hq || i >= self.n_q(b) {
+    /// Block `i` (empty when out of range).
+    pub fn block(&self, i: usize) -> &[f32] {
+        if i >= self.blocks.num_segments() {
             return &[];
         }
-        let blk = b * self.hq + h;
-        let kv = self.kv_lens.get(blk).copied().unwrap_or(0);
-        let start = self.blocks.range(blk).start + i * kv;
-        self.data.get(start..start + kv).unwrap_or(&[])
+        &self.data[self.blocks.range(i)]
+    }
+    /// Number of blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.num_segments()
+    }
+    /// Group treatment of the blocks.
+    pub fn heads(&self) -> Heads {
+        self.heads
     }
 }
 
-fn qk_rows<B: Ops, T: Element>(
-    backend: &B,
-    cache: &LayerKv<B, T>,
-    q: &B::Buffer<T>,
-    q_rows: &Ragged,
-    causal: bool,
-    scale: Option<f32>,
-    softmax: bool,
-) -> Result<Probs> {
-    const OP: &str = "attention_probs";
-    let geom = *cache.geom();
-    let p = ops::QkParams {
-        geom,
-        q_rows,
-        segments: cache.segments(),
-        causal,
-        scale,
-    };
-    let layout = ops::qk_layout(&p)?;
-    let mut logits = backend.zeros::<f32>(layout.blocks.total())?;
-    ops::qk_logits(backend, &p, q, cache.k(), &mut logits)?;
-    let data = if softmax {
-        let mut probs = backend.zeros::<f32>(layout.blocks.total())?;
-        ops::softmax_rows(backend, &layout.rows, &logits, &mut probs)?;
-        backend.download(&probs)?
-    } else {
-        backend.download(&logits)?
-    };
-    if let Some(i) = data.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
-        return Err(Error::NonFinite {
-            op: OP,
-            what: format!(
-                "attention score {i} is {} (NaN or infinite query / key?)",
-                data[i]
-            ),
-        });
-    }
-    let segs = cache.segments();
-    let mut kv_lens = Vec::with_capacity(segs.batch() * geom.num_q_heads());
-    for b in 0..segs.batch() {
-        for h in 0..geom.num_q_heads() {
-            kv_lens.push(segs.len_of(segs.index(b, geom.kv_head(h))));
+/// How a compaction moved one layer's rows: per segment the `(dst, src)`
+/// moves of [`compaction_moves`] and the new length. Policies apply it to
+/// any per-row state so that state and cache stay aligned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compaction {
+    /// Per segment: `(dst, src)` row moves.
+    pub moves: Vec<Vec<(u32, u32)>>,
+    /// Per segment: the new length.
+    pub lens: Vec<u32>,
+}
+
+impl Compaction {
+    /// The compaction of an `Evict(keep)` plan.
+    pub fn from_keep(keep: &IndexList) -> Self {
+        Self {
+            moves: (0..keep.num_lists())
+                .map(|s| compaction_moves(keep.list(s)))
+                .collect(),
+            lens: keep.indptr().lens().map(|n| n as u32).collect(),
         }
     }
-    Ok(Probs {
-        data,
-        blocks: layout.blocks,
-        q_rows: q_rows.clone(),
-        kv_lens,
-        hq: geom.num_q_heads(),
-    })
+    /// The compaction of a `Drop(drop)` plan over `segs`.
+    pub fn from_drop(segs: &Segments, drop: &IndexList) -> Self {
+        Self {
+            moves: (0..drop.num_lists())
+                .map(|s| drop_moves(segs.len_of(s), drop.list(s)))
+                .collect(),
+            lens: (0..drop.num_lists())
+                .map(|s| (segs.len_of(s) - drop.list(s).len()) as u32)
+                .collect(),
+        }
+    }
+    /// Applies the moves of segment `s` to a row vector and truncates it.
+    pub fn apply<X: Copy>(&self, s: usize, v: &mut Vec<X>) {
+        if s >= self.lens.len() {
+            return;
+        }
+        for &(dst, src) in &self.moves[s] {
+            if (src as usize) < v.len() && (dst as usize) < v.len() {
+                v[dst as usize] = v[src as usize];
+            }
+        }
+        v.truncate(self.lens[s] as usize);
+    }
 }
 
-/// Softmax attention of `q` (`[total_q, Hq, D]`, rows per sequence in
-/// `q_rows`, the last tokens of each segment) over the cache, computed with
-/// [`ops::qk_logits`] and [`ops::softmax_rows`] and downloaded. NaN anywhere
-/// is an [`Error::NonFinite`].
-pub fn attention_probs<B: Ops, T: Element>(
-    backend: &B,
-    cache: &LayerKv<B, T>,
-    q: &B::Buffer<T>,
-    q_rows: &Ragged,
-    causal: bool,
-    scale: Option<f32>,
-) -> Result<Probs> {
-    qk_rows(backend, cache, q, q_rows, causal, scale, true)
+/// The segment of block `i` of a `heads` layout.
+pub(crate) fn segment_of(i: usize, heads: Heads, hq: usize, hkv: usize) -> usize {
+    match heads {
+        Heads::PerHead => {
+            let (b, h) = (i / hq, i % hq);
+            b * hkv + h / (hq / hkv).max(1)
+        }
+        _ => i,
+    }
 }
 
-/// Scaled logits `scale · q · k_j` (no mask), downloaded.
-pub(crate) fn attention_logits<B: Ops, T: Element>(
-    backend: &B,
-    cache: &LayerKv<B, T>,
-    q: &B::Buffer<T>,
-    q_rows: &Ragged,
-    scale: Option<f32>,
-) -> Result<Probs> {
-    qk_rows(backend, cache, q, q_rows, false, scale, false)
+/// Per-row state of one layer, one vector per block of a `heads` layout,
+/// kept aligned with the cache: every hook checks that the cache changed
+/// only by appends since the state was last synced (a skipped `Evict` /
+/// `Drop` / `Merge` plan is an error) and extends the vectors with `fill`
+/// for the new tokens.
+#[derive(Clone, Debug)]
+pub(crate) struct RowState<X> {
+    pub rows: Vec<Vec<X>>,
+    heads: Heads,
+    /// Per segment: length and `seen` of its sequence at the last sync.
+    lens: Vec<u32>,
+    seen: Vec<u32>,
+}
+
+impl<X: Copy> RowState<X> {
+    pub(crate) fn new(heads: Heads) -> Self {
+        Self {
+            rows: Vec::new(),
+            heads,
+            lens: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Brings the state to the cache's current shape (see the type docs).
+    pub(crate) fn sync<B: Backend, T: Element>(
+        &mut self,
+        op: &'static str,
+        ctx: &StepCtx<'_, B, T>,
+        fill: X,
+    ) -> Result<()> {
+        let geom = ctx.geom();
+        let (hq, hkv) = (geom.num_q_heads(), geom.num_kv_heads());
+        let segs = ctx.kv.segments();
+        let nblocks = ctx.batch() * self.heads.blocks_per_seq(geom);
+        if self.rows.len() != nblocks {
+            if !self.rows.is_empty() {
+                return Err(shape(
+                    op,
+                    "the batch or head geometry changed; call reset() between requests",
+                ));
+            }
+            self.rows = vec![Vec::new(); nblocks];
+            self.lens = vec![0; segs.num_segments()];
+            self.seen = vec![0; ctx.batch()];
+        }
+        for s in 0..segs.num_segments() {
+            let b = s / hkv;
+            let grown = (ctx.kv.seen(b) as u32).saturating_sub(self.seen[b]);
+            let want = self.lens[s] + grown;
+            if segs.len_of(s) as u32 != want {
+                return Err(shape(
+                    op,
+                    format!(
+                        "segment {s} holds {} tokens, the policy expected {want} \
+                         (was an Evict / Drop / Merge plan not applied?)",
+                        segs.len_of(s)
+                    ),
+                ));
+            }
+        }
+        for (i, v) in self.rows.iter_mut().enumerate() {
+            let s = segment_of(i, self.heads, hq, hkv);
+            v.resize(segs.len_of(s), fill);
+        }
+        self.lens = segs.lens().to_vec();
+        self.seen = (0..ctx.batch()).map(|b| ctx.kv.seen(b) as u32).collect();
+        Ok(())
+    }
+
+    /// Takes the cache's current shape as synced (vectors of the segments'
+    /// lengths filled with `fill`), without checking how it got there.
+    pub(crate) fn adopt<B: Backend, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>, fill: X) {
+        let geom = ctx.geom();
+        let (hq, hkv) = (geom.num_q_heads(), geom.num_kv_heads());
+        let segs = ctx.kv.segments();
+        let nblocks = ctx.batch() * self.heads.blocks_per_seq(geom);
+        self.rows = (0..nblocks)
+            .map(|i| vec![fill; segs.len_of(segment_of(i, self.heads, hq, hkv))])
+            .collect();
+        self.lens = segs.lens().to_vec();
+        self.seen = (0..ctx.batch()).map(|b| ctx.kv.seen(b) as u32).collect();
+    }
+
+    /// The group treatment of the blocks.
+    pub(crate) fn heads(&self) -> Heads {
+        self.heads
+    }
+
+    /// Follows a compaction of the cache.
+    pub(crate) fn retain(&mut self, c: &Compaction, hq: usize, hkv: usize) {
+        for (i, v) in self.rows.iter_mut().enumerate() {
+            c.apply(segment_of(i, self.heads, hq, hkv), v);
+        }
+        for (s, l) in self.lens.iter_mut().enumerate() {
+            if let Some(&n) = c.lens.get(s) {
+                *l = n;
+            }
+        }
+    }
 }
 
 /// The last `cap` query vectors of every sequence, kept on the device as a
-/// ring `[batch * cap, Hq * D]`.
+/// ring `[batch * cap, Hq * D]` (MorphKV's exact re-scoring mode).
 pub(crate) struct QueryWindow<B: Backend, T: Element> {
     cap: usize,
     width: usize,
@@ -249,9 +330,15 @@ pub(crate) fn reduce_group(
     out
 }
 
-/// The `k` best candidates by score (larger first, ties to the lower index),
-/// returned unsorted. NaN scores are an error.
-pub(crate) fn top_k(op: &'static str, scores: &[f64], cand: &[u32], k: usize) -> Result<Vec<u32>> {
+/// Orders candidates best first: larger score, ties to the earlier arrival.
+fn better(scores: &[f64], arrivals: &[u32], a: u32, b: u32) -> std::cmp::Ordering {
+    scores[b as usize]
+        .partial_cmp(&scores[a as usize])
+        .unwrap_or(std::cmp::Ordering::Equal)
+        .then(arrivals[a as usize].cmp(&arrivals[b as usize]))
+}
+
+fn check_nan(op: &'static str, scores: &[f64], cand: &[u32]) -> Result<()> {
     if let Some(&j) = cand
         .iter()
         .find(|&&j| scores.get(j as usize).is_none_or(|x| x.is_nan()))
@@ -261,42 +348,102 @@ pub(crate) fn top_k(op: &'static str, scores: &[f64], cand: &[u32], k: usize) ->
             what: format!("score of token {j} is NaN or missing"),
         });
     }
+    Ok(())
+}
+
+/// The `k` best candidates by score (larger first, ties to the earlier
+/// arrival), unsorted; O(|cand|). NaN scores are an error.
+pub(crate) fn top_k(
+    op: &'static str,
+    scores: &[f64],
+    arrivals: &[u32],
+    cand: &[u32],
+    k: usize,
+) -> Result<Vec<u32>> {
+    check_nan(op, scores, cand)?;
     let mut c = cand.to_vec();
-    c.sort_by(|&a, &b| {
-        scores[b as usize]
-            .partial_cmp(&scores[a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(&b))
-    });
-    c.truncate(k);
+    if k < c.len() {
+        c.select_nth_unstable_by(k, |&a, &b| better(scores, arrivals, a, b));
+        c.truncate(k);
+    }
     Ok(c)
 }
 
-/// Builds a `KvHead` list from per-segment kept rows (sorted here).
+/// The `k` worst candidates (the complement of [`top_k`]); O(|cand|).
+pub(crate) fn bottom_k(
+    op: &'static str,
+    scores: &[f64],
+    arrivals: &[u32],
+    cand: &[u32],
+    k: usize,
+) -> Result<Vec<u32>> {
+    check_nan(op, scores, cand)?;
+    let mut c = cand.to_vec();
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    if k == 1 {
+        let worst = c
+            .iter()
+            .copied()
+            .reduce(|a, b| {
+                if better(scores, arrivals, a, b) == std::cmp::Ordering::Greater {
+                    a
+                } else {
+                    b
+                }
+            })
+            .into_iter()
+            .collect();
+        return Ok(worst);
+    }
+    if k < c.len() {
+        let keep = c.len() - k;
+        c.select_nth_unstable_by(keep, |&a, &b| better(scores, arrivals, a, b));
+        c.drain(..keep);
+    }
+    Ok(c)
+}
+
+/// Builds a `KvHead` list from per-segment row sets (sorted here).
 pub(crate) fn keep_list(sets: Vec<Vec<u32>>) -> Result<IndexList> {
     let sets: Vec<IndexSet> = sets.into_iter().map(IndexSet::from_unsorted).collect();
     IndexList::from_sets(Scope::KvHead, &sets)
 }
 
-/// Per segment: protected rows (first `sink`, last `recent`) and candidates.
-pub(crate) fn split_protected(len: usize, sink: usize, recent: usize) -> (Vec<u32>, Vec<u32>) {
-    let lo = sink.min(len);
-    let hi = len.saturating_sub(recent).max(lo);
-    let prot = (0..lo as u32).chain(hi as u32..len as u32).collect();
-    let cand = (lo as u32..hi as u32).collect();
+/// Per segment: protected rows (the first `sink` and the last `recent`
+/// arrivals of the sequence) and the candidates, by row.
+pub(crate) fn split_protected(
+    arrivals: &[u32],
+    seen: usize,
+    sink: usize,
+    recent: usize,
+) -> (Vec<u32>, Vec<u32>) {
+    let lo = sink.min(u32::MAX as usize) as u32;
+    let hi = seen.saturating_sub(recent).min(u32::MAX as usize) as u32;
+    let mut prot = Vec::new();
+    let mut cand = Vec::with_capacity(arrivals.len());
+    for (r, &a) in arrivals.iter().enumerate() {
+        if a < lo || a >= hi {
+            prot.push(r as u32);
+        } else {
+            cand.push(r as u32);
+        }
+    }
     (prot, cand)
 }
 
-/// Score-based eviction: per segment whose length exceeds its budget, keep
-/// the protected rows and the best candidates by `scores[s]` (higher is
-/// more important). Returns `KeepAll` when nothing is evicted.
+/// Score-based eviction: per segment whose length exceeds its budget, drop
+/// the worst candidates (outside the protected windows) by `scores[s]`
+/// (higher is more important). Returns the plan and its compaction
+/// (`None` when nothing is evicted).
 pub(crate) fn evict_by_scores<B: Backend, T: Element>(
     op: &'static str,
     ctx: &StepCtx<'_, B, T>,
     budget: &Budget,
     scores: &[Vec<f64>],
-) -> Result<Plan> {
-    let segs = ctx.cache.segments();
+) -> Result<(Plan, Option<Compaction>)> {
+    let segs = ctx.kv.segments();
     let hkv = ctx.geom().num_kv_heads();
     if scores.len() != segs.num_segments() {
         return Err(shape(
@@ -319,76 +466,77 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element>(
                 format!("segment {s}: {} scores for {len} tokens", sc.len()),
             ));
         }
-        let bud = budget.resolve(op, ctx.layer, ctx.num_layers, g, hkv, ctx.cache.seen(b))?;
+        let bud = budget.resolve(op, ctx.layer, ctx.num_layers, g, hkv, ctx.kv.seen(b))?;
         if len <= bud {
-            sets.push((0..len as u32).collect());
+            sets.push(IndexSet::default());
             continue;
         }
         any = true;
-        let (mut keep, cand) = split_protected(len, budget.sink, budget.recent);
-        let k = bud.saturating_sub(keep.len());
-        keep.extend(top_k(op, sc, &cand, k)?);
-        sets.push(keep);
+        let arr = ctx.kv.arrivals(s);
+        let seen = ctx.kv.seen(b);
+        let drop = match worst_one(op, sc, arr, seen, budget.sink, budget.recent, len - bud) {
+            Some(one) => one?,
+            None => {
+                let (prot, cand) = split_protected(arr, seen, budget.sink, budget.recent);
+                let keep_cand = bud.saturating_sub(prot.len());
+                bottom_k(op, sc, arr, &cand, cand.len().saturating_sub(keep_cand))?
+            }
+        };
+        sets.push(IndexSet::from_unsorted(drop));
     }
-    if any {
-        Ok(Plan::Evict(keep_list(sets)?))
-    } else {
-        Ok(Plan::KeepAll)
+    if !any {
+        return Ok((Plan::KeepAll, None));
     }
+    let list = IndexList::from_sets(Scope::KvHead, &sets)?;
+    let c = Compaction::from_drop(segs, &list);
+    Ok((Plan::Drop(list), Some(c)))
 }
 
-/// Keeps a per-(sequence, query head) token state in sync with the cache:
-/// extends each vector with zeros for newly appended tokens; errors when a
-/// vector is longer than its segment (a destructive plan was not applied).
-pub(crate) fn sync_state<B: Backend, T: Element>(
+/// The decode steady state of [`evict_by_scores`] in one pass without
+/// allocating: when one token must go and the protected windows leave
+/// at least two candidates, the worst candidate (lowest score, ties to the
+/// later arrival). `None` when the general path applies.
+fn worst_one(
     op: &'static str,
-    ctx: &StepCtx<'_, B, T>,
-    state: &mut Vec<Vec<f64>>,
-) -> Result<()> {
-    let geom = ctx.geom();
-    let segs = ctx.cache.segments();
-    let n = segs.batch() * geom.num_q_heads();
-    if state.len() != n {
-        if state.iter().any(|v| !v.is_empty()) {
-            return Err(shape(
+    scores: &[f64],
+    arrivals: &[u32],
+    seen: usize,
+    sink: usize,
+    recent: usize,
+    excess: usize,
+) -> Option<Result<Vec<u32>>> {
+    if excess != 1 {
+        return None;
+    }
+    let lo = sink.min(u32::MAX as usize) as u32;
+    let hi = seen.saturating_sub(recent).min(u32::MAX as usize) as u32;
+    let (mut best, mut n) = (None::<u32>, 0usize);
+    for (r, &a) in arrivals.iter().enumerate() {
+        if a < lo || a >= hi {
+            continue;
+        }
+        let x = scores[r];
+        if x.is_nan() {
+            return Some(Err(Error::NonFinite {
                 op,
-                "the batch changed; call reset() between requests",
-            ));
+                what: format!("score of token {r} is NaN"),
+            }));
         }
-        *state = vec![Vec::new(); n];
-    }
-    for (i, v) in state.iter_mut().enumerate() {
-        let (b, h) = (i / geom.num_q_heads(), i % geom.num_q_heads());
-        let len = segs.len_of(segs.index(b, geom.kv_head(h)));
-        if v.len() > len {
-            return Err(shape(
-                op,
-                format!(
-                    "policy state holds {} tokens but the cache segment {} (was an Evict plan not applied?)",
-                    v.len(),
-                    len
-                ),
-            ));
-        }
-        v.resize(len, 0.0);
-    }
-    Ok(())
-}
-
-/// Compacts a per-(sequence, query head) state along `keep` (KvHead scope).
-pub(crate) fn retain_state(state: &mut [Vec<f64>], keep: &IndexList, hq: usize, hkv: usize) {
-    let g = hq / hkv.max(1);
-    for (i, v) in state.iter_mut().enumerate() {
-        let (b, h) = (i / hq, i % hq);
-        let s = b * hkv + h / g;
-        if s < keep.num_lists() {
-            *v = keep
-                .list(s)
-                .iter()
-                .filter_map(|&j| v.get(j as usize).copied())
-                .collect();
+        n += 1;
+        let worse = match best {
+            None => true,
+            Some(w) => {
+                let y = scores[w as usize];
+                x < y || (x == y && a > arrivals[w as usize])
+            }
+        };
+        if worse {
+            best = Some(r as u32);
         }
     }
+    // With fewer than two candidates the protected windows decide the
+    // count: the general path handles it.
+    (n >= 2).then(|| Ok(best.into_iter().collect()))
 }
 
 /// Per-layer state storage, grown on first use.
@@ -399,28 +547,28 @@ pub(crate) fn layer_slot<S: Default>(v: &mut Vec<S>, layer: usize) -> &mut S {
     &mut v[layer]
 }
 
-/// Checks a scorer's output: one vector per (sequence, query head), each as
-/// long as its segment, every score finite and non-negative.
+/// Checks a scorer's output: one vector per block of `heads`, each as long
+/// as its segment, every score finite and non-negative.
 pub(crate) fn check_scores<B: Backend, T: Element>(
     op: &'static str,
     ctx: &StepCtx<'_, B, T>,
+    heads: Heads,
     scores: &[Vec<f64>],
 ) -> Result<()> {
     let g = ctx.geom();
-    let segs = ctx.cache.segments();
-    let want = ctx.batch() * g.num_q_heads();
+    let segs = ctx.kv.segments();
+    let want = ctx.batch() * heads.blocks_per_seq(g);
     if scores.len() != want {
         return Err(shape(
             op,
             format!(
-                "the scorer returned {} vectors, expected {want} (batch x query heads)",
+                "the scorer returned {} vectors, expected {want}",
                 scores.len()
             ),
         ));
     }
     for (i, v) in scores.iter().enumerate() {
-        let (b, h) = (i / g.num_q_heads(), i % g.num_q_heads());
-        let len = segs.len_of(segs.index(b, g.kv_head(h)));
+        let len = segs.len_of(segment_of(i, heads, g.num_q_heads(), g.num_kv_heads()));
         if v.len() != len {
             return Err(shape(
                 op,
@@ -439,27 +587,66 @@ pub(crate) fn check_scores<B: Backend, T: Element>(
     Ok(())
 }
 
+/// Host rows of a [`HostBlocks`] layout as f64 vectors (one per block).
+pub(crate) fn blocks_f64(h: &HostBlocks) -> Vec<Vec<f64>> {
+    (0..h.num_blocks())
+        .map(|i| h.block(i).iter().map(|&x| f64::from(x)).collect())
+        .collect()
+}
+
+/// The KV view's rows in arrival order for segment `s` (identity on a
+/// cache that was never compacted).
+pub(crate) fn arrival_order<B: Backend, T: Element>(kv: &dyn KvView<B, T>, s: usize) -> Vec<u32> {
+    let arr = kv.arrivals(s);
+    let mut rows: Vec<u32> = (0..arr.len() as u32).collect();
+    if arr.windows(2).any(|w| w[1] < w[0]) {
+        rows.sort_by_key(|&r| arr[r as usize]);
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::reference::Reference;
 
     #[test]
-    fn top_k_breaks_ties_to_the_lower_index_and_rejects_nan() {
+    fn top_and_bottom_k_break_ties_by_arrival_and_reject_nan() {
         let s = [1.0, 3.0, 3.0, 0.5, 3.0];
-        let mut k = top_k("t", &s, &[0, 1, 2, 3, 4], 2).unwrap();
+        let arr = [0, 1, 2, 3, 4];
+        let mut k = top_k("t", &s, &arr, &[0, 1, 2, 3, 4], 2).unwrap();
         k.sort_unstable();
         assert_eq!(k, [1, 2]);
-        assert!(top_k("t", &[f64::NAN, 1.0], &[0, 1], 1).is_err());
+        let mut d = bottom_k("t", &s, &arr, &[0, 1, 2, 3, 4], 3).unwrap();
+        d.sort_unstable();
+        assert_eq!(d, [0, 3, 4]);
+        assert_eq!(bottom_k("t", &s, &arr, &[1, 2, 4], 1).unwrap(), [4]);
+        assert!(top_k("t", &[f64::NAN, 1.0], &[0, 1], &[0, 1], 1).is_err());
     }
 
     #[test]
-    fn protected_windows_split() {
+    fn protected_windows_follow_arrivals() {
+        // Rows in arrival order, then after a hole fill (row 2 holds the newest).
         assert_eq!(
-            split_protected(10, 2, 3),
+            split_protected(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 10, 2, 3),
             (vec![0, 1, 7, 8, 9], vec![2, 3, 4, 5, 6])
         );
-        assert_eq!(split_protected(3, 2, 3), (vec![0, 1, 2], vec![]));
+        assert_eq!(
+            split_protected(&[0, 1, 9, 3, 4, 5, 6, 7, 8], 10, 2, 3),
+            (vec![0, 1, 2, 7, 8], vec![3, 4, 5, 6])
+        );
+    }
+
+    #[test]
+    fn compaction_follows_the_cache_rule() {
+        let segs = Segments::uniform(1, 1, 7).unwrap();
+        let drop = IndexList::new(Scope::KvHead, vec![0, 2], vec![1, 3]).unwrap();
+        let c = Compaction::from_drop(&segs, &drop);
+        let mut v: Vec<u32> = (0..7).collect();
+        c.apply(0, &mut v);
+        assert_eq!(v, [0, 5, 2, 6, 4]);
+        let keep = IndexList::new(Scope::KvHead, vec![0, 5], vec![0, 2, 4, 5, 6]).unwrap();
+        assert_eq!(Compaction::from_keep(&keep), c);
     }
 
     #[test]

@@ -5,19 +5,25 @@
 //! over every query `t` seen since `j` entered the cache (prefill chunks
 //! causally, then one decode query per step). GQA: the group's scores are
 //! reduced with [`GqaReduce`] (default `Sum`). Once a head holds more tokens
-//! than its budget, keep the protected sink/recent rows and the top
-//! `budget − protected` candidates by score. Cost per step: one Q·K pass
-//! and one softmax over the cache (ops), O(L) host work per head.
+//! than its budget, keep the protected sink/recent tokens (by arrival) and
+//! the top `budget − protected` candidates by score.
+//!
+//! The sums come from the attention ops as evidence: a prefill chunk's
+//! column sums and a decode step's weights, reduced over the group by the
+//! op (per query head for `Max`, whose maximum is taken over the
+//! accumulated sums). Memory O(L) per KV head, no `[n, n]` matrix; cost
+//! per step O(L) host work per KV head and one row move per evicted token.
 #![forbid(unsafe_code)]
 
-use super::evidence::{
-    attention_probs, evict_by_scores, layer_slot, reduce_group, retain_state, sync_state,
+use super::evidence::{Compaction, RowState, evict_by_scores, layer_slot};
+use super::tova::to_kv_scores;
+use super::{
+    Budget, Capabilities, GqaReduce, Heads, KvPolicy, Needs, Phase, Plan, ScoreUpdate, Scorer,
+    StepCtx,
 };
-use super::{Budget, Capabilities, GqaReduce, KvPolicy, Needs, Phase, Plan, Scorer, StepCtx};
 use crate::backend::Ops;
 use crate::dtype::Element;
-use crate::error::Result;
-use crate::layout::IndexList;
+use crate::error::{Result, config};
 
 /// Settings of [`H2O`].
 #[derive(Clone, Debug, PartialEq)]
@@ -38,52 +44,68 @@ impl Default for H2oConfig {
     }
 }
 
-/// Accumulated attention per (layer, sequence, query head, token).
+/// Accumulated attention per (layer, block, row), blocks of the group
+/// treatment the first call asks for.
 #[derive(Clone, Debug, Default)]
 pub struct H2oScorer {
-    acc: Vec<Vec<Vec<f64>>>,
+    acc: Vec<Option<RowState<f64>>>,
     heads: (usize, usize),
+}
+
+impl H2oScorer {
+    /// Adds this step's evidence to the accumulators of `ctx.layer`.
+    fn accumulate<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+    ) -> Result<&RowState<f64>> {
+        const OP: &str = "H2O";
+        self.heads = (ctx.geom().num_q_heads(), ctx.geom().num_kv_heads());
+        let st = layer_slot(&mut self.acc, ctx.layer).get_or_insert_with(|| RowState::new(heads));
+        if st.heads() != heads {
+            return Err(config(
+                OP,
+                "the scorer was first used with another group treatment",
+            ));
+        }
+        st.sync(OP, ctx, 0.0)?;
+        let ev = match ctx.phase {
+            Phase::PrefillChunk => Some(ctx.col_sums()?),
+            Phase::Decode => Some(ctx.decode_probs()?),
+            _ => None,
+        };
+        if let Some(ev) = ev {
+            for (i, a) in st.rows.iter_mut().enumerate() {
+                for (x, &p) in a.iter_mut().zip(ev.block(i)) {
+                    *x += f64::from(p);
+                }
+            }
+        }
+        Ok(st)
+    }
 }
 
 impl<B: Ops, T: Element> Scorer<B, T> for H2oScorer {
     fn name(&self) -> &'static str {
         "h2o"
     }
-    fn needs(&self) -> Needs {
+    fn needs(&self, heads: Heads) -> Needs {
         Needs {
-            accumulated_attention: true,
-            current_attention: true,
+            decode_probs: Some(heads),
+            prefill_col_sums: Some(heads),
             ..Needs::default()
         }
     }
-    fn score(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Vec<Vec<f64>>> {
-        self.heads = (ctx.geom().num_q_heads(), ctx.geom().num_kv_heads());
-        let acc = layer_slot(&mut self.acc, ctx.layer);
-        sync_state("H2O", ctx, acc)?;
-        if matches!(ctx.phase, Phase::PrefillChunk | Phase::Decode) {
-            let probs = attention_probs(
-                ctx.backend,
-                ctx.cache,
-                ctx.queries,
-                ctx.q_rows,
-                true,
-                ctx.scale,
-            )?;
-            let hq = ctx.geom().num_q_heads();
-            for (i, a) in acc.iter_mut().enumerate() {
-                let (b, h) = (i / hq, i % hq);
-                for r in 0..probs.n_q(b) {
-                    for (x, &p) in a.iter_mut().zip(probs.row(b, h, r)) {
-                        *x += f64::from(p);
-                    }
-                }
-            }
-        }
-        Ok(acc.clone())
+    fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
+        Ok(self.accumulate(ctx, heads)?.rows.clone())
     }
-    fn retain(&mut self, layer: usize, keep: &IndexList) -> Result<()> {
-        if let Some(acc) = self.acc.get_mut(layer) {
-            retain_state(acc, keep, self.heads.0, self.heads.1);
+    /// The sums grow by each decode step's weights.
+    fn update(&self) -> ScoreUpdate {
+        ScoreUpdate::Accumulate
+    }
+    fn retain(&mut self, layer: usize, c: &Compaction) -> Result<()> {
+        if let Some(Some(st)) = self.acc.get_mut(layer) {
+            st.retain(c, self.heads.0, self.heads.1);
         }
         Ok(())
     }
@@ -109,19 +131,26 @@ impl H2O {
         })
     }
 
+    /// The evidence layout the accumulators use: reduced by the op for
+    /// `Sum` / `Mean`, per query head for `Max`.
+    fn heads(&self) -> Heads {
+        match self.cfg.reduce {
+            GqaReduce::Max => Heads::PerHead,
+            r => r.into(),
+        }
+    }
+
     fn step<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        let raw = Scorer::<B, T>::score(&mut self.scorer, ctx)?;
-        let g = ctx.geom();
-        let kv = reduce_group(
-            &raw,
-            ctx.batch(),
-            g.num_q_heads(),
-            g.num_kv_heads(),
-            self.cfg.reduce,
-        );
-        let plan = evict_by_scores("H2O", ctx, &self.cfg.budget, &kv)?;
-        if let Plan::Evict(keep) = &plan {
-            Scorer::<B, T>::retain(&mut self.scorer, ctx.layer, keep)?;
+        let heads = self.heads();
+        let rows = &self.scorer.accumulate(ctx, heads)?.rows;
+        let (plan, c) = if heads == Heads::PerHead {
+            let kv = to_kv_scores(ctx, heads, self.cfg.reduce, rows.clone());
+            evict_by_scores("H2O", ctx, &self.cfg.budget, &kv)?
+        } else {
+            evict_by_scores("H2O", ctx, &self.cfg.budget, rows)?
+        };
+        if let Some(c) = c {
+            Scorer::<B, T>::retain(&mut self.scorer, ctx.layer, &c)?;
         }
         Ok(plan)
     }
@@ -134,7 +163,7 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for H2O {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             evicts: true,
-            needs: Scorer::<B, T>::needs(&self.scorer),
+            needs: Scorer::<B, T>::needs(&self.scorer, self.heads()),
             ..Capabilities::default()
         }
     }

@@ -1,38 +1,47 @@
 //! KV-cache policies: the [`KvPolicy`] trait, [`Plan`]s, [`Budget`]s, and one
-//! file per policy.
+//! file per policy. The driver that runs them is [`crate::attention`].
 //!
-//! | policy | kind | when | plan |
-//! |---|---|---|---|
-//! | [`Full`] | identity | never | `KeepAll` |
-//! | [`StreamingLlm`] | sinks + recent window | every hook | `Evict` |
-//! | [`H2O`] | accumulated attention + recent | prefill chunks, decode | `Evict` |
-//! | [`SnapKv`] | observation-window vote, pooled | prefill end | `Evict` |
-//! | [`Tova`] | current query's attention | prefill chunks, decode | `Evict` |
-//! | [`MorphKv`] | attention of the last W queries | decode (first step compresses the prompt) | `Evict` |
-//! | [`Caote`] | attention-output error over any [`Scorer`] | prefill blocks, decode | `Evict` |
-//! | [`Ems`] | Global-Local score, evict then merge | prefill end | `Merge` |
-//! | [`TokenSelect`] | soft vote + sinks + local, Selection Cache | prefill chunks, decode | `Select` (`KvHead`) |
-//! | [`TidalDecode`] | top-k at selection layers, reused by later layers | decode | `Select` (`QueryHead`) |
-//! | [`Dam`] | static calibrated diagonal/vertical masks | decode (prefill via [`Dam::prefill_mask`]) | `Select` (`QueryHead`) |
+//! | policy | kind | when | evidence it reads | plan |
+//! |---|---|---|---|---|
+//! | [`Full`] | identity | never | — | `KeepAll` |
+//! | [`StreamingLlm`] | sinks + recent window | after prefill chunks and decode steps | — | `Drop` |
+//! | [`H2O`] | accumulated attention + recent | after prefill chunks and decode steps | column sums, decode weights | `Drop` |
+//! | [`SnapKv`] | observation-window vote, pooled | prefill end | window sums | `Evict` |
+//! | [`Tova`] | current query's attention | after prefill chunks and decode steps | last query's weights | `Drop` |
+//! | [`MorphKv`] | attention of the last W queries | after decode steps (the first compresses the prompt) | window rows, decode weights | `Drop` |
+//! | [`Caote`] | attention-output error over any [`Scorer`] | after prefill blocks and decode steps | the scorer's + `value_distances` | `Drop` |
+//! | [`Ems`] | Global-Local score, evict then merge | prefill end | column sums, window sums | `Merge` |
+//! | [`TokenSelect`] | soft vote + sinks + local, Selection Cache | before prefill chunks and decode steps | its own Q·K scoring | `Select` (`KvHead`) |
+//! | [`TidalDecode`] | top-k at selection layers, reused by later layers | selection layers: after attention; others: before | logits | `Select` (`QueryHead`) |
+//! | [`Dam`] | static calibrated diagonal/vertical masks | before prefill chunks and decode steps | — | `SelectMask` / `Select` (`QueryHead`) |
 //!
-//! **Contract of a step** (what [`Session`] does, and what an engine must do
-//! to drive a policy by hand), per layer:
+//! **Contract of a step** (what [`crate::attention::Session`] does, and what
+//! an engine must do to drive a policy by hand), per layer:
 //!
-//! 1. prefill chunk: append the chunk's K/V to the cache, run causal
-//!    attention for the chunk's queries, call [`KvPolicy::on_prefill_chunk`]
-//!    and apply its plan with [`apply_plan`];
-//! 2. after the last chunk: [`KvPolicy::on_prefill_end`] (same queries as the
-//!    last chunk), apply;
-//! 3. decode: append the new token's K/V, [`KvPolicy::on_decode_step`], apply,
-//!    then [`KvPolicy::select_for_attention`] and attend over the cache
-//!    restricted to its selection (if any).
+//! 1. prefill chunk: append the chunk's K/V; [`KvPolicy::before_prefill_chunk`]
+//!    (a `Select` / `SelectMask` plan restricts the chunk's attention); causal
+//!    attention with the evidence of [`KvPolicy::needs`]; then
+//!    [`KvPolicy::on_prefill_chunk`] and, after the last chunk,
+//!    [`KvPolicy::on_prefill_end`], each plan applied with
+//!    [`crate::attention::apply_plan`];
+//! 2. decode: append the new token's K/V; [`KvPolicy::select_for_attention`]
+//!    (a `Select` plan restricts this step's attention); attention with the
+//!    evidence; [`KvPolicy::on_decode_step`] and its plan applied.
 //!
-//! Destructive plans (`Evict`, `Merge`) **must** be applied: stateful
-//! policies (H2O accumulators, ...) compact their state when they emit them,
-//! and report an error if the cache and their state get out of sync.
+//! So eviction policies decide *after* the attention whose weights they
+//! read: between steps a head holds at most its budget, and a decode step
+//! attends to those tokens plus the new one (TOVA, H2O and MorphKV do the
+//! same in their papers' code).
+//!
+//! Destructive plans (`Evict`, `Drop`, `Merge`) **must** be applied:
+//! stateful policies (H2O accumulators, ...) compact their state when they
+//! emit them, with the same row moves as the cache
+//! ([`crate::cache::compaction_moves`]), and report an error at their next
+//! hook if the cache and their state got out of sync.
 //!
 //! ```
-//! use kvsieve::policy::{Budget, H2O, H2oConfig, LayerInput, Session, SessionConfig};
+//! use kvsieve::attention::{LayerInput, Session, SessionConfig};
+//! use kvsieve::policy::{Budget, H2O, H2oConfig};
 //! use kvsieve::{HeadGeometry, Ragged, reference::Reference};
 //!
 //! # fn main() -> kvsieve::Result<()> {
@@ -69,10 +78,10 @@ pub use caote::{Caote, CaoteConfig, CaoteGqa, caote_scores, joint_eviction_error
 pub use dam::{Dam, DamConfig, DamThreshold, HeadPattern};
 pub use ems::{AlignOver, Ems, EmsConfig, MergeKeys, global_local_scores};
 
-pub use evidence::{Probs, attention_probs};
+pub use evidence::{Compaction, HostBlocks};
 pub use full::Full;
 pub use h2o::{H2O, H2oConfig, H2oScorer};
-pub use morph_kv::{Fusion, MorphGqa, MorphKv, MorphKvConfig};
+pub use morph_kv::{Fusion, MorphGqa, MorphKv, MorphKvConfig, MorphScoring};
 pub use snapkv::{Pooling, SnapKv, SnapKvConfig, SnapKvScorer};
 pub use streaming_llm::{StreamingLlm, StreamingLlmConfig};
 pub use tidal_decode::{GqaMode, LayerRole, TidalDecode, TidalDecodeConfig};
@@ -82,37 +91,47 @@ pub use token_select::{
 };
 pub use tova::{Tova, TovaConfig, TovaScorer};
 
-use crate::backend::{Backend, Normalizer, Ops, Restrict};
-use crate::cache::{KvCache, LayerKv, MergeSpec};
+use crate::backend::{Backend, evidence_blocks};
+pub use crate::backend::{Heads, Window};
+use crate::cache::{KvView, MergeSpec};
 use crate::dtype::Element;
-use crate::error::{Result, budget, config, shape};
-use crate::layout::{HeadGeometry, IndexList, Ragged};
-use crate::ops;
+use crate::error::{Result, budget, shape};
+use crate::layout::{HeadGeometry, IndexList, MaskList, Ragged};
 
-/// Evidence a policy needs from the engine (so nothing is computed for a
-/// policy that does not use it).
+/// The attention evidence a policy reads (so nothing is computed that no
+/// policy uses). The driver asks the attention ops for exactly this; see
+/// [`crate::backend::evidence`] for the quantities and layouts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Needs {
-    /// Query vectors of recent steps (MorphKV, SnapKV, EMS window).
-    pub recent_queries: bool,
-    /// Attention of the current query over the cache (TOVA, H2O, CAOTE).
-    pub current_attention: bool,
-    /// Attention accumulated over all queries so far (H2O, EMS).
-    pub accumulated_attention: bool,
-    /// Value vectors (CAOTE, EMS merging).
-    pub values: bool,
+    /// Decode: the current query's attention weights.
+    pub decode_probs: Option<Heads>,
+    /// Decode: the raw scaled logits per query head.
+    pub decode_logits: bool,
+    /// Decode: the attention output in f32.
+    pub decode_output: bool,
+    /// Prefill: column sums of each chunk's attention weights.
+    pub prefill_col_sums: Option<Heads>,
+    /// Prefill: the weights of each chunk's last queries.
+    pub prefill_window: Option<Window>,
+}
+
+impl Needs {
+    /// True when nothing is asked for.
+    pub fn is_empty(&self) -> bool {
+        *self == Needs::default()
+    }
 }
 
 /// What a policy does, declared up front.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
-    /// Emits `Evict` plans (the cache shrinks).
+    /// Emits `Evict` / `Drop` plans (the cache shrinks).
     pub evicts: bool,
     /// Emits `Merge` plans.
     pub merges: bool,
-    /// Emits `Select` plans (non-destructive, attention only).
+    /// Emits `Select` / `SelectMask` plans (non-destructive, attention only).
     pub selects: bool,
-    /// Evidence needed.
+    /// Evidence needed (every layer; see [`KvPolicy::needs`]).
     pub needs: Needs,
     /// Preferred prefill block size (block-wise prompt processing); `None`:
     /// any chunking.
@@ -122,14 +141,16 @@ pub struct Capabilities {
 /// Which hook is running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// A prefill chunk was appended; its attention has not run yet.
+    PrefillSelect,
     /// A prefill chunk was appended and attended.
     PrefillChunk,
-    /// The prompt is complete.
+    /// The prompt is complete (after the last chunk).
     PrefillEnd,
-    /// A decode token was appended (before attention).
-    Decode,
-    /// Selection for this step's attention.
+    /// A decode token was appended; this step's attention has not run yet.
     Select,
+    /// A decode token was appended and attended.
+    Decode,
 }
 
 /// What a hook asks the driver to do with one layer's cache.
@@ -137,17 +158,54 @@ pub enum Phase {
 pub enum Plan {
     /// Nothing changes.
     KeepAll,
-    /// Attend only to these tokens this step (scope `KvHead` or
-    /// `QueryHead`); the cache is not modified.
+    /// Attend only to these tokens (scope `KvHead` or `QueryHead`); the
+    /// cache is not modified. Decode: this step's attention. Prefill
+    /// (`before_prefill_chunk`): every query of the chunk sees the listed
+    /// tokens at or before it, plus itself.
     Select(IndexList),
+    /// Prefill only: per-(sequence, head) `q_len × kv_len` masks for the
+    /// chunk's attention (ANDed with causality).
+    SelectMask(MaskList),
     /// Keep exactly these rows per (sequence, KV head) (scope `KvHead`,
-    /// sorted); the others are freed.
+    /// sorted); the others are freed ([`crate::cache::compaction_moves`]).
     Evict(IndexList),
+    /// Free exactly these rows per (sequence, KV head) (scope `KvHead`,
+    /// sorted): the same as `Evict` of the complement, in O(dropped).
+    Drop(IndexList),
     /// Merge rows into kept rows, then keep `spec.keep`.
     Merge(MergeSpec),
 }
 
-/// Per-step evidence handed to a hook.
+/// Evidence of the attention call a hook follows (empty before attention,
+/// and at `PrefillEnd` when the last chunk's own plan changed the cache).
+/// Buffers may be longer than their layout (the driver reuses them); read
+/// them with [`StepCtx::decode_probs`] and friends.
+pub struct Evidence<'a, B: Backend> {
+    /// Decode weights.
+    pub probs: Option<(Heads, &'a B::Buffer<f32>)>,
+    /// Decode logits per query head.
+    pub logits: Option<&'a B::Buffer<f32>>,
+    /// Decode output in f32, `[batch, Hq, D]`.
+    pub output: Option<&'a B::Buffer<f32>>,
+    /// Prefill column sums.
+    pub col_sums: Option<(Heads, &'a B::Buffer<f32>)>,
+    /// Prefill window.
+    pub window: Option<(Window, &'a B::Buffer<f32>)>,
+}
+
+impl<B: Backend> Default for Evidence<'_, B> {
+    fn default() -> Self {
+        Self {
+            probs: None,
+            logits: None,
+            output: None,
+            col_sums: None,
+            window: None,
+        }
+    }
+}
+
+/// Per-step context handed to a hook.
 pub struct StepCtx<'a, B: Backend, T: Element> {
     /// The backend.
     pub backend: &'a B,
@@ -155,8 +213,8 @@ pub struct StepCtx<'a, B: Backend, T: Element> {
     pub layer: usize,
     /// Number of layers of the model.
     pub num_layers: usize,
-    /// This layer's cache (already holding this step's tokens).
-    pub cache: &'a LayerKv<B, T>,
+    /// This layer's KV (already holding this step's tokens).
+    pub kv: &'a dyn KvView<B, T>,
     /// This step's queries `[total_q, Hq, D]`; sequence `b` owns rows
     /// `q_rows.range(b)`, which are the last `q_rows.len_of(b)` tokens of its
     /// segments.
@@ -169,16 +227,105 @@ pub struct StepCtx<'a, B: Backend, T: Element> {
     pub phase: Phase,
     /// Logit scale (`None` = `1 / sqrt(D)`).
     pub scale: Option<f32>,
+    /// Evidence of this step's attention.
+    pub evidence: Evidence<'a, B>,
 }
 
 impl<B: Backend, T: Element> StepCtx<'_, B, T> {
     /// Head geometry.
     pub fn geom(&self) -> &HeadGeometry {
-        self.cache.geom()
+        self.kv.geom()
     }
     /// Number of sequences.
     pub fn batch(&self) -> usize {
-        self.cache.batch()
+        self.kv.batch()
+    }
+
+    fn host(
+        &self,
+        what: &'static str,
+        buf: Option<&B::Buffer<f32>>,
+        heads: Heads,
+        rows: &[usize],
+    ) -> Result<HostBlocks> {
+        let buf = buf.ok_or_else(|| {
+            crate::error::config(
+                "StepCtx",
+                format!("the {what} evidence was not computed (declare it in Needs)"),
+            )
+        })?;
+        let blocks = evidence_blocks(self.geom(), self.kv.segments(), heads, rows)?;
+        let mut data = self.backend.download(buf)?;
+        if data.len() < blocks.total() {
+            return Err(shape(
+                "StepCtx",
+                format!(
+                    "the {what} evidence holds {} values, its layout {}",
+                    data.len(),
+                    blocks.total()
+                ),
+            ));
+        }
+        data.truncate(blocks.total());
+        Ok(HostBlocks::new(data, blocks, heads))
+    }
+
+    /// The decode weights on the host (one row per block).
+    pub fn decode_probs(&self) -> Result<HostBlocks> {
+        let heads = self.evidence.probs.map_or(Heads::Sum, |p| p.0);
+        let ones = vec![1; self.batch()];
+        self.host(
+            "decode probs",
+            self.evidence.probs.map(|p| p.1),
+            heads,
+            &ones,
+        )
+    }
+    /// The decode logits on the host (per query head, one row per block).
+    pub fn decode_logits(&self) -> Result<HostBlocks> {
+        let ones = vec![1; self.batch()];
+        self.host("decode logits", self.evidence.logits, Heads::PerHead, &ones)
+    }
+    /// The decode output in f32 on the host, `[batch, Hq, D]`.
+    pub fn decode_output(&self) -> Result<Vec<f32>> {
+        let buf = self.evidence.output.ok_or_else(|| {
+            crate::error::config(
+                "StepCtx",
+                "the decode output evidence was not computed (declare it in Needs)",
+            )
+        })?;
+        let g = self.geom();
+        let n = self.batch() * g.num_q_heads() * g.head_dim();
+        let mut v = self.backend.download(buf)?;
+        if v.len() < n {
+            return Err(shape("StepCtx", "the decode output evidence is too short"));
+        }
+        v.truncate(n);
+        Ok(v)
+    }
+    /// The prefill column sums on the host (one row per block).
+    pub fn col_sums(&self) -> Result<HostBlocks> {
+        let heads = self.evidence.col_sums.map_or(Heads::Sum, |p| p.0);
+        let ones = vec![1; self.batch()];
+        self.host(
+            "column sums",
+            self.evidence.col_sums.map(|p| p.1),
+            heads,
+            &ones,
+        )
+    }
+    /// The prefill window on the host (blocks of `Window::rows_for` rows).
+    pub fn window(&self) -> Result<(Window, HostBlocks)> {
+        let w = self.evidence.window.map(|p| p.0).unwrap_or(Window {
+            queries: 1,
+            heads: Heads::Sum,
+            rows: false,
+        });
+        let rows: Vec<usize> = self.q_rows.lens().map(|n| w.rows_for(n)).collect();
+        Ok((
+            w,
+            self.host("window", self.evidence.window.map(|p| p.1), w.heads, &rows)?,
+        ))
     }
 }
 
@@ -189,21 +336,37 @@ pub trait KvPolicy<B: Backend, T: Element>: Send {
     fn name(&self) -> &'static str;
     /// What the policy does and needs.
     fn capabilities(&self) -> Capabilities;
-    /// After a prefill chunk was appended and attended.
+    /// The evidence `layer`'s attention must produce (default: the
+    /// capabilities' needs; TidalDecode asks only at its selection layers).
+    fn needs(&self, _layer: usize) -> Needs {
+        self.capabilities().needs
+    }
+    /// After a prefill chunk was appended, before its attention:
+    /// `Select` / `SelectMask` restricts the chunk's attention.
+    fn before_prefill_chunk(&mut self, _ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
+        Ok(Plan::KeepAll)
+    }
+    /// After a prefill chunk was attended (its evidence in `ctx`).
     fn on_prefill_chunk(&mut self, _ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         Ok(Plan::KeepAll)
     }
-    /// After the last prefill chunk.
+    /// After the last prefill chunk (and its `on_prefill_chunk`).
     fn on_prefill_end(&mut self, _ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         Ok(Plan::KeepAll)
     }
-    /// After a decode token was appended, before attention.
+    /// After a decode token was appended, before attention: `Select`
+    /// restricts this step's attention.
+    fn select_for_attention(&mut self, _ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
+        Ok(Plan::KeepAll)
+    }
+    /// After this step's attention (its evidence in `ctx`).
     fn on_decode_step(&mut self, _ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         Ok(Plan::KeepAll)
     }
-    /// Just before decode attention: `Select` restricts this step's attention.
-    fn select_for_attention(&mut self, _ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        Ok(Plan::KeepAll)
+    /// Named work counters of the policy so far (e.g. CAOTE's full passes,
+    /// the Selection Cache's hits), for reports and tests; empty by default.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
     }
     /// Forgets all per-request state.
     fn reset(&mut self) {}
@@ -215,18 +378,43 @@ pub trait KvPolicy<B: Backend, T: Element>: Send {
 pub trait Scorer<B: Backend, T: Element>: Send {
     /// Short name.
     fn name(&self) -> &'static str;
-    /// Evidence needed.
-    fn needs(&self) -> Needs;
-    /// Non-negative raw scores, one vector per (sequence `b`, query head
-    /// `h`) at index `b * Hq + h`, each as long as segment `(b, h / G)`.
-    /// Called once per hook; stateful scorers update their state here.
-    fn score(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Vec<Vec<f64>>>;
-    /// The cache of `layer` was compacted to `keep`; compact any state.
-    fn retain(&mut self, _layer: usize, _keep: &IndexList) -> Result<()> {
+    /// Evidence needed to score with this group treatment.
+    fn needs(&self, heads: Heads) -> Needs;
+    /// Non-negative raw scores, one vector per block of `heads` (per
+    /// (sequence, query head) at `b * Hq + h` for [`Heads::PerHead`], else
+    /// per (sequence, KV head) at `b * Hkv + g`, reduced as `heads` says),
+    /// each as long as its segment and indexed by row. Called once per
+    /// hook; stateful scorers update their state here.
+    fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>>;
+    /// The cache of `layer` was compacted as `c` says; compact any state.
+    fn retain(&mut self, _layer: usize, _c: &Compaction) -> Result<()> {
         Ok(())
+    }
+    /// Tokens the base method itself never evicts: `(sink, recent)` by
+    /// arrival (CAOTE keeps them protected too).
+    fn protects(&self) -> (usize, usize) {
+        (0, 0)
+    }
+    /// How the raw scores change over a decode step (lets CAOTE move its
+    /// pseudo-output without a pass over V).
+    fn update(&self) -> ScoreUpdate {
+        ScoreUpdate::Other
     }
     /// Forgets all state.
     fn reset(&mut self) {}
+}
+
+/// How a [`Scorer`]'s raw scores `H` change from one decode step to the
+/// next, with `p` that step's attention weights over every cached row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScoreUpdate {
+    /// No rule that CAOTE can follow incrementally (it re-scores fully).
+    #[default]
+    Other,
+    /// `H ← H + p` (H2O): `Σ_j H_j v_j` grows by the attention output.
+    Accumulate,
+    /// `H = p` (TOVA): `Σ_j H_j v_j` is the attention output.
+    Current,
 }
 
 /// How scores of the query heads of a GQA group become one score per KV head.
@@ -238,6 +426,16 @@ pub enum GqaReduce {
     Mean,
     /// Maximum over the group.
     Max,
+}
+
+impl From<GqaReduce> for Heads {
+    fn from(r: GqaReduce) -> Heads {
+        match r {
+            GqaReduce::Sum => Heads::Sum,
+            GqaReduce::Mean => Heads::Mean,
+            GqaReduce::Max => Heads::Max,
+        }
+    }
 }
 
 /// A budget size: an absolute token count or a ratio of the tokens seen.
@@ -399,410 +597,6 @@ impl Budget {
             }
         })
     }
-}
-
-/// Applies a plan to one layer of a cache. Returns the selection to restrict
-/// attention with (for `Select`), `None` otherwise.
-pub fn apply_plan<B: Ops, T: Element>(
-    backend: &B,
-    cache: &mut KvCache<B, T>,
-    layer: usize,
-    plan: Plan,
-) -> Result<Option<IndexList>> {
-    match plan {
-        Plan::KeepAll => Ok(None),
-        Plan::Select(list) => {
-            let l = cache.layer(layer)?;
-            list.check_against("apply_plan", l.geom(), l.segments())?;
-            Ok(Some(list))
-        }
-        Plan::Evict(keep) => {
-            cache.compact(backend, layer, &keep)?;
-            Ok(None)
-        }
-        Plan::Merge(spec) => {
-            cache.merge(backend, layer, &spec)?;
-            Ok(None)
-        }
-    }
-}
-
-/// One layer's inputs to a [`Session`] step: `q` is `[tokens, Hq, D]`,
-/// `k` and `v` are `[tokens, Hkv, D]` (token-major, sequences in order).
-pub struct LayerInput<'a, B: Backend, T: Element> {
-    /// Queries.
-    pub q: &'a B::Buffer<T>,
-    /// New keys.
-    pub k: &'a B::Buffer<T>,
-    /// New values.
-    pub v: &'a B::Buffer<T>,
-}
-
-/// Settings of a [`Session`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct SessionConfig {
-    /// Attention normaliser.
-    pub normalizer: Normalizer,
-    /// Logit scale (`None` = `1 / sqrt(D)`).
-    pub scale: Option<f32>,
-    /// Prefill chunk size; `None` uses the policy's `prefill_block` or the
-    /// whole prompt.
-    pub prefill_chunk: Option<usize>,
-}
-
-impl Default for SessionConfig {
-    fn default() -> Self {
-        Self {
-            normalizer: Normalizer::Softmax,
-            scale: None,
-            prefill_chunk: None,
-        }
-    }
-}
-
-/// A small driver: a cache, a policy and attention for every layer of a
-/// model, so tests and examples can run prefill and decode steps in a few
-/// lines (see the module docs for the order of the hooks).
-pub struct Session<B: Ops, T: Element> {
-    backend: B,
-    geom: HeadGeometry,
-    cache: KvCache<B, T>,
-    policy: Box<dyn KvPolicy<B, T>>,
-    cfg: SessionConfig,
-    chunks: usize,
-    steps: usize,
-}
-
-impl<B: Ops, T: Element> Session<B, T> {
-    /// A session for `batch` sequences and `num_layers` layers.
-    pub fn new(
-        backend: B,
-        geom: HeadGeometry,
-        batch: usize,
-        num_layers: usize,
-        policy: Box<dyn KvPolicy<B, T>>,
-        cfg: SessionConfig,
-    ) -> Result<Self> {
-        if cfg.prefill_chunk == Some(0) {
-            return Err(config("Session", "prefill_chunk must be positive"));
-        }
-        let cache = KvCache::new(&backend, geom, batch, num_layers)?;
-        Ok(Self {
-            backend,
-            geom,
-            cache,
-            policy,
-            cfg,
-            chunks: 0,
-            steps: 0,
-        })
-    }
-
-    /// The cache.
-    pub fn cache(&self) -> &KvCache<B, T> {
-        &self.cache
-    }
-    /// The policy.
-    pub fn policy(&self) -> &dyn KvPolicy<B, T> {
-        self.policy.as_ref()
-    }
-    /// The backend.
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    fn check_layers(&self, op: &'static str, n: usize) -> Result<()> {
-        if n != self.cache.num_layers() {
-            return Err(shape(
-                op,
-                format!(
-                    "{n} layer inputs for a session of {} layers",
-                    self.cache.num_layers()
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Runs the prompt (`tokens` new tokens per sequence) through every layer
-    /// in chunks and returns each layer's attention output `[tokens, Hq, D]`.
-    pub fn prefill(
-        &mut self,
-        tokens: &Ragged,
-        layers: &[LayerInput<'_, B, T>],
-    ) -> Result<Vec<B::Buffer<T>>> {
-        const OP: &str = "Session::prefill";
-        self.check_layers(OP, layers.len())?;
-        let (hq, hkv, d) = (
-            self.geom.num_q_heads(),
-            self.geom.num_kv_heads(),
-            self.geom.head_dim(),
-        );
-        let be = &self.backend;
-        for x in layers {
-            if be.buffer_len(x.q) != tokens.total() * hq * d
-                || be.buffer_len(x.k) != tokens.total() * hkv * d
-                || be.buffer_len(x.v) != tokens.total() * hkv * d
-            {
-                return Err(shape(
-                    OP,
-                    format!(
-                        "layer inputs must be [{}, H, {d}] for q (Hq = {hq}) and k, v (Hkv = {hkv})",
-                        tokens.total()
-                    ),
-                ));
-            }
-        }
-        let chunk = self
-            .cfg
-            .prefill_chunk
-            .or(self.policy.capabilities().prefill_block)
-            .unwrap_or(tokens.max_len())
-            .max(1);
-        let nchunks = tokens.max_len().div_ceil(chunk);
-        let mut outs: Vec<B::Buffer<T>> = Vec::with_capacity(layers.len());
-        for _ in layers {
-            outs.push(self.backend.zeros(tokens.total() * hq * d)?);
-        }
-        let mut last: Option<(Ragged, Vec<B::Buffer<T>>)> = None;
-        for c in 0..nchunks {
-            let mut lens = Vec::with_capacity(tokens.num_segments());
-            let mut rows = Vec::new();
-            for b in 0..tokens.num_segments() {
-                let r = tokens.range(b);
-                let lo = (r.start + c * chunk).min(r.end);
-                let hi = (lo + chunk).min(r.end);
-                lens.push((hi - lo) as u32);
-                rows.extend(lo as u32..hi as u32);
-            }
-            let q_rows = Ragged::from_lens(&lens)?;
-            let mut chunk_qs = Vec::with_capacity(layers.len());
-            for (li, x) in layers.iter().enumerate() {
-                let be = &self.backend;
-                let mut q = be.zeros::<T>(rows.len() * hq * d)?;
-                let mut k = be.zeros::<T>(rows.len() * hkv * d)?;
-                let mut v = be.zeros::<T>(rows.len() * hkv * d)?;
-                ops::gather_rows(be, hq * d, &rows, x.q, &mut q)?;
-                ops::gather_rows(be, hkv * d, &rows, x.k, &mut k)?;
-                ops::gather_rows(be, hkv * d, &rows, x.v, &mut v)?;
-                let out = self.prefill_layer(li, &q_rows, &q, &k, &v)?;
-                ops::scatter_rows(&self.backend, hq * d, &rows, &out, &mut outs[li])?;
-                chunk_qs.push(q);
-            }
-            self.chunks += 1;
-            last = Some((q_rows, chunk_qs));
-        }
-        if let Some((q_rows, qs)) = last {
-            for (li, q) in qs.iter().enumerate() {
-                self.hook(li, q, &q_rows, self.chunks, Phase::PrefillEnd)?;
-            }
-        }
-        Ok(outs)
-    }
-
-    /// One layer's share of a prefill chunk, for engines that run layers one
-    /// after another (the next layer's input depends on this one's output):
-    /// appends the chunk's K/V (`k`, `v` `[tokens, Hkv, D]`), runs causal
-    /// attention for its queries (`q` `[tokens, Hq, D]`, `q_rows` tokens per
-    /// sequence), calls [`KvPolicy::on_prefill_chunk`] and applies the plan.
-    /// With `last`, also calls [`KvPolicy::on_prefill_end`]. Returns the
-    /// attention output `[tokens, Hq, D]`. Call [`Session::end_prefill_chunk`]
-    /// once every layer has seen the chunk.
-    pub fn prefill_chunk_layer(
-        &mut self,
-        li: usize,
-        q_rows: &Ragged,
-        x: &LayerInput<'_, B, T>,
-        last: bool,
-    ) -> Result<B::Buffer<T>> {
-        let out = self.prefill_layer(li, q_rows, x.q, x.k, x.v)?;
-        if last {
-            self.hook(li, x.q, q_rows, self.chunks + 1, Phase::PrefillEnd)?;
-        }
-        Ok(out)
-    }
-
-    /// Marks the end of a prefill chunk driven with [`Session::prefill_chunk_layer`].
-    pub fn end_prefill_chunk(&mut self) {
-        self.chunks += 1;
-    }
-
-    /// Runs the hook of `phase` for layer `li`, applies its plan, and returns
-    /// the selection of a `Select` plan.
-    fn hook(
-        &mut self,
-        li: usize,
-        q: &B::Buffer<T>,
-        q_rows: &Ragged,
-        step: usize,
-        phase: Phase,
-    ) -> Result<Option<IndexList>> {
-        let plan = {
-            let ctx = ctx_of(
-                &self.backend,
-                &self.cache,
-                self.cfg.scale,
-                li,
-                q,
-                q_rows,
-                step,
-                phase,
-            )?;
-            match phase {
-                Phase::PrefillChunk => self.policy.on_prefill_chunk(&ctx)?,
-                Phase::PrefillEnd => self.policy.on_prefill_end(&ctx)?,
-                Phase::Decode => self.policy.on_decode_step(&ctx)?,
-                Phase::Select => self.policy.select_for_attention(&ctx)?,
-            }
-        };
-        apply_plan(&self.backend, &mut self.cache, li, plan)
-    }
-
-    /// Append, causal attention and `on_prefill_chunk` for one layer.
-    fn prefill_layer(
-        &mut self,
-        li: usize,
-        q_rows: &Ragged,
-        q: &B::Buffer<T>,
-        k: &B::Buffer<T>,
-        v: &B::Buffer<T>,
-    ) -> Result<B::Buffer<T>> {
-        let hq_d = self.geom.num_q_heads() * self.geom.head_dim();
-        self.cache.append(&self.backend, li, q_rows, k, v, None)?;
-        let l = self.cache.layer(li)?;
-        let mut out = self.backend.zeros::<T>(q_rows.total() * hq_d)?;
-        let p = ops::PrefillParams {
-            geom: self.geom,
-            q_rows,
-            segments: l.segments(),
-            causal: true,
-            mask: None,
-            scale: self.cfg.scale,
-            normalizer: &self.cfg.normalizer,
-        };
-        ops::prefill_attention(&self.backend, &p, q, l.k(), l.v(), &mut out)?;
-        self.hook(li, q, q_rows, self.chunks, Phase::PrefillChunk)?;
-        Ok(out)
-    }
-
-    /// One layer of a decode step, for engines that run layers one after
-    /// another: appends the token's K/V, runs [`KvPolicy::on_decode_step`] and
-    /// [`KvPolicy::select_for_attention`], applies their plans and attends.
-    /// Returns the attention output `[batch, Hq, D]` and the selection used
-    /// (`None` = every cached token). Call [`Session::end_decode_step`] once
-    /// every layer has run.
-    pub fn decode_layer(
-        &mut self,
-        li: usize,
-        x: &LayerInput<'_, B, T>,
-    ) -> Result<(B::Buffer<T>, Option<IndexList>)> {
-        const OP: &str = "Session::decode_layer";
-        let batch = self.cache.batch();
-        let (hq, hkv, d) = (
-            self.geom.num_q_heads(),
-            self.geom.num_kv_heads(),
-            self.geom.head_dim(),
-        );
-        let be = &self.backend;
-        if be.buffer_len(x.q) != batch * hq * d
-            || be.buffer_len(x.k) != batch * hkv * d
-            || be.buffer_len(x.v) != batch * hkv * d
-        {
-            return Err(shape(
-                OP,
-                format!("decode inputs must be [{batch}, H, {d}] (Hq = {hq}, Hkv = {hkv})"),
-            ));
-        }
-        let q_rows = Ragged::uniform(batch, 1)?;
-        self.decode_layer_unchecked(li, &q_rows, x)
-    }
-
-    /// Marks the end of a decode step driven with [`Session::decode_layer`].
-    pub fn end_decode_step(&mut self) {
-        self.steps += 1;
-    }
-
-    fn decode_layer_unchecked(
-        &mut self,
-        li: usize,
-        q_rows: &Ragged,
-        x: &LayerInput<'_, B, T>,
-    ) -> Result<(B::Buffer<T>, Option<IndexList>)> {
-        let (hq, d) = (self.geom.num_q_heads(), self.geom.head_dim());
-        self.cache
-            .append(&self.backend, li, q_rows, x.k, x.v, None)?;
-        self.hook(li, x.q, q_rows, self.steps, Phase::Decode)?;
-        let sel = self.hook(li, x.q, q_rows, self.steps, Phase::Select)?;
-        let l = self.cache.layer(li)?;
-        let mut out = self.backend.zeros::<T>(q_rows.total() * hq * d)?;
-        let p = ops::DecodeParams {
-            geom: self.geom,
-            segments: l.segments(),
-            scale: self.cfg.scale,
-            normalizer: &self.cfg.normalizer,
-            restrict: sel.as_ref().map_or(Restrict::Dense, Restrict::Indices),
-        };
-        ops::decode_attention(&self.backend, &p, x.q, l.k(), l.v(), &mut out)?;
-        Ok((out, sel))
-    }
-
-    /// One decode step: one new token per sequence. Returns each layer's
-    /// attention output `[batch, Hq, D]`.
-    pub fn decode(&mut self, layers: &[LayerInput<'_, B, T>]) -> Result<Vec<B::Buffer<T>>> {
-        const OP: &str = "Session::decode";
-        self.check_layers(OP, layers.len())?;
-        let batch = self.cache.batch();
-        let (hq, hkv, d) = (
-            self.geom.num_q_heads(),
-            self.geom.num_kv_heads(),
-            self.geom.head_dim(),
-        );
-        let q_rows = Ragged::uniform(batch, 1)?;
-        // Validate every layer before any cache is touched.
-        for x in layers {
-            let be = &self.backend;
-            if be.buffer_len(x.q) != batch * hq * d
-                || be.buffer_len(x.k) != batch * hkv * d
-                || be.buffer_len(x.v) != batch * hkv * d
-            {
-                return Err(shape(
-                    OP,
-                    format!("decode inputs must be [{batch}, H, {d}] (Hq = {hq}, Hkv = {hkv})"),
-                ));
-            }
-        }
-        let mut outs = Vec::with_capacity(layers.len());
-        for (li, x) in layers.iter().enumerate() {
-            let (out, _) = self.decode_layer_unchecked(li, &q_rows, x)?;
-            outs.push(out);
-        }
-        self.steps += 1;
-        Ok(outs)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn ctx_of<'a, B: Ops, T: Element>(
-    backend: &'a B,
-    cache: &'a KvCache<B, T>,
-    scale: Option<f32>,
-    layer: usize,
-    queries: &'a B::Buffer<T>,
-    q_rows: &'a Ragged,
-    step: usize,
-    phase: Phase,
-) -> Result<StepCtx<'a, B, T>> {
-    Ok(StepCtx {
-        backend,
-        layer,
-        num_layers: cache.num_layers(),
-        cache: cache.layer(layer)?,
-        queries,
-        q_rows,
-        step,
-        phase,
-        scale,
-    })
 }
 
 #[cfg(test)]

@@ -9,13 +9,17 @@
 //! of odd `kernel` (default average pooling, kernel 5, zero padding counted
 //! in the mean like PyTorch `avg_pool1d`; max pooling is the option used
 //! with kernel 7). Keep the window plus the top `budget − W` prefix tokens
-//! (plus any protected sinks). Cost: one Q·K pass of `W` queries over the
-//! prompt and a softmax (ops), O(L·kernel) host work per head. Decode steps
-//! keep everything.
+//! (plus any protected sinks). The votes are the attention op's window
+//! evidence of the last prefill chunk (summed over the window, reduced over
+//! the group by the op): no second Q·K pass, O(L) memory. Host work
+//! O(L·kernel) per head. Decode steps keep everything.
 #![forbid(unsafe_code)]
 
-use super::evidence::{QueryWindow, attention_probs, evict_by_scores, layer_slot, reduce_group};
-use super::{Budget, BudgetSize, Capabilities, GqaReduce, KvPolicy, Needs, Plan, Scorer, StepCtx};
+use super::evidence::{arrival_order, blocks_f64, evict_by_scores, segment_of};
+use super::{
+    Budget, BudgetSize, Capabilities, GqaReduce, Heads, KvPolicy, Needs, Phase, Plan, Scorer,
+    StepCtx, Window,
+};
 use crate::backend::Ops;
 use crate::dtype::Element;
 use crate::error::{Result, budget, config};
@@ -110,35 +114,9 @@ fn check(cfg: &SnapKvConfig, op: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// Window votes per query head: the last `min(W, n_q)` rows of `q` summed,
-/// then pooled over the whole row.
-fn votes<B: Ops, T: Element>(
-    ctx: &StepCtx<'_, B, T>,
-    q: &B::Buffer<T>,
-    q_rows: &crate::layout::Ragged,
-    window: usize,
-) -> Result<Vec<Vec<f64>>> {
-    let probs = attention_probs(ctx.backend, ctx.cache, q, q_rows, true, ctx.scale)?;
-    let g = ctx.geom();
-    let segs = ctx.cache.segments();
-    let mut out = Vec::with_capacity(ctx.batch() * g.num_q_heads());
-    for b in 0..ctx.batch() {
-        for h in 0..g.num_q_heads() {
-            let mut v = vec![0.0f64; segs.len_of(segs.index(b, g.kv_head(h)))];
-            let n = probs.n_q(b);
-            for r in n.saturating_sub(window)..n {
-                for (x, &p) in v.iter_mut().zip(probs.row(b, h, r)) {
-                    *x += f64::from(p);
-                }
-            }
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
 /// SnapKV window votes as a [`Scorer`] (for [`super::Caote`]): the last
-/// `min(window, n_q)` queries of the current step, pooled along positions.
+/// `min(window, n_q)` queries of the current step (in decode: the current
+/// query), pooled along positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapKvScorer {
     /// Observation window.
@@ -159,18 +137,54 @@ impl Default for SnapKvScorer {
     }
 }
 
+/// Pools every block along its segment's arrival order.
+fn pool_blocks<B: Ops, T: Element>(
+    ctx: &StepCtx<'_, B, T>,
+    heads: Heads,
+    votes: &[Vec<f64>],
+    kernel: usize,
+    how: Pooling,
+    prefix_of: impl Fn(usize) -> usize,
+) -> Vec<Vec<f64>> {
+    let g = ctx.geom();
+    votes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = segment_of(i, heads, g.num_q_heads(), g.num_kv_heads());
+            let order = arrival_order(ctx.kv, s);
+            let prefix = prefix_of(s).min(v.len());
+            let ordered: Vec<f64> = order[..prefix].iter().map(|&r| v[r as usize]).collect();
+            let pooled = pool(&ordered, kernel, how);
+            let mut out = vec![f64::INFINITY; v.len()];
+            for (&r, p) in order[..prefix].iter().zip(pooled) {
+                out[r as usize] = p;
+            }
+            out
+        })
+        .collect()
+}
+
 impl<B: Ops, T: Element> Scorer<B, T> for SnapKvScorer {
     fn name(&self) -> &'static str {
         "snapkv"
     }
-    fn needs(&self) -> Needs {
+    fn needs(&self, heads: Heads) -> Needs {
         Needs {
-            recent_queries: true,
-            current_attention: true,
+            decode_probs: Some(heads),
+            prefill_window: Some(Window {
+                queries: self.window.max(1),
+                heads,
+                rows: false,
+            }),
             ..Needs::default()
         }
     }
-    fn score(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Vec<Vec<f64>>> {
+    /// The observation window.
+    fn protects(&self) -> (usize, usize) {
+        (0, self.window)
+    }
+    fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
         if self.kernel == 0 || self.kernel.is_multiple_of(2) {
             return Err(config(
                 "SnapKvScorer",
@@ -180,17 +194,22 @@ impl<B: Ops, T: Element> Scorer<B, T> for SnapKvScorer {
                 ),
             ));
         }
-        let v = votes(ctx, ctx.queries, ctx.q_rows, self.window.max(1))?;
-        Ok(v.iter()
-            .map(|x| pool(x, self.kernel, self.pooling))
-            .collect())
+        let votes = match ctx.phase {
+            Phase::Decode => blocks_f64(&ctx.decode_probs()?),
+            _ => blocks_f64(&ctx.window()?.1),
+        };
+        let segs = ctx.kv.segments();
+        let pooled = pool_blocks(ctx, heads, &votes, self.kernel, self.pooling, |s| {
+            segs.len_of(s)
+        });
+        Ok(pooled)
     }
 }
 
 /// SnapKV prompt compression.
 pub struct SnapKv<B: Ops, T: Element> {
     cfg: SnapKvConfig,
-    windows: Vec<Option<QueryWindow<B, T>>>,
+    _marker: std::marker::PhantomData<fn() -> (B, T)>,
 }
 
 impl<B: Ops, T: Element> SnapKv<B, T> {
@@ -199,7 +218,7 @@ impl<B: Ops, T: Element> SnapKv<B, T> {
         check(&cfg, "SnapKv")?;
         Ok(Self {
             cfg,
-            windows: Vec::new(),
+            _marker: std::marker::PhantomData,
         })
     }
 }
@@ -212,62 +231,30 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for SnapKv<B, T> {
         Capabilities {
             evicts: true,
             needs: Needs {
-                recent_queries: true,
+                prefill_window: Some(Window {
+                    queries: self.cfg.window,
+                    heads: Heads::from(self.cfg.reduce),
+                    rows: false,
+                }),
                 ..Needs::default()
             },
             ..Capabilities::default()
         }
     }
-    fn on_prefill_chunk(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        let w = self.cfg.window;
-        let slot =
-            layer_slot(&mut self.windows, ctx.layer).get_or_insert_with(|| QueryWindow::new(w));
-        let g = ctx.geom();
-        slot.push(
-            ctx.backend,
-            ctx.queries,
-            ctx.q_rows,
-            g.num_q_heads() * g.head_dim(),
-        )?;
-        Ok(Plan::KeepAll)
-    }
     fn on_prefill_end(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        let Some(Some(win)) = self.windows.get(ctx.layer) else {
+        if ctx.evidence.window.is_none() {
             return Ok(Plan::KeepAll);
-        };
-        let Some((q, q_rows)) = win.packed(ctx.backend)? else {
-            return Ok(Plan::KeepAll);
-        };
-        let raw = votes(ctx, &q, &q_rows, self.cfg.window)?;
-        let g = ctx.geom();
-        let kv = reduce_group(
-            &raw,
-            ctx.batch(),
-            g.num_q_heads(),
-            g.num_kv_heads(),
-            self.cfg.reduce,
-        );
-        let segs = ctx.cache.segments();
-        let pooled: Vec<Vec<f64>> = kv
-            .iter()
-            .enumerate()
-            .map(|(s, x)| {
-                let prefix = segs.len_of(s).saturating_sub(self.cfg.window);
-                let mut p = pool(&x[..prefix.min(x.len())], self.cfg.kernel, self.cfg.pooling);
-                p.extend(std::iter::repeat_n(f64::INFINITY, x.len() - p.len()));
-                p
-            })
-            .collect();
-        let mut bud = self.cfg.budget.clone();
-        bud.recent = bud.recent.max(self.cfg.window);
-        let plan = evict_by_scores("SnapKv", ctx, &bud, &pooled)?;
-        if let Some(w) = self.windows.get_mut(ctx.layer) {
-            *w = None;
         }
-        Ok(plan)
-    }
-    fn reset(&mut self) {
-        self.windows.clear();
+        let heads = Heads::from(self.cfg.reduce);
+        let votes = blocks_f64(&ctx.window()?.1);
+        let segs = ctx.kv.segments();
+        let w = self.cfg.window;
+        let pooled = pool_blocks(ctx, heads, &votes, self.cfg.kernel, self.cfg.pooling, |s| {
+            segs.len_of(s).saturating_sub(w)
+        });
+        let mut bud = self.cfg.budget.clone();
+        bud.recent = bud.recent.max(w);
+        Ok(evict_by_scores("SnapKv", ctx, &bud, &pooled)?.0)
     }
 }
 

@@ -1,10 +1,15 @@
 //! `StreamingLlm` (Xiao et al. 2023): keep the first `sink` tokens (attention
 //! sinks) and the last `recent` tokens; evict everything in between.
 //!
-//! Per (sequence, KV head) with `L` cached tokens: keep
-//! `{0 .. sink} ∪ {L − recent .. L}` once `L > sink + recent`. No scores, no
-//! GQA reduction (the rule is positional). Cost per step: O(L) host indices
-//! plus one `compact_rows`. Positions keep their original values (engines
+//! Per (sequence, KV head) whose sequence has seen `n` tokens: keep the
+//! tokens of arrival `0 .. sink` and `n − recent .. n` once the head holds
+//! more than `sink + recent`. No scores, no GQA reduction (the rule is
+//! positional). Runs after each prefill chunk and each decode step's
+//! attention, so a decode step attends to `sink + recent + 1` tokens and
+//! then drops the oldest non-sink one. With hole-filling compaction the
+//! newest token takes the dropped row: the recent window is a ring, one
+//! row move per step. Cost per step: an O(L) scan of the arrivals on the
+//! host and one row move. Positions keep their original values (engines
 //! that re-rotate read them from the cache).
 #![forbid(unsafe_code)]
 
@@ -51,15 +56,19 @@ impl StreamingLlm {
     }
 
     fn plan<B: Backend, T: Element>(&self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        let segs = ctx.cache.segments();
-        let cap = self.cfg.sink + self.cfg.recent;
+        let segs = ctx.kv.segments();
+        let cap = self.cfg.sink.saturating_add(self.cfg.recent);
         if segs.lens().iter().all(|&l| l as usize <= cap) {
             return Ok(Plan::KeepAll);
         }
+        let hkv = ctx.geom().num_kv_heads();
         let sets = (0..segs.num_segments())
-            .map(|s| split_protected(segs.len_of(s), self.cfg.sink, self.cfg.recent).0)
+            .map(|s| {
+                let seen = ctx.kv.seen(s / hkv);
+                split_protected(ctx.kv.arrivals(s), seen, self.cfg.sink, self.cfg.recent).1
+            })
             .collect();
-        Ok(Plan::Evict(keep_list(sets)?))
+        Ok(Plan::Drop(keep_list(sets)?))
     }
 }
 

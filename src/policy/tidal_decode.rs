@@ -37,18 +37,19 @@
 //! cache (positions unchanged, e.g. with `ops::scatter_rows`) before
 //! continuing. The policy itself never touches K/V. Off by default.
 //!
-//! Cost per decode step: one `qk_logits` pass (O(N·Hq·D)) and one
-//! `topk_rows` per selection layer (plus O(N·Hq) host work for the summed
-//! variant); sparse layers cost O(Hq·k) to hand the stored list out.
+//! Cost per decode step: a selection layer reads the logits its own dense
+//! attention wrote as evidence (no second Q·K pass) and runs one
+//! `topk_rows` on them (plus O(N·Hq) host work for the summed variant);
+//! sparse layers cost O(Hq·k) to hand the stored list out.
 //!
 //! Page: `docs/policies/tidal_decode.md`.
 #![forbid(unsafe_code)]
 
-use super::{Capabilities, KvPolicy, Plan, StepCtx};
+use super::{Capabilities, KvPolicy, Needs, Plan, StepCtx};
 use crate::backend::Ops;
 use crate::dtype::Element;
 use crate::error::{Result, budget, config, shape};
-use crate::layout::{IndexList, IndexSet, Ragged, Scope, Segments};
+use crate::layout::{IndexList, IndexSet, Ragged, Scope};
 use crate::ops;
 
 const OP: &str = "TidalDecode";
@@ -230,10 +231,13 @@ impl TidalDecode {
         self.current.as_ref().and_then(|s| s.list.as_ref())
     }
 
+    /// The selection of a selection layer, from its own (dense) attention's
+    /// logits (the evidence of this step): top-`(k − 1)` per head over every
+    /// token but the current one, plus the current token.
     fn select<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<()> {
         let geom = *ctx.geom();
         let (hq, hkv) = (geom.num_q_heads(), geom.num_kv_heads());
-        let segs = ctx.cache.segments();
+        let segs = ctx.kv.segments();
         let batch = ctx.batch();
         if ctx.q_rows.num_segments() != batch || ctx.q_rows.lens().any(|l| l != 1) {
             return Err(shape(
@@ -253,45 +257,65 @@ impl TidalDecode {
             self.current = Some(store(None));
             return Ok(());
         }
+        // The current token is every segment's last row: TidalDecode never
+        // evicts, so rows are in arrival order.
+        for s in 0..segs.num_segments() {
+            let arr = ctx.kv.arrivals(s);
+            if arr
+                .last()
+                .is_some_and(|&a| a as usize + 1 != ctx.kv.seen(s / hkv))
+            {
+                return Err(shape(
+                    OP,
+                    format!(
+                        "segment {s}: the current token is not the last row (was the cache compacted?)"
+                    ),
+                ));
+            }
+        }
+        let be = ctx.backend;
         let lists: Vec<IndexSet> = if k == 1 {
             Vec::new()
         } else {
-            // Candidates: every token but the current (last) one.
-            let cand = Segments::new(
-                batch,
-                hkv,
-                segs.offsets().to_vec(),
-                lens.iter().map(|&n| n.saturating_sub(1)).collect(),
-            )?;
-            let q_rows = Ragged::uniform(batch, 1)?;
-            let p = ops::QkParams {
-                geom,
-                q_rows: &q_rows,
-                segments: &cand,
-                causal: false,
-                scale: ctx.scale,
-            };
-            let be = ctx.backend;
-            let layout = ops::qk_layout(&p)?;
-            let mut logits = be.zeros::<f32>(layout.blocks.total())?;
-            ops::qk_logits(be, &p, ctx.queries, ctx.cache.k(), &mut logits)?;
-            let picked = match self.cfg.gqa {
+            match self.cfg.gqa {
                 GqaMode::PerQueryHead => {
-                    ops::topk_rows(be, &layout.rows, k - 1, Scope::QueryHead, &logits)?
+                    // Rows [N − 1, 1] per (sequence, query head) block of the
+                    // logits evidence: the candidates, then the current token.
+                    let logits = ctx.evidence.logits.ok_or_else(|| {
+                        config(OP, "the selection layer's logits evidence is missing")
+                    })?;
+                    let mut rl = Vec::with_capacity(2 * batch * hq + 1);
+                    for b in 0..batch {
+                        for h in 0..hq {
+                            let n = segs.len_of(segs.index(b, geom.kv_head(h))) as u32;
+                            rl.push(n.saturating_sub(1));
+                            rl.push(n.min(1));
+                        }
+                    }
+                    let used: usize = rl.iter().map(|&x| x as usize).sum();
+                    rl.push((be.buffer_len(logits) - used) as u32);
+                    let picked = ops::topk_rows(
+                        be,
+                        &Ragged::from_lens(&rl)?,
+                        k - 1,
+                        Scope::QueryHead,
+                        logits,
+                    )?;
+                    (0..batch * hq)
+                        .map(|i| IndexSet::from_unsorted(picked.list(2 * i).to_vec()))
+                        .collect()
                 }
                 GqaMode::PerKvHeadSummed => {
-                    let host = be.download(&logits)?;
+                    let host = ctx.decode_logits()?;
                     let g = geom.group();
-                    let mut summed = Vec::with_capacity(cand.total_len());
+                    let mut summed = Vec::with_capacity(segs.total_len());
                     let mut rl = Vec::with_capacity(batch * hkv);
                     for b in 0..batch {
                         for kvh in 0..hkv {
-                            let n = cand.len_of(cand.index(b, kvh));
+                            let n = segs.len_of(segs.index(b, kvh)).saturating_sub(1);
                             let mut acc = vec![0.0f64; n];
                             for h in kvh * g..(kvh + 1) * g {
-                                for (a, &z) in
-                                    acc.iter_mut().zip(&host[layout.blocks.range(b * hq + h)])
-                                {
+                                for (a, &z) in acc.iter_mut().zip(host.block(b * hq + h)) {
                                     *a += f64::from(z);
                                 }
                             }
@@ -300,12 +324,13 @@ impl TidalDecode {
                         }
                     }
                     let buf = be.upload(&summed)?;
-                    ops::topk_rows(be, &Ragged::from_lens(&rl)?, k - 1, Scope::KvHead, &buf)?
+                    let picked =
+                        ops::topk_rows(be, &Ragged::from_lens(&rl)?, k - 1, Scope::KvHead, &buf)?;
+                    (0..picked.num_lists())
+                        .map(|i| IndexSet::from_unsorted(picked.list(i).to_vec()))
+                        .collect()
                 }
-            };
-            (0..picked.num_lists())
-                .map(|i| IndexSet::from_unsorted(picked.list(i).to_vec()))
-                .collect()
+            }
         };
         let scope = match self.cfg.gqa {
             GqaMode::PerQueryHead => Scope::QueryHead,
@@ -349,14 +374,24 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for TidalDecode {
             ..Capabilities::default()
         }
     }
+    /// Logits, at the selection layers only.
+    fn needs(&self, layer: usize) -> Needs {
+        Needs {
+            decode_logits: self.role(layer) == LayerRole::Selection,
+            ..Needs::default()
+        }
+    }
+    /// A selection layer chooses after its own dense attention.
+    fn on_decode_step(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
+        if self.role(ctx.layer) == LayerRole::Selection {
+            self.select(ctx)?;
+        }
+        Ok(Plan::KeepAll)
+    }
     fn select_for_attention(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         self.cfg.validate(Some(ctx.num_layers))?;
         match self.role(ctx.layer) {
-            LayerRole::Full => Ok(Plan::KeepAll),
-            LayerRole::Selection => {
-                self.select(ctx)?;
-                Ok(Plan::KeepAll)
-            }
+            LayerRole::Full | LayerRole::Selection => Ok(Plan::KeepAll),
             LayerRole::Sparse => {
                 let Some(sel) = self
                     .current
@@ -371,13 +406,13 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for TidalDecode {
                         ),
                     ));
                 };
-                if sel.lens.as_slice() != ctx.cache.segments().lens() {
+                if sel.lens.as_slice() != ctx.kv.segments().lens() {
                     return Err(shape(
                         OP,
                         format!(
                             "layer {} holds {:?} tokens per head, selection layer {} held {:?}: position persistence needs equal caches",
                             ctx.layer,
-                            ctx.cache.segments().lens(),
+                            ctx.kv.segments().lens(),
                             sel.layer,
                             sel.lens
                         ),

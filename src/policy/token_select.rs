@@ -45,7 +45,7 @@
 
 use super::{Capabilities, KvPolicy, Plan, StepCtx};
 use crate::backend::{Backend, Ops};
-use crate::cache::LayerKv;
+use crate::cache::KvView;
 use crate::dtype::Element;
 use crate::error::{Error, Result, budget, config, shape};
 use crate::layout::{
@@ -282,7 +282,7 @@ impl TokenSelect {
     /// [`selection_positions`]).
     pub fn rope_positions<B: Backend, T: Element>(
         &self,
-        cache: &LayerKv<B, T>,
+        cache: &dyn KvView<B, T>,
         selection: Option<&IndexList>,
     ) -> Result<Vec<Vec<u32>>> {
         selection_positions(cache, selection, self.cfg.positions)
@@ -355,7 +355,7 @@ impl TokenSelect {
     ) -> Result<Vec<Vec<f32>>> {
         let geom = *ctx.geom();
         let (hq, hkv) = (geom.num_q_heads(), geom.num_kv_heads());
-        let segs = ctx.cache.segments();
+        let segs = ctx.kv.segments();
         let mut offsets = Vec::with_capacity(which.len() * hkv);
         let mut lens = Vec::with_capacity(which.len() * hkv);
         let mut q = Vec::with_capacity(which.len() * hq * geom.head_dim());
@@ -396,7 +396,7 @@ impl TokenSelect {
         let layout = ops::qk_layout(&p)?;
         let qbuf = be.upload(&q)?;
         let mut logits = be.zeros::<f32>(layout.blocks.total())?;
-        ops::qk_logits(be, &p, &qbuf, ctx.cache.k(), &mut logits)?;
+        ops::qk_logits(be, &p, &qbuf, ctx.kv.k(), &mut logits)?;
         let mut probs = be.zeros::<f32>(layout.blocks.total())?;
         ops::softmax_rows(be, &layout.rows, &logits, &mut probs)?;
         let probs = be.download(&probs)?;
@@ -436,7 +436,7 @@ impl TokenSelect {
     ) -> Result<Vec<Vec<f32>>> {
         self.cfg.validate()?;
         let fps = self.fingerprints(ctx)?;
-        let segs = ctx.cache.segments();
+        let segs = ctx.kv.segments();
         let mut which = Vec::new();
         for (b, fp) in fps.iter().enumerate() {
             let n = seq_len(segs, b)?;
@@ -459,7 +459,7 @@ impl TokenSelect {
     /// One selection for the step of `ctx` (prefill chunk or decode).
     fn select<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         self.cfg.validate()?;
-        let segs = ctx.cache.segments();
+        let segs = ctx.kv.segments();
         let batch = ctx.batch();
         let window = self
             .cfg
@@ -564,7 +564,7 @@ impl TokenSelect {
 /// `n_local ≥ 1`); [`RopePositions::Original`] reads the positions the cache
 /// stored for those rows.
 pub fn selection_positions<B: Backend, T: Element>(
-    cache: &LayerKv<B, T>,
+    cache: &dyn KvView<B, T>,
     selection: Option<&IndexList>,
     mode: RopePositions,
 ) -> Result<Vec<Vec<u32>>> {
@@ -668,14 +668,17 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for TokenSelect {
             ..Capabilities::default()
         }
     }
-    /// Selection for the chunk's own attention (an engine calls it after
-    /// appending the chunk; [`selection_prefill_mask`] turns the list into
-    /// prefill masks).
-    fn on_prefill_chunk(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
+    /// Selection for the chunk's own attention (the driver turns the list
+    /// into prefill masks with [`selection_prefill_mask`]).
+    fn before_prefill_chunk(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         self.select(ctx)
     }
     fn select_for_attention(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
         self.select(ctx)
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.total_cache_stats();
+        vec![("cache_hits", c.hits), ("cache_lookups", c.lookups)]
     }
     fn reset(&mut self) {
         for l in &mut self.layers {

@@ -5,15 +5,21 @@
 //! current (last) query of each sequence; the paper averages over heads
 //! (default [`GqaReduce::Mean`], over the query heads of each KV head, so
 //! budgets stay head-wise). Prefill chunks use the chunk's last query.
-//! Cost per step: one Q·K pass and one softmax (ops), O(L) host work.
+//! The weights are the attention op's own evidence (decode weights, or the
+//! prefill window of one query): no second Q·K pass. Cost per step: O(L)
+//! host work per KV head and one row move per evicted token.
 //!
-//! Order inside a decode step: the new token is appended, TOVA evicts down
-//! to the budget using the current query's attention, then attention runs
-//! over the kept tokens (the cache never exceeds the budget at attention).
+//! Order inside a decode step: the new token is appended, attention runs
+//! over the cache, then TOVA drops the tokens the current query attended
+//! to least until the budget holds (as the paper's code does: attention
+//! sees `budget + 1` tokens, the cache keeps `budget` between steps).
 #![forbid(unsafe_code)]
 
-use super::evidence::{attention_probs, evict_by_scores, reduce_group};
-use super::{Budget, Capabilities, GqaReduce, KvPolicy, Needs, Plan, Scorer, StepCtx};
+use super::evidence::{blocks_f64, evict_by_scores, reduce_group};
+use super::{
+    Budget, Capabilities, GqaReduce, Heads, KvPolicy, Needs, Phase, Plan, ScoreUpdate, Scorer,
+    StepCtx, Window,
+};
 use crate::backend::Ops;
 use crate::dtype::Element;
 use crate::error::Result;
@@ -36,7 +42,7 @@ impl Default for TovaConfig {
     }
 }
 
-/// The current query's attention, per query head (stateless).
+/// The current query's attention (stateless).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TovaScorer;
 
@@ -44,41 +50,32 @@ impl<B: Ops, T: Element> Scorer<B, T> for TovaScorer {
     fn name(&self) -> &'static str {
         "tova"
     }
-    fn needs(&self) -> Needs {
+    fn needs(&self, heads: Heads) -> Needs {
         Needs {
-            current_attention: true,
+            decode_probs: Some(heads),
+            prefill_window: Some(Window {
+                queries: 1,
+                heads,
+                rows: false,
+            }),
             ..Needs::default()
         }
     }
-    fn score(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Vec<Vec<f64>>> {
-        let probs = attention_probs(
-            ctx.backend,
-            ctx.cache,
-            ctx.queries,
-            ctx.q_rows,
-            true,
-            ctx.scale,
-        )?;
-        let g = ctx.geom();
-        let segs = ctx.cache.segments();
-        let mut out = Vec::with_capacity(ctx.batch() * g.num_q_heads());
-        for b in 0..ctx.batch() {
-            for h in 0..g.num_q_heads() {
-                let n = probs.n_q(b);
-                if n == 0 {
-                    out.push(vec![0.0; segs.len_of(segs.index(b, g.kv_head(h)))]);
-                } else {
-                    out.push(
-                        probs
-                            .row(b, h, n - 1)
-                            .iter()
-                            .map(|&p| f64::from(p))
-                            .collect(),
-                    );
-                }
-            }
-        }
-        Ok(out)
+    /// The current token (TOVA's scores come from its query, which
+    /// attends to itself).
+    fn protects(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    /// The scores are each decode step's weights.
+    fn update(&self) -> ScoreUpdate {
+        ScoreUpdate::Current
+    }
+    fn score(&mut self, ctx: &StepCtx<'_, B, T>, _heads: Heads) -> Result<Vec<Vec<f64>>> {
+        let blocks = match ctx.phase {
+            Phase::Decode => ctx.decode_probs()?,
+            _ => ctx.window()?.1,
+        };
+        Ok(blocks_f64(&blocks))
     }
 }
 
@@ -95,17 +92,31 @@ impl Tova {
         Ok(Self { cfg })
     }
     fn step<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        let raw = Scorer::<B, T>::score(&mut TovaScorer, ctx)?;
-        let g = ctx.geom();
-        let kv = reduce_group(
-            &raw,
-            ctx.batch(),
-            g.num_q_heads(),
-            g.num_kv_heads(),
-            self.cfg.reduce,
-        );
-        evict_by_scores("Tova", ctx, &self.cfg.budget, &kv)
+        let heads = Heads::from(self.cfg.reduce);
+        let kv = Scorer::<B, T>::score(&mut TovaScorer, ctx, heads)?;
+        Ok(evict_by_scores("Tova", ctx, &self.cfg.budget, &kv)?.0)
     }
+}
+
+/// Reduces per-query-head scores to per-KV-head ones when `heads` is
+/// [`Heads::PerHead`] (the layout a `Max` reduction of sums needs).
+pub(crate) fn to_kv_scores<B: Ops, T: Element>(
+    ctx: &StepCtx<'_, B, T>,
+    heads: Heads,
+    reduce: GqaReduce,
+    scores: Vec<Vec<f64>>,
+) -> Vec<Vec<f64>> {
+    if heads != Heads::PerHead {
+        return scores;
+    }
+    let g = ctx.geom();
+    reduce_group(
+        &scores,
+        ctx.batch(),
+        g.num_q_heads(),
+        g.num_kv_heads(),
+        reduce,
+    )
 }
 
 impl<B: Ops, T: Element> KvPolicy<B, T> for Tova {
@@ -115,7 +126,7 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for Tova {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             evicts: true,
-            needs: Scorer::<B, T>::needs(&TovaScorer),
+            needs: Scorer::<B, T>::needs(&TovaScorer, Heads::from(self.cfg.reduce)),
             ..Capabilities::default()
         }
     }

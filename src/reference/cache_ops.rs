@@ -21,14 +21,9 @@ impl CacheOps for Reference {
 
     fn compact_rows<T: Element>(&self, meta: &CompactMeta, buf: &mut Vec<T>) -> Result<()> {
         let w = meta.width;
-        for s in 0..meta.segs.num_segments() {
-            let off = meta.segs.offset(s);
-            for (i, &j) in meta.keep.list(s).iter().enumerate() {
-                let (dst, src) = (off + i, off + j as usize);
-                if dst != src {
-                    buf.copy_within(src * w..(src + 1) * w, dst * w);
-                }
-            }
+        for &(dst, src) in &meta.moves {
+            let (dst, src) = (dst as usize, src as usize);
+            buf.copy_within(src * w..(src + 1) * w, dst * w);
         }
         Ok(())
     }

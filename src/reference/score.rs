@@ -1,10 +1,22 @@
-use crate::backend::{QkMeta, ScoreOps};
+use crate::backend::{DistMeta, QkMeta, ScoreOps, score::value_distances_host};
 use crate::dtype::Element;
 use crate::error::Result;
 
 use super::{Reference, dot};
 
 impl ScoreOps for Reference {
+    fn value_distances<T: Element>(
+        &self,
+        meta: &DistMeta,
+        w: &Vec<f32>,
+        v: &Vec<T>,
+        out: &mut Vec<f32>,
+        centers: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        value_distances_host(meta, w, v, out, centers.map(|c| c.as_mut_slice()));
+        Ok(())
+    }
+
     fn qk_logits<T: Element>(
         &self,
         meta: &QkMeta,

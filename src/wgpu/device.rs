@@ -328,6 +328,20 @@ impl<'a> Rec<'a> {
         self.enc.copy_buffer_to_buffer(src, offset, dst, 0, bytes);
     }
 
+    /// Copies `bytes` (a multiple of 4) from byte `src_off` of `src` to byte
+    /// `dst_off` of `dst`.
+    pub fn copy_at(
+        &mut self,
+        src: &wgpu::Buffer,
+        src_off: u64,
+        dst: &wgpu::Buffer,
+        dst_off: u64,
+        bytes: u64,
+    ) {
+        self.enc
+            .copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
+    }
+
     pub fn copy(&mut self, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) {
         self.enc.copy_buffer_to_buffer(src, 0, dst, 0, bytes);
     }

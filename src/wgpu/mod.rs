@@ -16,6 +16,9 @@
 //!   `u32` words. 16-bit buffers are padded to whole words. Shaders accumulate
 //!   in f32 and write f32; a `pack` pass rounds to the storage dtype (round to
 //!   nearest even, as `half`).
+//! - Attention evidence (decode weights, logits, statistics; prefill column
+//!   sums and windows), `value_distances` and the cache ops run on the
+//!   device, in the op's one submission, with no download.
 //! - What is not supported yet is listed in [`gaps::GAPS`] and returns
 //!   [`Error::Unsupported`](crate::Error::Unsupported).
 //!

@@ -23,21 +23,23 @@ pub enum ShaderId {
     EntmaxRows,
     /// `shaders/qk_logits.wgsl`.
     QkLogits,
+    /// `shaders/value_distances.wgsl`.
+    ValueDistances,
     /// `shaders/topk_rows.wgsl`.
     TopkRows,
     /// `shaders/count_above.wgsl`.
     CountAbove,
     /// `shaders/gather_rows.wgsl`.
     GatherRows,
-    /// `shaders/compact_rows.wgsl`.
+    /// `shaders/compact_rows.wgsl` (two entry points: in place by words, widened).
     CompactRows,
-    /// `shaders/scatter_rows.wgsl`.
+    /// `shaders/scatter_rows.wgsl` (two entry points: in place by words, widened).
     ScatterRows,
     /// `shaders/merge_rows.wgsl`.
     MergeRows,
-    /// `shaders/decode_attention.wgsl`.
+    /// `shaders/decode_attention.wgsl` (the attention, its split path, evidence).
     DecodeAttention,
-    /// `shaders/prefill_attention.wgsl`.
+    /// `shaders/prefill_attention.wgsl` (the attention, its split path, evidence).
     PrefillAttention,
     /// `shaders/entmax_prefill.wgsl`.
     EntmaxPrefill,
@@ -51,10 +53,11 @@ pub enum ShaderId {
 
 impl ShaderId {
     /// Every shader, in a fixed order.
-    pub const ALL: [ShaderId; 15] = [
+    pub const ALL: [ShaderId; 16] = [
         ShaderId::SoftmaxRows,
         ShaderId::EntmaxRows,
         ShaderId::QkLogits,
+        ShaderId::ValueDistances,
         ShaderId::TopkRows,
         ShaderId::CountAbove,
         ShaderId::GatherRows,
@@ -75,6 +78,7 @@ impl ShaderId {
             ShaderId::SoftmaxRows => "softmax_rows",
             ShaderId::EntmaxRows => "entmax_rows",
             ShaderId::QkLogits => "qk_logits",
+            ShaderId::ValueDistances => "value_distances",
             ShaderId::TopkRows => "topk_rows",
             ShaderId::CountAbove => "count_above",
             ShaderId::GatherRows => "gather_rows",
@@ -106,11 +110,12 @@ impl ShaderId {
             ShaderId::SoftmaxRows => &["softmax_rows"],
             ShaderId::EntmaxRows => &["entmax_rows"],
             ShaderId::QkLogits => &["qk_logits"],
+            ShaderId::ValueDistances => &["value_distances"],
             ShaderId::TopkRows => &["topk_rows"],
             ShaderId::CountAbove => &["count_above"],
             ShaderId::GatherRows => &["gather_rows"],
-            ShaderId::CompactRows => &["compact_rows"],
-            ShaderId::ScatterRows => &["scatter_rows"],
+            ShaderId::CompactRows => &["compact_rows", "compact_rows_words"],
+            ShaderId::ScatterRows => &["scatter_rows", "scatter_rows_words"],
             ShaderId::MergeRows => &["merge_rows"],
             ShaderId::DecodeAttention => &[
                 "decode_attention",
@@ -118,6 +123,8 @@ impl ShaderId {
                 "decode_attention_norm",
                 "decode_attention_pv",
                 "decode_attention_reduce",
+                "decode_attention_ev_probs",
+                "decode_attention_ev_logits",
             ],
             ShaderId::PrefillAttention => &[
                 "prefill_attention",
@@ -125,6 +132,7 @@ impl ShaderId {
                 "prefill_attention_norm",
                 "prefill_attention_pv",
                 "prefill_attention_reduce",
+                "prefill_attention_evidence",
             ],
             ShaderId::EntmaxPrefill => &["entmax_prefill"],
             ShaderId::Pack => &["pack"],
@@ -138,6 +146,7 @@ impl ShaderId {
             ShaderId::SoftmaxRows => include_str!("../../shaders/softmax_rows.wgsl"),
             ShaderId::EntmaxRows => include_str!("../../shaders/entmax_rows.wgsl"),
             ShaderId::QkLogits => include_str!("../../shaders/qk_logits.wgsl"),
+            ShaderId::ValueDistances => include_str!("../../shaders/value_distances.wgsl"),
             ShaderId::TopkRows => include_str!("../../shaders/topk_rows.wgsl"),
             ShaderId::CountAbove => include_str!("../../shaders/count_above.wgsl"),
             ShaderId::GatherRows => include_str!("../../shaders/gather_rows.wgsl"),

@@ -12,7 +12,9 @@
 //! vector ISA the machine has; `KVSIEVE_ISA` narrows the list).
 //!
 //! GPU backends that find no device print `SKIPPED(<backend>): <reason>`;
-//! with `KVSIEVE_REQUIRE=<backend>[,<backend>]` a skip is a failure.
+//! with `KVSIEVE_REQUIRE=<backend>[,<backend>]` a skip is a failure. The `cuda`
+//! arm runs on the CPU SIMT simulator (feature `cuda-sim`) when there is no GPU,
+//! or always under `KVSIEVE_REQUIRE=cuda-sim`.
 
 /// True when the environment demands that `backend` runs.
 pub fn required(backend: &str) -> bool {
@@ -21,24 +23,48 @@ pub fn required(backend: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Reports a skip loudly, or panics when the backend is required.
+/// Reports a skip loudly, or panics when the backend is required (the `cuda` arm is also
+/// required by `cuda-sim`, the CUDA backend on its CPU simulator).
 pub fn skip(backend: &str, reason: &str) {
     assert!(
         !required(backend),
         "KVSIEVE_REQUIRE={backend} but the backend is unavailable: {reason}"
     );
+    assert!(
+        !(backend == "cuda" && required("cuda-sim")),
+        "KVSIEVE_REQUIRE=cuda-sim but the CUDA simulator is unavailable: {reason}"
+    );
     eprintln!("SKIPPED({backend}): {reason}");
 }
 
-/// The shared CUDA backend of this test binary (device 0, opened once so kernels compile
-/// once), or why it is unavailable.
+/// The shared CUDA backend of this test binary (opened once so kernels compile once), or
+/// why it is unavailable: device 0; with the feature `cuda-sim`, the CPU simulator when
+/// there is no device (unless `KVSIEVE_REQUIRE=cuda` demands a device) or when
+/// `KVSIEVE_REQUIRE=cuda-sim` asks for it.
 #[cfg(feature = "cuda")]
 pub fn cuda() -> Result<&'static kvsieve::cuda::CudaBackend, String> {
     static DEV: std::sync::OnceLock<Result<kvsieve::cuda::CudaBackend, String>> =
         std::sync::OnceLock::new();
-    DEV.get_or_init(|| kvsieve::cuda::CudaBackend::new(0).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(Clone::clone)
+    DEV.get_or_init(open_cuda).as_ref().map_err(Clone::clone)
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda() -> Result<kvsieve::cuda::CudaBackend, String> {
+    use kvsieve::cuda::CudaBackend;
+    #[cfg(feature = "cuda-sim")]
+    if required("cuda-sim") {
+        return CudaBackend::simulator().map_err(|e| e.to_string());
+    }
+    match CudaBackend::new(0) {
+        Ok(b) => Ok(b),
+        #[cfg(feature = "cuda-sim")]
+        Err(e) if !required("cuda") => {
+            let sim = CudaBackend::simulator().map_err(|s| format!("{e}; {s}"))?;
+            eprintln!("cuda: no device ({e}): the CUDA arm runs on the SIMT simulator");
+            Ok(sim)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The ISAs the `cpu` arm runs: every available one not above
