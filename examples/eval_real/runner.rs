@@ -5,11 +5,10 @@
 //!
 //! Prompts are prefilled in chunks, as an engine does with long prompts:
 //! policies that evict during prefill (H2O, TOVA, CAOTE, SnapKV, ...) do so
-//! after every chunk, so later chunks attend to the compressed cache. The
-//! first chunk is identical for every lane (nothing was evicted yet), so it
-//! is computed once and its q/k/v handed to every lane's session; that each
-//! lane's attention output then equals the first lane's is checked, not
-//! assumed.
+//! after every chunk, so later chunks attend to the compressed cache, and
+//! policies that select during prefill (TokenSelect, TidalDecode) restrict
+//! even the first chunk's attention. So every chunk, the first included,
+//! runs once per lane.
 
 use candle_core::Tensor;
 use kvsieve::candle::{CandleSession, SessionConfig};
@@ -106,40 +105,21 @@ impl<'m> Lanes<'m> {
             let n = toks.len();
             let last = ci + 1 == nchunks;
             let rows = Ragged::uniform(1, n).map_err(|e| e.to_string())?;
-            let shared = ci == 0;
-            let copies = if shared { 1 } else { p };
-            let ids: Vec<u32> = (0..copies).flat_map(|_| toks.iter().copied()).collect();
-            let pos: Vec<usize> = (0..copies).flat_map(|_| self.pos..self.pos + n).collect();
+            let ids: Vec<u32> = (0..p).flat_map(|_| toks.iter().copied()).collect();
+            let pos: Vec<usize> = (0..p).flat_map(|_| self.pos..self.pos + n).collect();
             let lanes = &mut self.lanes;
             let h = m.forward(m.embed(&ids)?, &pos, |l, Qkv { q, k, v }| {
                 let outs = lanes
                     .par_iter_mut()
                     .enumerate()
                     .map(|(i, lane)| {
-                        let (qi, ki, vi) = if shared {
-                            (q.clone(), k.clone(), v.clone())
-                        } else {
-                            (rows_of(&q, i, n)?, rows_of(&k, i, n)?, rows_of(&v, i, n)?)
-                        };
+                        let (qi, ki, vi) =
+                            (rows_of(&q, i, n)?, rows_of(&k, i, n)?, rows_of(&v, i, n)?);
                         lane.session
                             .prefill_chunk_layer(l, &rows, &qi, &ki, &vi, last)
                             .map_err(cerr)
                     })
                     .collect::<Result<Vec<_>, String>>()?;
-                if shared {
-                    for (i, o) in outs.iter().enumerate().skip(1) {
-                        let diff = (o - &outs[0])
-                            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-                            .map_err(cerr)?;
-                        if diff != 0.0 {
-                            return Err(format!(
-                                "layer {l}: lane {i}'s first-chunk attention differs from lane 0's by {diff}; \
-                                 this runner assumes policies act after a chunk's attention"
-                            ));
-                        }
-                    }
-                    return Ok(outs[0].clone());
-                }
                 Tensor::cat(&outs, 0).map_err(cerr)
             })?;
             for lane in &mut self.lanes {
@@ -147,16 +127,15 @@ impl<'m> Lanes<'m> {
             }
             self.pos += n;
             if last {
-                last_h = Some((h, n, copies));
+                last_h = Some((h, n));
             }
         }
-        let (h, n, copies) = last_h.ok_or("no prompt chunk")?;
+        let (h, n) = last_h.ok_or("no prompt chunk")?;
         let lasts: Vec<Tensor> = (0..p)
-            .map(|i| h.narrow(0, (i % copies) * n + n - 1, 1).map_err(cerr))
+            .map(|i| h.narrow(0, i * n + n - 1, 1).map_err(cerr))
             .collect::<Result<_, _>>()?;
         self.logits(&lasts)
     }
-
     /// One decode step: lane `i` feeds `tokens[i]`; returns each lane's
     /// next-token logits.
     pub fn step(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, String> {

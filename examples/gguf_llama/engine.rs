@@ -203,34 +203,32 @@ pub fn argmax(logits: &[f32]) -> u32 {
     (0..logits.len()).fold(0, |best, i| if logits[i] > logits[best] { i } else { best }) as u32
 }
 
-/// Policy `name` at `budget` for a model of `num_layers` layers: the
-/// conventions of `kvsieve::eval::policies::make_policy`, except that
-/// `tidal_decode` keeps the paper's layer schedule (dense layers 0–1,
-/// selection at layer 2, re-selection at layer 13 of deep models) rather
-/// than make_policy's shallow-trace one (select at layer 0, reuse it in
-/// every layer), which on SmolLM2's 30 layers multiplies perplexity by 5–10.
+/// Policy `name` at `budget` for a model of `num_layers` layers:
+/// `kvsieve::eval::policies::make_policy_for` (TidalDecode with the paper's
+/// layer roles: dense layers 0–1, selection at layer 2), plus, for deep
+/// models (more than 14 layers), TidalDecode's re-selection at layer 13 as
+/// the paper configures it for Llama-3-8B; on SmolLM2's 30 layers reusing
+/// layer 2's selection all the way up costs perplexity the re-selection
+/// recovers. The one policy helper of `gguf_llama` and `eval --model`.
 pub fn policy<B: TensorBackend + 'static>(
     name: &str,
     budget: usize,
     num_layers: usize,
 ) -> Result<Box<dyn KvPolicy<B, f32>>, String> {
+    use kvsieve::eval::policies::make_policy_for;
     use kvsieve::policy::{TidalDecode, TidalDecodeConfig};
-    if name == "tidal_decode" {
-        let start = 2.min(num_layers.saturating_sub(1));
-        let reselect = if num_layers > 14 { 13 } else { num_layers / 2 };
-        let cfg = TidalDecodeConfig {
-            k: budget,
-            sparse_layer_start: start,
-            reselect_layers: if reselect > start {
-                vec![reselect]
-            } else {
-                Vec::new()
-            },
-            ..TidalDecodeConfig::default()
-        };
-        // Budgets follow make_policy's rules (at least MIN_BUDGET).
-        kvsieve::eval::policies::make_policy::<B, f32>(name, budget).map_err(|e| e.to_string())?;
-        return Ok(Box::new(TidalDecode::new(cfg).map_err(|e| e.to_string())?));
+    // Budgets and names follow make_policy_for's rules.
+    let p = make_policy_for::<B, f32>(name, budget, num_layers).map_err(|e| e.to_string())?;
+    if name != "tidal_decode" || num_layers <= 14 {
+        return Ok(p);
     }
-    kvsieve::eval::policies::make_policy(name, budget).map_err(|e| e.to_string())
+    let cfg = TidalDecodeConfig {
+        k: budget,
+        sparse_layer_start: 2,
+        reselect_layers: vec![13],
+        ..TidalDecodeConfig::default()
+    };
+    Ok(Box::new(
+        TidalDecode::for_layers(cfg, num_layers).map_err(|e| e.to_string())?,
+    ))
 }
