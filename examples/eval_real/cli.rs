@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kvsieve::cpu::Cpu;
 use kvsieve::eval::policies::{MIN_BUDGET, POLICIES};
@@ -13,28 +14,130 @@ use super::runner::Spec;
 use super::tasks::{self, PasskeySetup, PplSetup};
 use super::tokenizer::GgufTokenizer;
 
-const HELP: &str = "usage: eval --model FILE.gguf [flags]   (feature candle)
-Quality of every KV policy on a real model: perplexity on real text with the
-cache compressed as in generation, and passkey retrieval.
-  --model FILE          a Llama-architecture GGUF file (SmolLM2-135M-Instruct: see README)
-  --text FILE           text for perplexity (default /usr/share/common-licenses/GPL-3)
-  --policies A,B,..     policies (default: all): POLICY_LIST
-  --budgets N,..        budgets for perplexity, tokens per KV head (default 128,256,512,1024)
-  --ppl-window N        tokens per perplexity window (default 4096); the text is cut into windows,
-                        a last shorter one kept when it has at least half a window
-  --ppl-prompt N        tokens of each window prefilled before scoring starts (default 512)
-  --ppl-windows N       at most N windows (default: every whole window of the text)
-  --passkey-lens N,..   passkey prompt lengths in tokens (default 1024,2048,4096)
-  --passkey-depths P,.. depths of the key in percent (default 10,30,50,70,90)
-  --passkey-budgets N,.. budgets for passkey (default 256)
-  --trials N            passkeys per (length, depth) (default 1)
-  --chunk N             prefill chunk in tokens (default 512)
-  --tasks ppl,passkey   which tasks (default both)
-  --weights MODE        f32 (default), f16 or quantized (see gguf_llama --help)
-  --seed N              passkey seed (default 7)
-  --out DIR             output directory (default out/eval_real)
-  --quiet               no progress bar
+const AFTER_HELP: &str = "Tables (stdout):
+  Perplexity: one row per policy, one column per budget (tokens per KV head);
+    a cell is perplexity / the full cache's perplexity over the same scored
+    tokens (1.0000 = no loss), with in parentheses the mean KV tokens per
+    (layer, KV head) the policy held while scoring.
+  Passkey: one row per policy and budget, one column per prompt length in
+    tokens; a cell is keys retrieved / trials over every depth.
+Files (--out): ppl.csv, passkey.csv, results.json (numbers as numbers),
+ppl_ratio_vs_budget.svg, passkey_vs_depth_b<B>.svg per passkey budget.
 Threads: RAYON_NUM_THREADS (matmuls, lanes); CANDLE_NUM_THREADS defaults to 1 here.";
+
+/// `eval --model FILE.gguf`: every KV policy on a real model.
+#[derive(Parser, Debug)]
+#[command(
+    name = "eval --model",
+    about = "Quality of every KV policy on a real model (feature candle): perplexity on real \
+             text with the cache compressed as in generation, and passkey retrieval.",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// A Llama-architecture GGUF file (SmolLM2-135M-Instruct: see README)
+    #[arg(long, value_name = "FILE")]
+    model: PathBuf,
+    /// Text for perplexity
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/usr/share/common-licenses/GPL-3"
+    )]
+    text: PathBuf,
+    /// Policies, comma-separated (default: all)
+    #[arg(long, value_name = "A,B,..", value_delimiter = ',', value_parser = parse_policy)]
+    policies: Vec<String>,
+    /// Budgets for perplexity, tokens per KV head
+    #[arg(long, value_name = "N,..", value_delimiter = ',', default_value = "128,256,512,1024",
+          value_parser = parse_budget)]
+    budgets: Vec<usize>,
+    /// Tokens per perplexity window; the text is cut into windows, a last
+    /// shorter one kept when it has at least half a window
+    #[arg(long = "ppl-window", value_name = "N", default_value_t = 4096)]
+    ppl_window: usize,
+    /// Tokens of each window prefilled before scoring starts
+    #[arg(long = "ppl-prompt", value_name = "N", default_value_t = 512)]
+    ppl_prompt: usize,
+    /// At most N windows (default: every whole window of the text)
+    #[arg(long = "ppl-windows", value_name = "N")]
+    ppl_windows: Option<usize>,
+    /// Passkey prompt lengths in tokens
+    #[arg(
+        long = "passkey-lens",
+        value_name = "N,..",
+        value_delimiter = ',',
+        default_value = "1024,2048,4096"
+    )]
+    passkey_lens: Vec<usize>,
+    /// Depths of the key in percent
+    #[arg(long = "passkey-depths", value_name = "P,..", value_delimiter = ',',
+          default_value = "10,30,50,70,90", value_parser = parse_percent)]
+    passkey_depths: Vec<usize>,
+    /// Budgets for passkey
+    #[arg(long = "passkey-budgets", value_name = "N,..", value_delimiter = ',',
+          default_value = "256", value_parser = parse_budget)]
+    passkey_budgets: Vec<usize>,
+    /// Passkeys per (length, depth)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_positive)]
+    trials: usize,
+    /// Prefill chunk in tokens
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = parse_positive)]
+    chunk: usize,
+    /// Which tasks
+    #[arg(long, value_name = "ppl,passkey", value_delimiter = ',',
+          default_value = "ppl,passkey", value_parser = ["ppl", "passkey"])]
+    tasks: Vec<String>,
+    /// f32, f16 or quantized (see gguf_llama --help)
+    #[arg(long, value_name = "MODE", default_value = "f32", value_parser = |s: &str| Weights::parse(s))]
+    weights: Weights,
+    /// Passkey seed
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    seed: u64,
+    /// Output directory
+    #[arg(long, value_name = "DIR", default_value = "out/eval_real")]
+    out: PathBuf,
+    /// No progress bar
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_policy(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if POLICIES.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown policy `{s}` (known: {})",
+            POLICIES.join(", ")
+        ))
+    }
+}
+
+fn parse_budget(s: &str) -> Result<usize, String> {
+    let b: usize = s.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if b < MIN_BUDGET {
+        return Err(format!(
+            "budget {b} is below the smallest budget, {MIN_BUDGET}"
+        ));
+    }
+    Ok(b)
+}
+
+fn parse_percent(s: &str) -> Result<usize, String> {
+    let d: usize = s.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if d > 100 {
+        return Err(format!("{d} is not a percentage"));
+    }
+    Ok(d)
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be positive".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}`: {e}")),
+    }
+}
 
 struct Args {
     model: PathBuf,
@@ -51,126 +154,55 @@ struct Args {
     quiet: bool,
 }
 
-fn list(flag: &str, v: Option<String>) -> Result<Vec<usize>, String> {
-    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
-    let out: Vec<usize> = v
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<usize>()
-                .map_err(|e| format!("{flag}: `{s}`: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
-    if out.is_empty() {
-        return Err(format!("{flag} needs at least one value"));
-    }
-    Ok(out)
-}
-
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        model: PathBuf::new(),
-        text: PathBuf::from("/usr/share/common-licenses/GPL-3"),
-        policies: POLICIES.iter().map(|s| s.to_string()).collect(),
-        budgets: vec![128, 256, 512, 1024],
-        ppl: PplSetup {
-            window: 4096,
-            prompt: 512,
-            windows: 0,
-            chunk: 512,
-        },
-        max_windows: None,
-        passkey: PasskeySetup {
-            lengths: vec![1024, 2048, 4096],
-            depths: vec![10, 30, 50, 70, 90],
-            trials: 1,
-            chunk: 512,
-            seed: 7,
-        },
-        passkey_budgets: vec![256],
-        tasks: vec!["ppl".into(), "passkey".into()],
-        weights: Weights::F32,
-        out: PathBuf::from("out/eval_real"),
-        quiet: false,
-    };
-    let mut it = std::env::args().skip(1);
-    let num = |flag: &str, v: Option<String>| -> Result<usize, String> {
-        v.ok_or_else(|| format!("{flag} needs a value"))?
-            .parse()
-            .map_err(|e| format!("{flag}: {e}"))
-    };
-    let mut model = None;
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--model" => model = Some(PathBuf::from(it.next().ok_or("--model needs a path")?)),
-            "--text" => a.text = it.next().ok_or("--text needs a path")?.into(),
-            "--policies" => {
-                let v = it.next().ok_or("--policies needs a value")?;
-                a.policies = v
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect();
-                if let Some(bad) = a.policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
-                    return Err(format!(
-                        "unknown policy `{bad}` (known: {})",
-                        POLICIES.join(", ")
-                    ));
-                }
-            }
-            "--budgets" => a.budgets = list(&flag, it.next())?,
-            "--ppl-window" => a.ppl.window = num(&flag, it.next())?,
-            "--ppl-prompt" => a.ppl.prompt = num(&flag, it.next())?,
-            "--ppl-windows" => a.max_windows = Some(num(&flag, it.next())?),
-            "--passkey-lens" => a.passkey.lengths = list(&flag, it.next())?,
-            "--passkey-depths" => a.passkey.depths = list(&flag, it.next())?,
-            "--passkey-budgets" => a.passkey_budgets = list(&flag, it.next())?,
-            "--trials" => a.passkey.trials = num(&flag, it.next())?,
-            "--chunk" => {
-                let c = num(&flag, it.next())?;
-                a.ppl.chunk = c;
-                a.passkey.chunk = c;
-            }
-            "--tasks" => {
-                let v = it.next().ok_or("--tasks needs a value")?;
-                a.tasks = v.split(',').map(|s| s.trim().to_string()).collect();
-                if let Some(bad) = a.tasks.iter().find(|t| *t != "ppl" && *t != "passkey") {
-                    return Err(format!("unknown task `{bad}` (ppl, passkey)"));
-                }
-            }
-            "--weights" => a.weights = Weights::parse(&it.next().ok_or("--weights needs a mode")?)?,
-            "--seed" => a.passkey.seed = num(&flag, it.next())? as u64,
-            "--out" => a.out = it.next().ok_or("--out needs a path")?.into(),
-            "--quiet" => a.quiet = true,
-            "-h" | "--help" => {
-                println!("{}", HELP.replace("POLICY_LIST", &POLICIES.join(", ")));
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown flag `{other}` (try --help)")),
+    let c = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(0);
         }
-    }
-    a.model = model.ok_or("--model needs a path")?;
-    for b in a.budgets.iter().chain(&a.passkey_budgets) {
-        if *b < MIN_BUDGET {
-            return Err(format!(
-                "budget {b} is below the smallest budget, {MIN_BUDGET}"
-            ));
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("").trim();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            return Err(format!("{first} (try --model FILE --help)"));
         }
-    }
-    if let Some(d) = a.passkey.depths.iter().find(|&&d| d > 100) {
-        return Err(format!("--passkey-depths: {d} is not a percentage"));
-    }
-    if a.ppl.chunk == 0 || a.passkey.trials == 0 {
-        return Err("--chunk and --trials must be positive".into());
-    }
-    if a.ppl.prompt == 0 || a.ppl.prompt >= a.ppl.window {
+    };
+    if c.ppl_prompt == 0 || c.ppl_prompt >= c.ppl_window {
         return Err(format!(
             "--ppl-prompt must be in 1..{} (the window)",
-            a.ppl.window
+            c.ppl_window
         ));
     }
-    Ok(a)
+    Ok(Args {
+        model: c.model,
+        text: c.text,
+        policies: if c.policies.is_empty() {
+            POLICIES.iter().map(|s| s.to_string()).collect()
+        } else {
+            c.policies
+        },
+        budgets: c.budgets,
+        ppl: PplSetup {
+            window: c.ppl_window,
+            prompt: c.ppl_prompt,
+            windows: 0,
+            chunk: c.chunk,
+        },
+        max_windows: c.ppl_windows,
+        passkey: PasskeySetup {
+            lengths: c.passkey_lens,
+            depths: c.passkey_depths,
+            trials: c.trials,
+            chunk: c.chunk,
+            seed: c.seed,
+        },
+        passkey_budgets: c.passkey_budgets,
+        tasks: c.tasks,
+        weights: c.weights,
+        out: c.out,
+        quiet: c.quiet,
+    })
 }
 
 /// The full cache first, then every other policy at every budget.
@@ -315,17 +347,24 @@ pub fn run() -> Result<(), String> {
             println!("{}", report::passkey_table(&rows, &args.passkey.lengths));
         }
     }
-    let meta = [
-        ("model", args.model.display().to_string()),
-        ("text", args.text.display().to_string()),
-        ("weights", format!("{:?}", args.weights)),
-        ("ppl_window", args.ppl.window.to_string()),
-        ("ppl_prompt", args.ppl.prompt.to_string()),
-        ("ppl_windows", args.ppl.windows.to_string()),
-        ("chunk", args.ppl.chunk.to_string()),
-        ("seconds", format!("{elapsed:.1}")),
-    ];
-    let mut written = report::write_files(&args.out, &ppl, &pk, &meta)
+    let meta = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "text": args.text.display().to_string(),
+        "weights": format!("{:?}", args.weights),
+        "policies": args.policies,
+        "budgets": args.budgets,
+        "ppl_window": args.ppl.window,
+        "ppl_prompt": args.ppl.prompt,
+        "ppl_windows": args.ppl.windows,
+        "passkey_lengths": args.passkey.lengths,
+        "passkey_depths": args.passkey.depths,
+        "passkey_budgets": args.passkey_budgets,
+        "trials": args.passkey.trials,
+        "chunk": args.ppl.chunk,
+        "seed": args.passkey.seed,
+        "seconds": (elapsed * 10.0).round() / 10.0,
+    });
+    let mut written = report::write_files(&args.out, &ppl, &pk, meta)
         .map_err(|e| format!("{}: {e}", args.out.display()))?;
     if do_ppl {
         written.push(
