@@ -99,6 +99,14 @@ impl<'m> Lanes<'m> {
         }
         self.check_fits(tokens.len())?;
         let (m, p) = (self.model, self.lanes.len());
+        // No chunk longer than any lane's policy asks for (TokenSelect:
+        // its local window), as an engine honours `prefill_block`.
+        let chunk = self
+            .lanes
+            .iter()
+            .filter_map(|l| l.session.session().policy().capabilities().prefill_block)
+            .fold(chunk, usize::min)
+            .max(1);
         let nchunks = tokens.len().div_ceil(chunk);
         let mut last_h = None;
         for (ci, toks) in tokens.chunks(chunk).enumerate() {

@@ -81,9 +81,9 @@ impl<'m, B: TensorBackend> Engine<'m, B> {
         }
     }
 
-    /// Runs `tokens` (a prompt chunk when `n > 1`, a decode step when it is
-    /// one token after a prefill) and returns the hidden states `[n, dim]`.
-    fn run(&mut self, tokens: &[u32], decode: bool) -> Result<Tensor, String> {
+    /// Runs `tokens` (a decode step with `decode`, else a prompt chunk, the
+    /// prompt's `last` one or not) and returns the hidden states `[n, dim]`.
+    fn run(&mut self, tokens: &[u32], decode: bool, last: bool) -> Result<Tensor, String> {
         let m = self.model;
         let n = tokens.len();
         if n == 0 {
@@ -105,7 +105,7 @@ impl<'m, B: TensorBackend> Engine<'m, B> {
                     if decode {
                         Ok(s.decode_layer(l, &q, &k, &v).map_err(cerr)?.0)
                     } else {
-                        s.prefill_chunk_layer(l, &rows, &q, &k, &v, true)
+                        s.prefill_chunk_layer(l, &rows, &q, &k, &v, last)
                             .map_err(cerr)
                     }
                 })?;
@@ -133,13 +133,25 @@ impl<'m, B: TensorBackend> Engine<'m, B> {
         Ok(h)
     }
 
-    /// Prefills `tokens` in one chunk; returns the logits of every position
-    /// (`all`) or of the last one: `[rows, vocab]`.
+    /// Prefills `tokens` — in one chunk, or in chunks of the policy's
+    /// `prefill_block` when it asks for them (TokenSelect) — and returns the
+    /// logits of every position (`all`) or of the last one: `[rows, vocab]`.
     pub fn prefill(&mut self, tokens: &[u32], all: bool) -> Result<Tensor, String> {
-        if self.pos != 0 {
-            return Err("prefill runs once, at position 0".into());
+        if self.pos != 0 || tokens.is_empty() {
+            return Err("prefill runs once, at position 0, on a non-empty prompt".into());
         }
-        let h = self.run(tokens, false)?;
+        let block = match &self.attn {
+            Attention::Kvsieve(s) => s.session().policy().capabilities().prefill_block,
+            Attention::Candle(_) => None,
+        };
+        let chunk = block.unwrap_or(tokens.len()).max(1);
+        let nchunks = tokens.len().div_ceil(chunk);
+        let hs = tokens
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, c)| self.run(c, false, i + 1 == nchunks))
+            .collect::<Result<Vec<_>, _>>()?;
+        let h = Tensor::cat(&hs, 0).map_err(cerr)?;
         let h = if all {
             h
         } else {
@@ -153,7 +165,7 @@ impl<'m, B: TensorBackend> Engine<'m, B> {
         if self.pos == 0 {
             return Err("decode needs a prefilled prompt".into());
         }
-        let h = self.run(&[token], true)?;
+        let h = self.run(&[token], true, false)?;
         self.model
             .logits(&h)
             .and_then(|t| t.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr))
