@@ -18,10 +18,10 @@
 //! `results.csv`, `results.json` and `error_vs_budget.svg` to `--out`
 //! (default `out/eval`).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvsieve::attention::{LayerInput, Session, SessionConfig};
 use kvsieve::eval::io::load;
@@ -31,21 +31,83 @@ use kvsieve::ops::{self, QkParams};
 use kvsieve::policy::{Dam, DamConfig, KvPolicy};
 use kvsieve::reference::Reference;
 use kvsieve::{HeadGeometry, IndexList, Normalizer, Ops, Ragged, Restrict, Scope, Segments};
+use serde::Serialize;
 
-const HELP: &str = "usage: eval [flags]
-  --backend NAME      cpu (default: SIMD + rayon) or reference (the f64 specification)
-  --policies A,B,..   policies to run (default: all): POLICY_LIST, dam (calibrated
-                      on the prompt's first 128 tokens)
-  --budgets N,N,..    per-head token budgets (default 64,128,256)
-  --prompt-len N      synthetic prompt length (default 1024)
-  --steps N           synthetic decode steps (default 32)
-  --layers N          synthetic layers (default 4; TidalDecode uses the paper's
-                      layer roles — dense 0-1, selection 2 — from 3 layers on)
-  --seed N            synthetic trace seed (default 7)
-  --trace PATH        load a captured trace (.safetensors file or npy directory) instead
-  --no-entmax         skip the entmax attention rows
-  --out DIR           output directory (default out/eval)
-  --quiet             no progress bar";
+#[path = "eval_common/plot.rs"]
+mod plot;
+
+/// Flags of the synthetic / captured-trace run (`eval --model FILE.gguf`
+/// has its own, see `examples/eval_real/cli.rs`).
+#[derive(Parser, Debug)]
+#[command(
+    name = "eval",
+    about = "Quality, memory and speed of every KV policy (and entmax attention) over a budget \
+             sweep, on a synthetic long-context trace or a captured one.",
+    after_help = COLUMNS_HELP
+)]
+struct Cli {
+    /// cpu (SIMD + rayon) or reference (the f64 specification)
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "reference"])]
+    backend: String,
+    /// Policies to run, comma-separated (default: all, then dam, calibrated
+    /// on the prompt's first 128 tokens)
+    #[arg(long, value_name = "A,B,..", value_delimiter = ',', value_parser = parse_policy)]
+    policies: Vec<String>,
+    /// Per-head token budgets, comma-separated
+    #[arg(long, value_name = "N,N,..", value_delimiter = ',', default_value = "64,128,256",
+          value_parser = parse_budget)]
+    budgets: Vec<usize>,
+    /// Synthetic prompt length in tokens
+    #[arg(long = "prompt-len", value_name = "N", default_value_t = 1024)]
+    prompt_len: usize,
+    /// Synthetic decode steps
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    steps: usize,
+    /// Synthetic layers (TidalDecode uses the paper's layer roles — dense
+    /// 0-1, selection 2 — from 3 layers on)
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    layers: usize,
+    /// Synthetic trace seed
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    seed: u64,
+    /// Load a captured trace (.safetensors file or npy directory) instead
+    #[arg(long, value_name = "PATH")]
+    trace: Option<PathBuf>,
+    /// Skip the entmax attention rows
+    #[arg(long = "no-entmax")]
+    no_entmax: bool,
+    /// Output directory
+    #[arg(long, value_name = "DIR", default_value = "out/eval")]
+    out: PathBuf,
+    /// No progress bar
+    #[arg(long)]
+    quiet: bool,
+    /// Evaluate a real GGUF model instead: perplexity and passkey per policy
+    /// (feature candle; `eval --model FILE.gguf --help` lists its flags)
+    #[arg(long, value_name = "FILE.gguf")]
+    model: Option<PathBuf>,
+}
+
+fn parse_policy(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if POLICIES.contains(&s) || s == "dam" {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "unknown policy `{s}` (known: {}, dam)",
+            POLICIES.join(", ")
+        ))
+    }
+}
+
+/// A budget of at least [`MIN_BUDGET`] tokens.
+fn parse_budget(s: &str) -> Result<usize, String> {
+    let b: usize = s.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
+    if b < MIN_BUDGET {
+        return Err(format!("{b} is below the smallest budget, {MIN_BUDGET}"));
+    }
+    Ok(b)
+}
 
 struct Args {
     backend: String,
@@ -58,103 +120,116 @@ struct Args {
     quiet: bool,
 }
 
+/// Parses the command line; `--help` prints and exits 0, errors become a
+/// one-line `eval: ...` message (exit 2, as every other error).
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        backend: "cpu".into(),
-        policies: POLICIES
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help (and --version): clap's text on stdout.
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => return Err(clap_message(&e)),
+    };
+    let policies = if cli.policies.is_empty() {
+        POLICIES
             .iter()
             .chain(&["dam"])
             .map(|s| s.to_string())
-            .collect(),
-        budgets: vec![64, 128, 256],
+            .collect()
+    } else {
+        cli.policies
+    };
+    Ok(Args {
+        backend: cli.backend,
+        policies,
+        budgets: cli.budgets,
         trace_cfg: TraceConfig {
-            layers: 4,
-            prompt_len: 1024,
-            decode_steps: 32,
+            layers: cli.layers,
+            prompt_len: cli.prompt_len,
+            decode_steps: cli.steps,
+            seed: cli.seed,
             ..TraceConfig::default()
         },
-        trace: None,
-        entmax: true,
-        out: PathBuf::from("out/eval"),
-        quiet: false,
-    };
-    let mut it = std::env::args().skip(1);
-    let num = |flag: &str, v: Option<String>| -> Result<usize, String> {
-        v.ok_or_else(|| format!("{flag} needs a value"))?
-            .parse()
-            .map_err(|e| format!("{flag}: {e}"))
-    };
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "--backend" => a.backend = it.next().ok_or("--backend needs a value")?,
-            "--policies" => {
-                let v = it.next().ok_or("--policies needs a value")?;
-                a.policies = v
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect();
-                if let Some(bad) = a
-                    .policies
-                    .iter()
-                    .find(|p| !POLICIES.contains(&p.as_str()) && p.as_str() != "dam")
-                {
-                    return Err(format!(
-                        "unknown policy `{bad}` (known: {}, dam)",
-                        POLICIES.join(", ")
-                    ));
-                }
-            }
-            "--budgets" => {
-                let v = it.next().ok_or("--budgets needs a value")?;
-                a.budgets = v
-                    .split(',')
-                    .map(|s| {
-                        s.trim()
-                            .parse::<usize>()
-                            .map_err(|e| format!("--budgets: `{s}`: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                if a.budgets.is_empty() {
-                    return Err("--budgets needs at least one value".into());
-                }
-                if let Some(b) = a.budgets.iter().find(|&&b| b < MIN_BUDGET) {
-                    return Err(format!(
-                        "--budgets: {b} is below the smallest budget, {MIN_BUDGET}"
-                    ));
-                }
-            }
-            "--prompt-len" => a.trace_cfg.prompt_len = num(&flag, it.next())?,
-            "--steps" => a.trace_cfg.decode_steps = num(&flag, it.next())?,
-            "--layers" => a.trace_cfg.layers = num(&flag, it.next())?,
-            "--seed" => a.trace_cfg.seed = num(&flag, it.next())? as u64,
-            "--trace" => a.trace = Some(PathBuf::from(it.next().ok_or("--trace needs a path")?)),
-            "--no-entmax" => a.entmax = false,
-            "--out" => a.out = PathBuf::from(it.next().ok_or("--out needs a directory")?),
-            "--quiet" => a.quiet = true,
-            "-h" | "--help" => {
-                println!("{}", HELP.replace("POLICY_LIST", &POLICIES.join(", ")));
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown flag `{other}` (try --help)")),
-        }
-    }
-    Ok(a)
+        trace: cli.trace,
+        entmax: !cli.no_entmax,
+        out: cli.out,
+        quiet: cli.quiet,
+    })
 }
 
+/// clap's error as one line (without its `error: ` prefix and usage block).
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or("").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("{first} (try --help)")
+}
+
+#[path = "eval_real/mod.rs"]
+mod eval_real;
+
 fn main() {
+    if std::env::args().skip(1).any(|a| a == "--model") {
+        return eval_real::main(); // a real model (feature candle): examples/eval_real/
+    }
     if let Err(e) = run() {
         eprintln!("eval: {e}");
         std::process::exit(2);
     }
 }
 
+/// Bytes of memory the run needs, roughly: the trace, the cache and uploads
+/// (twice the trace), and three `[step][layer][head][token]` tables (full
+/// logits, the full cache's and a policy's attended positions).
+fn memory_needed(c: &TraceConfig) -> Option<u128> {
+    let t = (c.prompt_len as u128).checked_add(c.decode_steps as u128)?;
+    let l = c.layers as u128;
+    let trace = l * t * ((c.q_heads + 2 * c.kv_heads) as u128) * (c.head_dim as u128) * 4;
+    let tables = 3 * (c.decode_steps as u128) * l * (c.q_heads as u128) * t * 4;
+    trace.checked_mul(2)?.checked_add(tables)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (Linux), else `None`.
+fn memory_available() -> Option<u128> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let trace = match &args.trace {
         Some(p) => load(p)?,
-        None => Trace::synthetic(&args.trace_cfg)?,
+        None => {
+            let c = &args.trace_cfg;
+            c.validate()?;
+            let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+            match (memory_needed(c), memory_available()) {
+                (None, _) => {
+                    return Err(format!(
+                        "--prompt-len {} / --steps {} / --layers {}: the trace's size overflows",
+                        c.prompt_len, c.decode_steps, c.layers
+                    )
+                    .into());
+                }
+                (Some(need), Some(avail)) if need > avail => {
+                    return Err(format!(
+                        "--prompt-len {} / --steps {} / --layers {} need about {:.1} GiB, more than the {:.1} GiB available",
+                        c.prompt_len,
+                        c.decode_steps,
+                        c.layers,
+                        gib(need),
+                        gib(avail)
+                    )
+                    .into());
+                }
+                _ => {}
+            }
+            Trace::synthetic(c)?
+        }
     };
     if trace.decode_steps == 0 {
         return Err("the trace has no decode steps to evaluate".into());
@@ -625,15 +700,19 @@ fn evaluate<B: Ops + Clone + 'static>(
         );
     }
     println!("{COLUMNS}");
-    write_outputs(&args.out, &rows)?;
+    let written = write_outputs(&args.out, &rows, &args.budgets)?;
     println!(
-        "wrote {0}/results.csv, {0}/results.json, {0}/error_vs_budget.svg",
-        args.out.display()
+        "wrote {}",
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
 
-/// What the table's columns mean (printed under it).
+/// What the table's columns mean (printed under it and in `--help`).
 const COLUMNS: &str = "columns: err = relative L2 error of each head's output against full attention \
 (mean, p95); mass = full-softmax attention mass on the tokens attended; needles = planted \
 tokens attended at the step that needs them; KV bytes / alloc = K+V in use / allocated after \
@@ -642,128 +721,149 @@ driver step (append, policy hooks, attention with evidence, plan applied); attn 
 attention alone over the cache the step left (same selection); x attn = their ratio: what \
 the policy adds; GB/s = KV bytes read per step time.";
 
-fn write_outputs(dir: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut csv = std::fs::File::create(dir.join("results.csv"))?;
-    writeln!(
-        csv,
-        "method,budget,err_mean,err_p95,mass,needle_recall,kv_bytes,kv_alloc,kv_fraction,read_fraction,ms_per_step,attn_ms,gbps"
-    )?;
-    let mut json = String::from("[\n");
-    for (i, r) in rows.iter().enumerate() {
-        let recall = r.recall.map_or(String::new(), |x| format!("{x:.6}"));
-        writeln!(
-            csv,
-            "{},{},{:.6e},{:.6e},{:.6},{},{},{},{:.6},{:.6},{:.6},{:.6},{:.4}",
-            r.method,
-            r.budget,
-            r.err_mean,
-            r.err_p95,
-            r.mass,
-            recall,
-            r.kv_bytes,
-            r.kv_alloc,
-            r.kv_fraction,
-            r.read_fraction,
-            r.ms_per_step,
-            r.attn_ms,
-            r.gbps
-        )?;
-        json.push_str(&format!(
-            "  {{\"method\": \"{}\", \"budget\": \"{}\", \"err_mean\": {:e}, \"err_p95\": {:e}, \"mass\": {}, \"needle_recall\": {}, \"kv_bytes\": {}, \"kv_alloc\": {}, \"kv_fraction\": {}, \"read_fraction\": {}, \"ms_per_step\": {}, \"attn_ms\": {}, \"gbps\": {}}}{}\n",
-            r.method,
-            r.budget,
-            r.err_mean,
-            r.err_p95,
-            r.mass,
-            r.recall.map_or("null".into(), |x| x.to_string()),
-            r.kv_bytes,
-            r.kv_alloc,
-            r.kv_fraction,
-            r.read_fraction,
-            r.ms_per_step,
-            r.attn_ms,
-            r.gbps,
-            if i + 1 < rows.len() { "," } else { "" }
-        ));
-    }
-    json.push_str("]\n");
-    std::fs::write(dir.join("results.json"), json)?;
-    plot(&dir.join("error_vs_budget.svg"), rows)
+/// `--help`'s epilogue: the table's columns and the files written.
+const COLUMNS_HELP: &str = "The table (one row per policy and budget):
+  method    the policy, or entmax_1.5 / entmax_2 (full cache, entmax attention)
+  budget    tokens kept (or attended) per KV head; `all` for the full cache,
+            `adaptive` for entmax, `calibrated` for DAM
+  err mean  relative L2 error of each query head's attention output against
+  err p95   full softmax attention over the whole cache (mean, 95th percentile)
+  mass      full-softmax attention mass on the tokens the method attended
+  needles   planted tokens attended at the decode step whose query targets
+            them (synthetic traces; `-` otherwise)
+  KV bytes  K+V bytes in use / allocated after the run
+  KV alloc
+  KV kept   KV bytes in use against the full cache
+  KV read   KV rows read per step against the rows cached
+  ms/step   one driver step: append, policy hooks, attention with evidence,
+            plan applied (all layers)
+  attn ms   the attention alone over the cache the step left (same selection)
+  x attn    ms/step / attn ms: what the policy adds to attention
+  GB/s      KV bytes read per step time
+Writes results.csv, results.json (numbers as numbers; budget null when not a
+token count) and error_vs_budget.svg to --out.
+Real models: eval --model FILE.gguf --help (feature candle).";
+
+/// One row of `results.csv` / `results.json`.
+#[derive(Serialize)]
+struct Record<'a> {
+    method: &'a str,
+    /// Tokens per KV head; `None` for the full cache, entmax and DAM.
+    budget: Option<usize>,
+    /// `tokens`, `all`, `adaptive` or `calibrated`.
+    budget_kind: &'a str,
+    err_mean: f64,
+    err_p95: f64,
+    mass: f64,
+    needle_recall: Option<f64>,
+    kv_bytes: usize,
+    kv_alloc: usize,
+    kv_fraction: f64,
+    read_fraction: f64,
+    ms_per_step: f64,
+    attn_ms: f64,
+    gbps: f64,
 }
 
-/// Mean relative error against budget, one line per policy (log-log).
-fn plot(path: &std::path::Path, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    let series: Vec<(String, Vec<(f64, f64)>)> = {
-        let mut names: Vec<&str> = rows
-            .iter()
-            .filter(|r| r.budget.parse::<usize>().is_ok())
-            .map(|r| r.method.as_str())
-            .collect();
-        names.dedup();
-        names
-            .into_iter()
-            .map(|n| {
-                let pts = rows
-                    .iter()
-                    .filter(|r| r.method == n)
-                    .filter_map(|r| Some((r.budget.parse::<f64>().ok()?, r.err_mean.max(1e-6))))
-                    .collect();
-                (n.to_string(), pts)
-            })
-            .collect()
-    };
-    let xs: Vec<f64> = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.0))
-        .collect();
-    let ys: Vec<f64> = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.1))
-        .collect();
-    if xs.is_empty() {
-        return Ok(());
+impl Row {
+    fn record(&self) -> Record<'_> {
+        let budget = self.budget.parse::<usize>().ok();
+        Record {
+            method: &self.method,
+            budget,
+            budget_kind: if budget.is_some() {
+                "tokens"
+            } else {
+                &self.budget
+            },
+            err_mean: self.err_mean,
+            err_p95: self.err_p95,
+            mass: self.mass,
+            needle_recall: self.recall,
+            kv_bytes: self.kv_bytes,
+            kv_alloc: self.kv_alloc,
+            kv_fraction: self.kv_fraction,
+            read_fraction: self.read_fraction,
+            ms_per_step: self.ms_per_step,
+            attn_ms: self.attn_ms,
+            gbps: self.gbps,
+        }
     }
-    let (x0, x1) = (
-        xs.iter().copied().fold(f64::MAX, f64::min),
-        xs.iter().copied().fold(0.0, f64::max),
-    );
-    let (y0, y1) = (
-        ys.iter().copied().fold(f64::MAX, f64::min),
-        ys.iter().copied().fold(0.0, f64::max),
-    );
-    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("attention output error vs KV budget", ("sans-serif", 22))
-        .margin(20)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (x0 * 0.8..x1 * 1.25).log_scale(),
-            (y0 * 0.5..y1 * 2.0).log_scale(),
-        )?;
-    chart
-        .configure_mesh()
-        .x_desc("budget (tokens per KV head)")
-        .y_desc("mean relative L2 error")
-        .draw()?;
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).mix(0.9);
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-            .label(name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+}
+
+/// Writes `results.csv` (the `csv` crate), `results.json` (`serde_json`)
+/// and, when some policy ran at a budget, `error_vs_budget.svg`; returns
+/// the paths written.
+fn write_outputs(
+    dir: &std::path::Path,
+    rows: &[Row],
+    budgets: &[usize],
+) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let records: Vec<Record> = rows.iter().map(Row::record).collect();
+    let mut written = Vec::new();
+    let path = dir.join("results.csv");
+    let mut csv = csv::Writer::from_path(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for r in &records {
+        csv.serialize(r)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    csv.flush()?;
+    written.push(path);
+    let path = dir.join("results.json");
+    let json = serde_json::to_string_pretty(&records)?;
+    std::fs::write(&path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    written.push(path);
+    let path = dir.join("error_vs_budget.svg");
+    if plot_errors(&path, rows, budgets)? {
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Mean relative error against budget, one line per policy (log-log),
+/// ticks at the budgets run. `Ok(false)`: no policy ran at a budget, no
+/// plot written.
+fn plot_errors(
+    path: &std::path::Path,
+    rows: &[Row],
+    budgets: &[usize],
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.budget.parse::<usize>().is_ok()) {
+        if !names.contains(&r.method.as_str()) {
+            names.push(&r.method);
+        }
+    }
+    let series: plot::Series = names
+        .into_iter()
+        .map(|n| {
+            let pts = rows
+                .iter()
+                .filter(|r| r.method == n)
+                .filter_map(|r| Some((r.budget.parse::<f64>().ok()?, r.err_mean.max(1e-6))))
+                .collect();
+            (n.to_string(), pts)
+        })
+        .collect();
+    if series.is_empty() {
+        return Ok(false);
+    }
+    plot::line_plot(
+        path,
+        "attention output error vs KV budget",
+        &plot::Axis {
+            desc: "budget (tokens per KV head)",
+            log: true,
+            ticks: budgets.iter().map(|&b| (b as f64, b.to_string())).collect(),
+            range: None,
+        },
+        &plot::Axis {
+            desc: "mean relative L2 error (log scale)",
+            log: true,
+            ticks: Vec::new(),
+            range: None,
+        },
+        &series,
+    )?;
+    Ok(true)
 }

@@ -44,6 +44,8 @@
 pub mod attention;
 pub mod backend;
 pub mod cache;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -1,30 +1,35 @@
 //! The integration an engine author copies: a Llama forward pass whose
 //! attention goes through a kvsieve [`Session`] — one layer at a time, the
-//! way an engine runs — with any KV policy.
+//! way an engine runs — with any KV policy, on any backend.
 
 use kvsieve::attention::{LayerInput, Session, SessionConfig};
 use kvsieve::policy::KvPolicy;
-use kvsieve::reference::Reference;
-use kvsieve::{HeadGeometry, Ragged};
+use kvsieve::{HeadGeometry, Ops, Ragged};
 
 use super::model::Model;
 
-type Dyn = Box<dyn KvPolicy<Reference, f32>>;
+/// A policy for backend `B`.
+pub type Dyn<B> = Box<dyn KvPolicy<B, f32>>;
 
-/// A model plus a kvsieve session (one sequence).
-pub struct Engine<'m> {
+/// A model plus a kvsieve session (one sequence) on backend `B`.
+pub struct Engine<'m, B: Ops> {
     model: &'m Model,
-    session: Session<Reference, f32>,
+    backend: B,
+    session: Session<B, f32>,
     /// Position of the next token.
     pos: usize,
 }
 
-impl<'m> Engine<'m> {
-    pub fn new(model: &'m Model, policy: Dyn) -> kvsieve::Result<Self> {
+fn err(e: kvsieve::Error) -> String {
+    e.to_string()
+}
+
+impl<'m, B: Ops + Clone> Engine<'m, B> {
+    pub fn new(model: &'m Model, backend: B, policy: Dyn<B>) -> kvsieve::Result<Self> {
         let c = model.cfg;
         let geom = HeadGeometry::new(c.n_heads, c.n_kv_heads, c.head_dim())?;
         let session = Session::new(
-            Reference,
+            backend.clone(),
             geom,
             1,
             c.n_layers,
@@ -33,6 +38,7 @@ impl<'m> Engine<'m> {
         )?;
         Ok(Self {
             model,
+            backend,
             session,
             pos: 0,
         })
@@ -52,7 +58,7 @@ impl<'m> Engine<'m> {
             .iter()
             .map(|&t| m.embed(t))
             .collect::<Result<_, _>>()?;
-        let rows = Ragged::uniform(1, n).map_err(|e| e.to_string())?;
+        let rows = Ragged::uniform(1, n).map_err(err)?;
         for l in 0..m.cfg.n_layers {
             let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
             for (i, x) in xs.iter().enumerate() {
@@ -61,6 +67,12 @@ impl<'m> Engine<'m> {
                 k.extend(ki);
                 v.extend(vi);
             }
+            let be = &self.backend;
+            let (q, k, v) = (
+                be.upload(&q).map_err(err)?,
+                be.upload(&k).map_err(err)?,
+                be.upload(&v).map_err(err)?,
+            );
             let input = LayerInput {
                 q: &q,
                 k: &k,
@@ -69,7 +81,8 @@ impl<'m> Engine<'m> {
             let att = self
                 .session
                 .prefill_chunk_layer(l, &rows, &input, true)
-                .map_err(|e| e.to_string())?;
+                .map_err(err)?;
+            let att = self.backend.download(&att).map_err(err)?;
             let w = m.cfg.dim;
             for (i, x) in xs.iter_mut().enumerate() {
                 m.finish_layer(l, x, &att[i * w..(i + 1) * w]);
@@ -92,6 +105,12 @@ impl<'m> Engine<'m> {
         let mut x = m.embed(token)?;
         for l in 0..m.cfg.n_layers {
             let (q, k, v) = m.qkv(l, &x, self.pos);
+            let be = &self.backend;
+            let (q, k, v) = (
+                be.upload(&q).map_err(err)?,
+                be.upload(&k).map_err(err)?,
+                be.upload(&v).map_err(err)?,
+            );
             let (att, _selection) = self
                 .session
                 .decode_layer(
@@ -102,7 +121,8 @@ impl<'m> Engine<'m> {
                         v: &v,
                     },
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(err)?;
+            let att = self.backend.download(&att).map_err(err)?;
             m.finish_layer(l, &mut x, &att);
         }
         self.session.end_decode_step();
@@ -133,9 +153,10 @@ pub fn argmax(logits: &[f32]) -> usize {
 }
 
 /// Perplexity of `tokens[prompt..]` given `tokens[..prompt]` (teacher forcing).
-pub fn perplexity(
+pub fn perplexity<B: Ops + Clone>(
     model: &Model,
-    policy: Dyn,
+    backend: &B,
+    policy: Dyn<B>,
     tokens: &[usize],
     prompt: usize,
 ) -> Result<(f64, usize), String> {
@@ -145,7 +166,7 @@ pub fn perplexity(
             tokens.len()
         ));
     }
-    let mut e = Engine::new(model, policy).map_err(|e| e.to_string())?;
+    let mut e = Engine::new(model, backend.clone(), policy).map_err(err)?;
     let mut logits = e.prefill(&tokens[..prompt])?;
     let mut total = 0.0;
     for i in prompt..tokens.len() {
@@ -158,13 +179,14 @@ pub fn perplexity(
 }
 
 /// Greedy continuation of `prompt` for `n` tokens.
-pub fn greedy(
+pub fn greedy<B: Ops + Clone>(
     model: &Model,
-    policy: Dyn,
+    backend: &B,
+    policy: Dyn<B>,
     prompt: &[usize],
     n: usize,
 ) -> Result<Vec<usize>, String> {
-    let mut e = Engine::new(model, policy).map_err(|e| e.to_string())?;
+    let mut e = Engine::new(model, backend.clone(), policy).map_err(err)?;
     let mut logits = e.prefill(prompt)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -175,4 +197,54 @@ pub fn greedy(
         }
     }
     Ok(out)
+}
+
+/// What [`generate`] produced.
+pub struct Generated {
+    /// The new tokens (not the prompt).
+    pub tokens: Vec<usize>,
+    /// Seconds spent in the prompt's prefill (including its first token).
+    pub prefill_s: f64,
+    /// Seconds spent in decode steps.
+    pub decode_s: f64,
+}
+
+/// Greedy generation as llama2.c's `run.c` does at temperature 0: prefill
+/// `prompt`, then up to `n` argmax tokens, each handed to `emit(prev, token)`
+/// as soon as it is chosen. Stops early at `stop` (llama2.c: BOS, its
+/// sequence delimiter) or when the next position would pass `seq_len`.
+pub fn generate<B: Ops + Clone>(
+    model: &Model,
+    backend: &B,
+    policy: Dyn<B>,
+    prompt: &[usize],
+    n: usize,
+    stop: Option<usize>,
+    mut emit: impl FnMut(usize, usize) -> Result<(), String>,
+) -> Result<Generated, String> {
+    let mut e = Engine::new(model, backend.clone(), policy).map_err(err)?;
+    let t0 = std::time::Instant::now();
+    let mut logits = e.prefill(prompt)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let mut tokens = Vec::with_capacity(n);
+    let mut prev = *prompt.last().ok_or("empty prompt")?;
+    while tokens.len() < n {
+        let t = argmax(&logits);
+        if Some(t) == stop {
+            break;
+        }
+        emit(prev, t)?;
+        tokens.push(t);
+        prev = t;
+        if tokens.len() == n || e.pos >= model.cfg.seq_len {
+            break;
+        }
+        logits = e.step(t)?;
+    }
+    Ok(Generated {
+        tokens,
+        prefill_s,
+        decode_s: t1.elapsed().as_secs_f64(),
+    })
 }

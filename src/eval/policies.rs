@@ -12,7 +12,7 @@
 //! | `caote_h2o`, `caote_tova`, `caote_snapkv` | [`Caote`] over that scorer | as the base policy |
 //! | `fastcaote_h2o` | [`Caote`] with the mean value | as H2O |
 //! | `ems` | [`Ems`] | window `min(32, B/2)`, B8 defaults |
-//! | `token_select` | [`TokenSelect`] (selection only, cache kept) | 4 sinks + `B/8` local + top-k of the rest |
+//! | `token_select` | [`TokenSelect`] (selection only, cache kept) | 4 sinks + `B/8` local + top-k of the rest; prefill chunks of `B/8` tokens |
 //! | `tidal_decode` | [`TidalDecode`] (selection only) | top-`B` per query head; with [`make_policy_for`] and 3+ layers the paper's roles (dense layers 0–1, selection at 2, reused by every later layer), else selected at layer 0 |
 
 use crate::backend::Ops;
@@ -141,6 +141,11 @@ pub fn make_policy<B: Ops + 'static, T: Element>(
                 n_init: 4,
                 n_local,
                 k: budget - 4 - n_local,
+                // Prefill chunks (the policy's `prefill_block`) no longer
+                // than the local window, as in the paper (both 512): a
+                // longer chunk would hide most of a chunk's own earlier
+                // tokens from its queries.
+                chunk: n_local,
                 ..TokenSelectConfig::default()
             })?)
         }
