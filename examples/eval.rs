@@ -402,10 +402,24 @@ struct RunOut {
     kept: Vec<Vec<Vec<Vec<u32>>>>,
     kv_bytes: usize,
     kv_alloc: usize,
-    secs: f64,
-    /// The attention alone over the cache after each step (same restriction).
-    attn_secs: f64,
+    /// Seconds of each decode step (all layers).
+    secs: Vec<f64>,
+    /// The attention alone over the cache after each step (same
+    /// restriction), per step.
+    attn_secs: Vec<f64>,
     bytes_read: f64,
+}
+
+/// Median of per-step times (robust to a busy machine's spikes; 0 when
+/// there are none).
+fn median(x: &[f64]) -> f64 {
+    let mut v = x.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
 }
 
 fn run_session<B: Ops + Clone + 'static>(
@@ -442,13 +456,14 @@ fn run_session<B: Ops + Clone + 'static>(
         kept: vec![],
         kv_bytes: 0,
         kv_alloc: 0,
-        secs: 0.0,
-        attn_secs: 0.0,
+        secs: Vec::new(),
+        attn_secs: Vec::new(),
         bytes_read: 0.0,
     };
     for step in 0..tr.decode_steps {
         let t = p + step;
         let (mut outs, mut kept) = (Vec::new(), Vec::new());
+        let (mut step_secs, mut step_attn) = (0.0f64, 0.0f64);
         for (li, l) in tr.layers.iter().enumerate() {
             let (q, k, v) = (
                 up(&l.q[t * hq * d..(t + 1) * hq * d])?,
@@ -465,7 +480,7 @@ fn run_session<B: Ops + Clone + 'static>(
                 },
             )?;
             b.synchronize()?;
-            run.secs += start.elapsed().as_secs_f64();
+            step_secs += start.elapsed().as_secs_f64();
             outs.push(b.download(&out)?);
             let layer = s.cache().layer(li)?;
             // The attention alone over the cache the step left (the
@@ -481,7 +496,7 @@ fn run_session<B: Ops + Clone + 'static>(
             let start = Instant::now();
             ops::decode_attention(b, &p, &q, layer.k(), layer.v(), &mut plain)?;
             b.synchronize()?;
-            run.attn_secs += start.elapsed().as_secs_f64();
+            step_attn += start.elapsed().as_secs_f64();
             let heads: Vec<Vec<u32>> = (0..hq)
                 .map(|h| {
                     let g = geom.kv_head(h);
@@ -507,6 +522,8 @@ fn run_session<B: Ops + Clone + 'static>(
             kept.push(heads);
         }
         s.end_decode_step();
+        run.secs.push(step_secs);
+        run.attn_secs.push(step_attn);
         run.outs.push(outs);
         run.kept.push(kept);
     }
@@ -641,9 +658,9 @@ fn evaluate<B: Ops + Clone + 'static>(
             kv_alloc: run.kv_alloc,
             kv_fraction: run.kv_bytes as f64 / full_bytes.max(1) as f64,
             read_fraction: read as f64 / cached.max(1) as f64,
-            ms_per_step: 1e3 * run.secs / tr.decode_steps as f64,
-            attn_ms: 1e3 * run.attn_secs / tr.decode_steps as f64,
-            gbps: run.bytes_read / run.secs.max(1e-12) / 1e9,
+            ms_per_step: 1e3 * median(&run.secs),
+            attn_ms: 1e3 * median(&run.attn_secs),
+            gbps: run.bytes_read / run.secs.iter().sum::<f64>().max(1e-12) / 1e9,
         });
         bar.inc(1);
     }
@@ -716,7 +733,7 @@ fn evaluate<B: Ops + Clone + 'static>(
 const COLUMNS: &str = "columns: err = relative L2 error of each head's output against full attention \
 (mean, p95); mass = full-softmax attention mass on the tokens attended; needles = planted \
 tokens attended at the step that needs them; KV bytes / alloc = K+V in use / allocated after \
-the run; KV kept = in use vs full; KV read = rows read per step vs the cache; ms/step = one \
+the run; KV kept = in use vs full; KV read = rows read per step vs the cache; ms/step = median \
 driver step (append, policy hooks, attention with evidence, plan applied); attn ms = the \
 attention alone over the cache the step left (same selection); x attn = their ratio: what \
 the policy adds; GB/s = KV bytes read per step time.";
@@ -735,9 +752,10 @@ const COLUMNS_HELP: &str = "The table (one row per policy and budget):
   KV alloc
   KV kept   KV bytes in use against the full cache
   KV read   KV rows read per step against the rows cached
-  ms/step   one driver step: append, policy hooks, attention with evidence,
-            plan applied (all layers)
-  attn ms   the attention alone over the cache the step left (same selection)
+  ms/step   one driver step, median over the decode steps: append, policy
+            hooks, attention with evidence, plan applied (all layers)
+  attn ms   the attention alone over the cache the step left (same
+            selection), median over the steps
   x attn    ms/step / attn ms: what the policy adds to attention
   GB/s      KV bytes read per step time
 Writes results.csv, results.json (numbers as numbers; budget null when not a
