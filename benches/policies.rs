@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use half::f16;
 use kvsieve::attention::{LayerInput, Session, SessionConfig};
-use kvsieve::backend::{Heads, PrefillEvidence, Window, evidence_blocks};
+use kvsieve::backend::{DecodeEvidence, Heads, PrefillEvidence, Window, evidence_blocks};
 use kvsieve::cpu::Cpu;
 use kvsieve::eval::Rng;
 use kvsieve::ops::{self, DecodeParams, PrefillParams};
@@ -158,8 +158,9 @@ fn decode_step(cpu: &Cpu, name: &str) -> f64 {
     t[t.len() / 2]
 }
 
-/// Median seconds of plain dense decode over a `BUDGET`-token cache.
-fn plain_decode(cpu: &Cpu) -> f64 {
+/// Median seconds of plain dense decode over a `BUDGET`-token cache; with
+/// `probs`, also writing the group-mean weights TOVA and H2O ask for.
+fn plain_decode(cpu: &Cpu, probs: bool) -> f64 {
     let g = geom();
     let mut rng = Rng::new(9);
     let segs = Segments::uniform(1, HKV, BUDGET).expect("segments");
@@ -178,8 +179,16 @@ fn plain_decode(cpu: &Cpu) -> f64 {
         normalizer: &Normalizer::Softmax,
         restrict: Restrict::Dense,
     };
+    let n = evidence_blocks(&g, &segs, Heads::Mean, &[1])
+        .expect("blocks")
+        .total();
+    let mut w = vec![0.0f32; n];
     common::median_secs(24, || {
-        ops::decode_attention(cpu, &p, &q, &k, &v, &mut out).expect("decode")
+        let ev = DecodeEvidence {
+            probs: probs.then_some((Heads::Mean, &mut w)),
+            ..DecodeEvidence::default()
+        };
+        ops::decode_attention_with(cpu, &p, &q, &k, &v, &mut out, ev).expect("decode")
     })
 }
 
@@ -307,10 +316,16 @@ fn main() {
         .collect();
     for threads in common::thread_counts() {
         let cpu = Cpu::new().pool(common::pool(threads));
-        let plain = plain_decode(&cpu);
+        let plain = plain_decode(&cpu, false);
         println!(
             "kvsieve-policies | decode {threads} thr | plain dense decode over {BUDGET} tokens | {:>8.3} ms",
             plain * 1e3
+        );
+        let with_probs = plain_decode(&cpu, true);
+        println!(
+            "kvsieve-policies | decode {threads} thr | the same with group-mean weights | {:>8.3} ms | {:>5.2}x plain",
+            with_probs * 1e3,
+            with_probs / plain
         );
         for &name in &policies {
             let t = decode_step(&cpu, name);

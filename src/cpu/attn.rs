@@ -795,6 +795,21 @@ fn decode_evidence<T: Element>(c: &EvidenceCtx<'_, '_, '_, T>, ev: &mut DecodeEv
                         0.0
                     };
                     let row = &sc[i * BK..i * BK + nb];
+                    if let Src::Dense = unit.src {
+                        // Tokens `start .. start + nb`: whole slices, so the
+                        // loops vectorise (same operations, same order).
+                        if let (Some(p), Some(h)) = (pr.as_deref_mut(), heads) {
+                            let at = if h == Heads::PerHead { hh * len } else { 0 } + start;
+                            fold_probs(h, &mut p[at..at + nb], row, f);
+                        }
+                        if let Some(lg) = lg.as_deref_mut() {
+                            let dst = &mut lg[hh * len + start..][..nb];
+                            for (y, &r) in dst.iter_mut().zip(&raw[i * BK..i * BK + nb]) {
+                                *y = r / am1;
+                            }
+                        }
+                        continue;
+                    }
                     for (t, &x) in row.iter().enumerate() {
                         let tok = match unit.src {
                             Src::Dense => start + t,
@@ -820,6 +835,20 @@ fn decode_evidence<T: Element>(c: &EvidenceCtx<'_, '_, '_, T>, ev: &mut DecodeEv
                 p.iter_mut().for_each(|x| *x *= inv);
             }
         });
+}
+
+/// Folds one head's block of weights `row · f` into `dst` (the block's
+/// tokens, contiguous): `PerHead` stores, `Max` keeps the maximum, `Sum` and
+/// `Mean` add (the mean divides at the end).
+fn fold_probs(h: Heads, dst: &mut [f32], row: &[f32], f: f32) {
+    match h {
+        Heads::PerHead => dst.iter_mut().zip(row).for_each(|(y, &x)| *y = x * f),
+        Heads::Max => dst
+            .iter_mut()
+            .zip(row)
+            .for_each(|(y, &x)| *y = y.max(x * f)),
+        Heads::Sum | Heads::Mean => dst.iter_mut().zip(row).for_each(|(y, &x)| *y += x * f),
+    }
 }
 
 /// Where one head's decode evidence goes (see [`decode_evidence`]).
