@@ -584,11 +584,14 @@ pub(crate) fn check_scores<B: Backend, T: Element>(
                 format!("scorer vector {i} has {} scores for {len} tokens", v.len()),
             ));
         }
-        // A branch-free pass first (NaN fails both comparisons); the search
-        // for the message only on failure.
+        // A branch-free pass first that vectorises (a count of the scores
+        // outside [0, ∞); NaN fails both comparisons); the search for the
+        // message only on failure.
         let ok = v
             .iter()
-            .fold(true, |ok, &x| ok & (0.0..f64::INFINITY).contains(&x));
+            .map(|&x| usize::from(!((x >= 0.0) & (x < f64::INFINITY))))
+            .sum::<usize>()
+            == 0;
         if let Some(x) = v
             .iter()
             .take(if ok { 0 } else { v.len() })
