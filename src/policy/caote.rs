@@ -42,6 +42,7 @@ use super::{
 };
 use crate::backend::{Backend, Ops, evidence_blocks};
 use crate::cache::KvView;
+use crate::cpu::simd;
 use crate::dtype::Element;
 use crate::error::{Error, Result, config, shape};
 use crate::ops;
@@ -691,48 +692,19 @@ impl<S> Caote<S> {
             lo2.resize(len, 0.0);
             hi2.clear();
             hi2.resize(len, 0.0);
+            let isa = crate::cpu::isa::detected();
             for i in first..first + per {
-                let (dr, sr, hr) = (
-                    &st.dist.rows[i][..len],
-                    &st.stamp.rows[i][..len],
-                    &raw[i][..len],
-                );
-                let (drift, inv_i, uni) = (st.drift[i], inv[i], 1.0 / len.max(1) as f64);
-                let rows = lo2
-                    .iter_mut()
-                    .zip(hi2.iter_mut())
-                    .zip(dr.iter().zip(sr).zip(hr));
-                for ((l2, h2), ((&d32, &stamp), &hj)) in rows {
-                    let slack = drift - stamp;
-                    let dj = f64::from(d32);
-                    let e = slack + 1e-5 * (dj + 1.0);
-                    let fin = slack.is_finite();
-                    let dl = if fin { (dj - e).max(0.0) } else { 0.0 };
-                    let dh = if fin { dj + e } else { f64::INFINITY };
-                    // error(α, d) = r·d with r = α/(1 − α); ∞ near α = 1 and 0
-                    // for α ≤ 0, whatever d (α within an ulp of
-                    // `Weights::at`: bounds only, whose slack is far larger).
-                    let a = if inv_i > 0.0 { hj * inv_i } else { uni };
-                    let inf = 1.0 - a < 1e-6;
-                    let zero = a <= 0.0;
-                    let r = a / (1.0 - a);
-                    let el = if inf {
-                        f64::INFINITY
-                    } else if zero {
-                        0.0
-                    } else {
-                        r * dl
-                    };
-                    let eh = if inf {
-                        f64::INFINITY
-                    } else if zero {
-                        0.0
-                    } else {
-                        r * dh
-                    };
-                    *l2 += el * el;
-                    *h2 += eh * eh;
-                }
+                let b = simd::CaoteBounds {
+                    dist: &st.dist.rows[i][..len],
+                    stamp: &st.stamp.rows[i][..len],
+                    h: &raw[i][..len],
+                    drift: st.drift[i],
+                    inv: inv[i],
+                    uni: 1.0 / len.max(1) as f64,
+                };
+                // error(α, d) = r·d with r = α/(1 − α) (α within an ulp of
+                // `Weights::at`: bounds only, whose slack is far larger).
+                simd::caote_bounds(isa, b, &mut lo2, &mut hi2);
             }
             let t = {
                 sel.clear();

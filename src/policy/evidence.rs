@@ -584,14 +584,9 @@ pub(crate) fn check_scores<B: Backend, T: Element>(
                 format!("scorer vector {i} has {} scores for {len} tokens", v.len()),
             ));
         }
-        // A branch-free pass first that vectorises (a count of the scores
-        // outside [0, ∞); NaN fails both comparisons); the search for the
-        // message only on failure.
-        let ok = v
-            .iter()
-            .map(|&x| usize::from(!((x >= 0.0) & (x < f64::INFINITY))))
-            .sum::<usize>()
-            == 0;
+        // A branch-free count of the scores outside [0, ∞) first (the CPU's
+        // vectorised pass); the search for the message only on failure.
+        let ok = crate::cpu::simd::count_outside_f64(crate::cpu::isa::detected(), v) == 0;
         if let Some(x) = v
             .iter()
             .take(if ok { 0 } else { v.len() })

@@ -282,6 +282,19 @@ macro_rules! isa_entries {
             body::all_finite(s, x)
         }
         $(#[target_feature(enable = $feat)])?
+        pub(crate) fn count_outside_f64(_s: $tok, x: &[f64]) -> usize {
+            body::count_outside_f64(x)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn caote_bounds(
+            _s: $tok,
+            b: $crate::cpu::simd::CaoteBounds<'_>,
+            lo2: &mut [f64],
+            hi2: &mut [f64],
+        ) {
+            body::caote_bounds(b, lo2, hi2)
+        }
+        $(#[target_feature(enable = $feat)])?
         pub(crate) fn pow_relu_sum(s: $tok, x: &[f32], tau: f32, mode: PowMode) -> (f32, f32, f32) {
             body::pow_relu_sum(s, x, tau, mode)
         }
@@ -629,6 +642,45 @@ pub fn count_above(isa: Isa, x: &[f32], tau: f32) -> usize {
 /// True iff every `x[i]` is finite (no NaN, no ±inf); true for an empty slice.
 pub fn all_finite(isa: Isa, x: &[f32]) -> bool {
     dispatch!(isa, all_finite(x))
+}
+
+/// Number of `x[i]` outside `[0, ∞)` (NaN counts; `+∞` counts): the
+/// check that policy scores are finite and non-negative.
+pub fn count_outside_f64(isa: Isa, x: &[f64]) -> usize {
+    dispatch!(isa, count_outside_f64(x))
+}
+
+/// One query head's rows for [`caote_bounds`]: per row `j` the last exact
+/// distance `dist[j]`, the drift `stamp[j]` at which it was measured and the
+/// raw score `h[j]`; the head's current drift and `inv = 1 / Σ h` (0 when
+/// the sum is 0) and `uni = 1 / n` (the weight of every row when it is).
+#[derive(Clone, Copy)]
+pub struct CaoteBounds<'a> {
+    /// Last exact distance per row.
+    pub dist: &'a [f32],
+    /// Drift of the pseudo-output when `dist[j]` was measured (`-inf`: never).
+    pub stamp: &'a [f64],
+    /// Raw score per row.
+    pub h: &'a [f64],
+    /// The pseudo-output's drift now.
+    pub drift: f64,
+    /// `1 / Σ_j h_j`, or 0 when the sum is 0.
+    pub inv: f64,
+    /// `1 / n`.
+    pub uni: f64,
+}
+
+/// CAOTE's squared score bounds, added to `lo2` / `hi2` (a group's score is
+/// the root sum of squares of its heads' scores). Per row `j`:
+/// `slack = drift − stamp_j`, `e = slack + 1e-5·(d_j + 1)`,
+/// `d⁻ = max(d_j − e, 0)`, `d⁺ = d_j + e` (`0` and `+∞` when `slack` is not
+/// finite), `α = h_j · inv` (`uni` when `inv = 0`), `r = α / (1 − α)`; the
+/// score bounds are `r·d⁻` and `r·d⁺`, `+∞` where `1 − α < 1e-6` and `0`
+/// where `α ≤ 0`. Plain f64 arithmetic without fused multiply-adds, so the
+/// result is bitwise the same on every ISA; the entries only let the
+/// compiler vectorise it. Rows: the shortest of the slices.
+pub fn caote_bounds(isa: Isa, b: CaoteBounds<'_>, lo2: &mut [f64], hi2: &mut [f64]) {
+    dispatch!(isa, caote_bounds(b, lo2, hi2))
 }
 
 /// Widen `src` into `dst` (exact). Precondition: `dst.len() == src.len()`
@@ -1247,6 +1299,46 @@ mod body {
             total += s.reduce_add(cnt) as usize;
         }
         total
+    }
+
+    /// See [`super::count_outside_f64`] (NaN fails both comparisons).
+    #[inline(always)]
+    pub(crate) fn count_outside_f64(x: &[f64]) -> usize {
+        x.iter()
+            .map(|&x| usize::from(!((x >= 0.0) & (x < f64::INFINITY))))
+            .sum()
+    }
+
+    /// See [`super::caote_bounds`]: written without branches (selects
+    /// only) so that it vectorises under each entry's features.
+    #[inline(always)]
+    pub(crate) fn caote_bounds(b: super::CaoteBounds<'_>, lo2: &mut [f64], hi2: &mut [f64]) {
+        // `h · inv + c` is `h · inv` exactly when `inv > 0` (c = 0, h ≥ 0)
+        // and `uni` when `inv = 0` (h is finite).
+        let c = if b.inv > 0.0 { 0.0 } else { b.uni };
+        let rows = lo2
+            .iter_mut()
+            .zip(hi2.iter_mut())
+            .zip(b.dist.iter().zip(b.stamp).zip(b.h));
+        for ((l2, h2), ((&d32, &stamp), &hj)) in rows {
+            let slack = b.drift - stamp;
+            let dj = f64::from(d32);
+            let e = slack + 1e-5 * (dj + 1.0);
+            let fin = slack.abs() < f64::INFINITY;
+            let dl = if fin { (dj - e).max(0.0) } else { 0.0 };
+            let dh = if fin { dj + e } else { f64::INFINITY };
+            let a = hj * b.inv + c;
+            let inf = 1.0 - a < 1e-6;
+            let zero = a <= 0.0;
+            let r = a / (1.0 - a);
+            let (el, eh) = (r * dl, r * dh);
+            let el = if zero { 0.0 } else { el };
+            let eh = if zero { 0.0 } else { eh };
+            let el = if inf { f64::INFINITY } else { el };
+            let eh = if inf { f64::INFINITY } else { eh };
+            *l2 += el * el;
+            *h2 += eh * eh;
+        }
     }
 
     #[inline(always)]

@@ -678,3 +678,88 @@ fn shift_select_matches_scalar() {
         }
     }
 }
+
+#[test]
+fn count_outside_f64_counts_negative_and_non_finite_scores() {
+    for isa in available() {
+        for &n in LENS {
+            let x: Vec<f64> = (0..n).map(|i| i as f64 * 0.5).collect();
+            assert_eq!(count_outside_f64(isa, &x), 0, "{isa} n={n}");
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1e-300] {
+                for at in [0, n / 2, n.saturating_sub(1)] {
+                    if n == 0 {
+                        continue;
+                    }
+                    let mut y = x.clone();
+                    y[at] = bad;
+                    assert_eq!(count_outside_f64(isa, &y), 1, "{isa} n={n} {bad} at {at}");
+                }
+            }
+        }
+    }
+}
+
+/// The bound pass against its formulas written with branches, bitwise, on
+/// every ISA: stale and never-measured rows, weights 0, near 1, uniform.
+#[test]
+fn caote_bounds_match_the_branchy_formulas_bitwise() {
+    let mut rng = Rng(0x5eed);
+    for isa in available() {
+        for &n in LENS {
+            let dist: Vec<f32> = (0..n).map(|_| rng.f(0.0, 3.0)).collect();
+            let stamp: Vec<f64> = (0..n)
+                .map(|i| match i % 5 {
+                    0 => f64::NEG_INFINITY,
+                    _ => f64::from(rng.f(0.0, 0.5)),
+                })
+                .collect();
+            let mut h: Vec<f64> = (0..n).map(|_| f64::from(rng.f(0.0, 1.0))).collect();
+            if n > 2 {
+                h[1] = 0.0;
+                h[2] = 1e9; // α within 1e-6 of 1
+            }
+            let sum: f64 = h.iter().sum();
+            for inv in [if sum > 0.0 { 1.0 / sum } else { 0.0 }, 0.0] {
+                let b = CaoteBounds {
+                    dist: &dist,
+                    stamp: &stamp,
+                    h: &h,
+                    drift: 0.75,
+                    inv,
+                    uni: 1.0 / n.max(1) as f64,
+                };
+                let (mut lo, mut hi) = (vec![0.25; n], vec![0.5; n]);
+                caote_bounds(isa, b, &mut lo, &mut hi);
+                for j in 0..n {
+                    let slack = b.drift - stamp[j];
+                    let dj = f64::from(dist[j]);
+                    let e = slack + 1e-5 * (dj + 1.0);
+                    let (dl, dh) = if slack.is_finite() {
+                        ((dj - e).max(0.0), dj + e)
+                    } else {
+                        (0.0, f64::INFINITY)
+                    };
+                    let a = if inv > 0.0 { h[j] * inv } else { b.uni };
+                    let r = a / (1.0 - a);
+                    let (el, eh) = if 1.0 - a < 1e-6 {
+                        (f64::INFINITY, f64::INFINITY)
+                    } else if a <= 0.0 {
+                        (0.0, 0.0)
+                    } else {
+                        (r * dl, r * dh)
+                    };
+                    assert_eq!(
+                        lo[j].to_bits(),
+                        (0.25 + el * el).to_bits(),
+                        "{isa} n={n} j={j}"
+                    );
+                    assert_eq!(
+                        hi[j].to_bits(),
+                        (0.5 + eh * eh).to_bits(),
+                        "{isa} n={n} j={j}"
+                    );
+                }
+            }
+        }
+    }
+}
