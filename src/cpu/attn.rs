@@ -39,6 +39,20 @@
 //! same for any number of threads. Selecting every token (list or mask)
 //! gives bitwise the dense result.
 //!
+//! **Paged KV** (`decode_attention_paged`, [`crate::paged`]): the same
+//! plan over the page table's segments, blocks cut by stream position as
+//! above; only the row of a token changes, `PageTable::row(s, t)` instead of
+//! `offset(s) + t`. The cache is never copied. Contiguous tokens of HND
+//! pages are read page run by page run (`P` consecutive rows each, with
+//! [`simd::scores_rows_strided`] / [`simd::weighted_rows_strided`] on the
+//! run: a dense block of [`DECODE_BLOCK`] tokens covers whole pages, since
+//! every accepted `P` divides it); NHD pages (a head's slots are `Hkv` rows
+//! apart) and gathered tokens go through their row indices, computed per
+//! block into the workspace, with the gather kernels. Every dot and every
+//! value chain (`acc = fma(p_j, v_j, acc)` in token order) is the one the
+//! contiguous call computes, so the paged result and its evidence are
+//! bitwise the contiguous result on the gathered rows.
+//!
 //! Layout of one block in the workspace (`f32`, stride `SB`):
 //! `[nb, m_0..m_G, l_0..l_G | scores [G, BK] | raw [G, BK] | acc [G, D]]`,
 //! where `raw` (the scores before normalisation) is present only when the
@@ -68,12 +82,14 @@ use super::simd::{self, PowMode};
 use super::tau::{f32_search, solve_tau};
 use super::workspace::{DecodeWs, grow};
 use crate::backend::{
-    AttnOps, DecodeEvidence, DecodeMeta, Heads, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
+    AttnOps, DecodeEvidence, DecodeMeta, Heads, Normalizer, PagedDecodeMeta, PrefillEvidence,
+    PrefillMeta, Restrict,
 };
 use crate::backend::{Window, evidence_blocks};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::layout::{Ragged, Scope};
+use crate::paged::{PageTable, SegmentPages};
 
 /// Tokens per decode key block (fixed: the split-K boundaries).
 pub const DECODE_BLOCK: usize = 512;
@@ -90,18 +106,36 @@ enum Src<'a> {
     Mask(&'a [u32]),
 }
 
+/// Where a unit's K/V rows live.
+#[derive(Clone, Copy)]
+enum Addr<'a> {
+    /// Token `t` is row `off + t` (a contiguous segment).
+    Contig(usize),
+    /// Token `t` is row `pages.row(t)` (paged KV).
+    Paged(SegmentPages<'a>),
+}
+
 /// One decode unit.
 #[derive(Clone, Copy)]
 struct Unit<'a> {
     /// First query head (within the sequence).
     h0: usize,
-    /// Segment rows.
-    off: usize,
+    /// Rows of the segment's tokens.
+    addr: Addr<'a>,
     len: usize,
     src: Src<'a>,
 }
 
 impl Unit<'_> {
+    /// The K/V row of token `t`.
+    #[inline]
+    fn row(&self, t: usize) -> usize {
+        match self.addr {
+            Addr::Contig(off) => off + t,
+            Addr::Paged(pg) => pg.row(t),
+        }
+    }
+
     /// Length of the token stream the blocks cut (positions for masks).
     fn stream_len(&self) -> usize {
         match self.src {
@@ -114,6 +148,8 @@ impl Unit<'_> {
 /// The static shape of a decode call.
 struct Plan<'m, 'a> {
     meta: &'m DecodeMeta<'a>,
+    /// Paged KV: the page table (`None`: contiguous segments).
+    pages: Option<&'a PageTable>,
     per_head: bool,
     /// Keep a copy of the raw scores per block (logits evidence).
     raw: bool,
@@ -124,7 +160,7 @@ struct Plan<'m, 'a> {
 }
 
 impl<'m, 'a> Plan<'m, 'a> {
-    fn new(meta: &'m DecodeMeta<'a>, raw: bool) -> Self {
+    fn new(meta: &'m DecodeMeta<'a>, pages: Option<&'a PageTable>, raw: bool) -> Self {
         let per_head = match meta.restrict {
             Restrict::Indices(l) => l.scope() == Scope::QueryHead,
             Restrict::Mask(m) => m.scope() == Scope::QueryHead,
@@ -134,6 +170,7 @@ impl<'m, 'a> Plan<'m, 'a> {
         let batch = meta.segs.batch();
         Self {
             meta,
+            pages,
             per_head,
             raw,
             g: geom.group(),
@@ -181,7 +218,10 @@ impl<'m, 'a> Plan<'m, 'a> {
         };
         Unit {
             h0,
-            off: segs.offset(s),
+            addr: match self.pages {
+                None => Addr::Contig(segs.offset(s)),
+                Some(p) => Addr::Paged(p.segment(s)),
+            },
             len: segs.len_of(s),
             src,
         }
@@ -245,7 +285,35 @@ fn rows_len(r: &Rows<'_>) -> usize {
     }
 }
 
-/// Scores `[gh, BK]` (stride BK) of the block's rows.
+/// The physical rows of a block's tokens through its pages, in `prow`
+/// (the gather path of paged KV); returns how many.
+fn paged_rows(pg: &SegmentPages<'_>, rows: &Rows<'_>, prow: &mut [u32]) -> usize {
+    match rows {
+        Rows::Contig(a, n) => {
+            let stride = pg.stride();
+            let mut at = 0;
+            for run in pg.runs(*a..a + n) {
+                for (i, r) in prow[at..at + run.len].iter_mut().enumerate() {
+                    *r = (run.row + i * stride) as u32;
+                }
+                at += run.len;
+            }
+            at
+        }
+        Rows::Gather(l) => {
+            for (r, &t) in prow.iter_mut().zip(l.iter()) {
+                *r = pg.row(t as usize) as u32;
+            }
+            l.len()
+        }
+    }
+}
+
+/// Scores `[gh, BK]` (stride BK) of the block's rows. Contiguous tokens of
+/// HND pages are streamed run by run (each run `P` consecutive rows); NHD
+/// pages and gathered tokens go through the row indices in `prow`. Every
+/// path computes each dot in the same order, so paged and contiguous KV
+/// give bitwise the same scores.
 #[allow(clippy::too_many_arguments)]
 fn block_scores<T: Element>(
     isa: Isa,
@@ -253,20 +321,35 @@ fn block_scores<T: Element>(
     gh: usize,
     k: &[T],
     d: usize,
-    off: usize,
+    unit: &Unit<'_>,
     rows: &Rows<'_>,
+    prow: &mut [u32],
     sc: &mut [f32],
 ) {
-    match rows {
-        Rows::Contig(a, n) => {
+    match (unit.addr, rows) {
+        (Addr::Contig(off), Rows::Contig(a, n)) => {
             let r = &k[(off + a) * d..(off + a + n) * d];
             simd::scores_rows_strided(isa, qs, gh, r, d, 1.0, sc, BK);
         }
-        Rows::Gather(l) => simd::scores_gather(isa, qs, gh, k, d, off, l, 1.0, sc, BK),
+        (Addr::Contig(off), Rows::Gather(l)) => {
+            simd::scores_gather(isa, qs, gh, k, d, off, l, 1.0, sc, BK)
+        }
+        (Addr::Paged(pg), Rows::Contig(a, n)) if pg.stride() == 1 => {
+            for run in pg.runs(*a..a + n) {
+                let r = &k[run.row * d..(run.row + run.len) * d];
+                simd::scores_rows_strided(isa, qs, gh, r, d, 1.0, &mut sc[run.token - a..], BK);
+            }
+        }
+        (Addr::Paged(pg), _) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::scores_gather(isa, qs, gh, k, d, 0, &prow[..n], 1.0, sc, BK)
+        }
     }
 }
 
-/// `acc[gh, D] = Σ_j p[:, j] v_j` over the block's rows (zero rows skipped).
+/// `acc[gh, D] = Σ_j p[:, j] v_j` over the block's rows (zero rows skipped;
+/// the paths of [`block_scores`], each the same chain of fused
+/// multiply-adds in token order, so paged and contiguous agree bitwise).
 #[allow(clippy::too_many_arguments)]
 fn block_values<T: Element>(
     isa: Isa,
@@ -274,17 +357,30 @@ fn block_values<T: Element>(
     gh: usize,
     v: &[T],
     d: usize,
-    off: usize,
+    unit: &Unit<'_>,
     rows: &Rows<'_>,
+    prow: &mut [u32],
     acc: &mut [f32],
 ) {
     acc[..gh * d].fill(0.0);
-    match rows {
-        Rows::Contig(a, n) => {
+    match (unit.addr, rows) {
+        (Addr::Contig(off), Rows::Contig(a, n)) => {
             let r = &v[(off + a) * d..(off + a + n) * d];
             simd::weighted_rows_strided(isa, acc, gh, p, BK, r, d);
         }
-        Rows::Gather(l) => simd::weighted_gather(isa, acc, gh, p, BK, v, d, off, l),
+        (Addr::Contig(off), Rows::Gather(l)) => {
+            simd::weighted_gather(isa, acc, gh, p, BK, v, d, off, l)
+        }
+        (Addr::Paged(pg), Rows::Contig(a, n)) if pg.stride() == 1 => {
+            for run in pg.runs(*a..a + n) {
+                let r = &v[run.row * d..(run.row + run.len) * d];
+                simd::weighted_rows_strided(isa, acc, gh, &p[run.token - a..], BK, r, d);
+            }
+        }
+        (Addr::Paged(pg), _) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::weighted_gather(isa, acc, gh, p, BK, v, d, 0, &prow[..n])
+        }
     }
 }
 
@@ -328,7 +424,7 @@ fn head_logits64<T: Element>(
     z.clear();
     z.extend((0..unit.stream_len()).map(|t| {
         if visible(t) {
-            scale * dot64(qv, &k[(unit.off + stream_token(unit, t)) * d..][..d])
+            scale * dot64(qv, &k[unit.row(stream_token(unit, t)) * d..][..d])
         } else {
             f64::NEG_INFINITY
         }
@@ -361,7 +457,7 @@ fn decode_head_f64<T: Element>(
         acc[..w].fill(0.0);
         for (t, &p) in cand.z.iter().enumerate() {
             if p != 0.0 {
-                let row = &v[(unit.off + stream_token(unit, t)) * d + c0..][..w];
+                let row = &v[unit.row(stream_token(unit, t)) * d + c0..][..w];
                 for (a, x) in acc[..w].iter_mut().zip(row) {
                     *a += p * x.to_f64();
                 }
@@ -419,10 +515,11 @@ fn block_parts(blk: &[f32], g: usize, raw: bool) -> (&[f32], &[f32], &[f32]) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn decode<T: Element>(
+fn decode<'a, T: Element>(
     cpu: &Cpu,
     ws: &mut DecodeWs,
-    meta: &DecodeMeta<'_>,
+    meta: &DecodeMeta<'a>,
+    pages: Option<&'a PageTable>,
     q: &[T],
     k: &[T],
     v: &[T],
@@ -430,7 +527,7 @@ fn decode<T: Element>(
     ev: &mut DecodeEvidence<'_, Cpu>,
 ) {
     let isa = cpu.isa;
-    let plan = Plan::new(meta, ev.logits.is_some());
+    let plan = Plan::new(meta, pages, ev.logits.is_some());
     let (g, d, gh, units) = (plan.g, plan.d, plan.gh(), plan.units);
     if units == 0 || d == 0 {
         return;
@@ -459,23 +556,26 @@ fn decode<T: Element>(
     let prefix: &[usize] = prefix;
     let qs: &[f32] = qs;
     let blocks = grow(&mut ws.blocks, total * sb);
-    let idx = grow(&mut ws.idx, total * BK);
+    // Per block: mask positions, then (paged KV) physical rows.
+    let ibk = if pages.is_some() { 2 * BK } else { BK };
+    let idx = grow(&mut ws.idx, total * ibk);
     let unit_of = |i: usize| prefix.partition_point(|&p| p <= i) - 1;
 
     cpu.install(|| {
         // Phase 1: scores (and, for softmax, the whole block).
         blocks
             .par_chunks_mut(sb)
-            .zip(idx.par_chunks_mut(BK))
+            .zip(idx.par_chunks_mut(ibk))
             .enumerate()
             .for_each(|(i, (blk, idx))| {
                 let u = unit_of(i);
                 let unit = plan.unit(u);
+                let (idx, prow) = idx.split_at_mut(BK);
                 let rows = block_rows(&unit, i - prefix[u], idx);
                 let nb = rows_len(&rows);
                 let (hdr, sc, raw, acc) = split_block(blk, g, plan.raw);
                 hdr[0] = nb as f32;
-                block_scores(isa, &qs[u * g * d..], gh, k, d, unit.off, &rows, sc);
+                block_scores(isa, &qs[u * g * d..], gh, k, d, &unit, &rows, prow, sc);
                 if plan.raw {
                     raw.copy_from_slice(sc);
                 }
@@ -501,7 +601,7 @@ fn decode<T: Element>(
                     }
                 }
                 if !entmax && finite {
-                    block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
+                    block_values(isa, sc, gh, v, d, &unit, &rows, prow, acc);
                 }
             });
 
@@ -567,11 +667,12 @@ fn decode<T: Element>(
             // Phase 3: weights and V per block.
             blocks
                 .par_chunks_mut(sb)
-                .zip(idx.par_chunks_mut(BK))
+                .zip(idx.par_chunks_mut(ibk))
                 .enumerate()
                 .for_each(|(i, (blk, idx))| {
                     let u = unit_of(i);
                     let unit = plan.unit(u);
+                    let (idx, prow) = idx.split_at_mut(BK);
                     let rows = block_rows(&unit, i - prefix[u], idx);
                     let nb = rows_len(&rows);
                     let (hdr, sc, _, acc) = split_block(blk, g, plan.raw);
@@ -588,7 +689,7 @@ fn decode<T: Element>(
                         };
                         hdr[1 + g + h] = normalize_block(isa, row, l as f32);
                     }
-                    block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
+                    block_values(isa, sc, gh, v, d, &unit, &rows, prow, acc);
                 });
         }
 
@@ -664,6 +765,7 @@ fn decode<T: Element>(
                 prefix,
                 blocks: blocks_ro,
                 idx: &*idx,
+                ibk,
                 norm: &ws.norm[..units * g * 2],
                 tau,
                 entmax,
@@ -683,6 +785,8 @@ struct EvidenceCtx<'c, 'm, 'a, T> {
     prefix: &'c [usize],
     blocks: &'c [f32],
     idx: &'c [u32],
+    /// Stride of one block in `idx`.
+    ibk: usize,
     /// Per unit and head: `(M, L)` of the combine (NaN: the head took the
     /// f64 path).
     norm: &'c [f32],
@@ -799,7 +903,7 @@ fn decode_evidence<T: Element>(c: &EvidenceCtx<'_, '_, '_, T>, ev: &mut DecodeEv
                         let tok = match unit.src {
                             Src::Dense => start + t,
                             Src::List(list) => list[start + t] as usize,
-                            Src::Mask(_) => c.idx[blk * BK + t] as usize,
+                            Src::Mask(_) => c.idx[blk * c.ibk + t] as usize,
                         };
                         if let (Some(p), Some(h)) = (pr.as_deref_mut(), heads) {
                             let w = x * f;
@@ -1299,7 +1403,22 @@ impl AttnOps for Cpu {
         ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
         self.decode_ws
-            .with(|ws| decode(self, ws, meta, q, k, v, out, ev));
+            .with(|ws| decode(self, ws, meta, None, q, k, v, out, ev));
+        Ok(())
+    }
+
+    fn decode_attention_paged<T: Element>(
+        &self,
+        meta: &PagedDecodeMeta<'_>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        out: &mut Vec<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
+    ) -> Result<()> {
+        let (dm, pages) = (&meta.decode, meta.pages);
+        self.decode_ws
+            .with(|ws| decode(self, ws, dm, Some(pages), q, k, v, out, ev));
         Ok(())
     }
 

@@ -44,7 +44,8 @@ pub(crate) fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 pub(crate) struct DecodeWs {
     /// Per key block: header, scores, accumulators.
     pub blocks: Vec<f32>,
-    /// Per key block: the gathered token positions (mask restriction).
+    /// Per key block: the gathered token positions (mask restriction),
+    /// then, for paged KV, the block's physical rows.
     pub idx: Vec<u32>,
     /// Per unit: the pre-scaled f32 queries.
     pub qs: Vec<f32>,
