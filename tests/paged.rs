@@ -1124,6 +1124,79 @@ fn paged_table_rejects_bad_tables() {
     }
 }
 
+/// The worked example of `docs/layouts.md` ("Paged KV").
+#[test]
+fn paged_layouts_worked_example() {
+    let parts = PageTableParts {
+        layout: PageLayout::Hnd,
+        page_size: 4,
+        num_pages: 6,
+        num_kv_heads: 2,
+        scope: PageScope::Sequence,
+        page_indptr: vec![0, 2, 3],
+        page_indices: vec![3, 0, 5],
+        last_page_len: vec![3, 4],
+    };
+    let hnd = PageTable::new(parts.clone()).unwrap();
+    let nhd = PageTable::new(PageTableParts {
+        layout: PageLayout::Nhd,
+        ..parts
+    })
+    .unwrap();
+    assert_eq!(hnd.rows(), 48);
+    assert_eq!(hnd.segments().lens(), &[7, 7, 4, 4]);
+    // (sequence, token, [HND head 0, head 1], [NHD head 0, head 1])
+    for (b, t, h, n) in [
+        (0, 0, [24, 28], [24, 25]),
+        (0, 2, [26, 30], [28, 29]),
+        (0, 3, [27, 31], [30, 31]),
+        (0, 4, [0, 4], [0, 1]),
+        (0, 6, [2, 6], [4, 5]),
+        (1, 0, [40, 44], [40, 41]),
+        (1, 3, [43, 47], [46, 47]),
+    ] {
+        for g in 0..2 {
+            assert_eq!(
+                hnd.row(b * 2 + g, t),
+                h[g],
+                "HND seq {b} token {t} head {g}"
+            );
+            assert_eq!(
+                nhd.row(b * 2 + g, t),
+                n[g],
+                "NHD seq {b} token {t} head {g}"
+            );
+        }
+    }
+    let runs: Vec<(usize, usize, usize)> = hnd
+        .segment(1)
+        .runs(0..7)
+        .map(|r| (r.token, r.row, r.len))
+        .collect();
+    assert_eq!(runs, vec![(0, 28, 4), (4, 4, 3)]);
+    // Append 2 tokens to both sequences with new pages 1 and 2.
+    let d = 2;
+    let (mut kp, mut vp) = (vec![0.0f32; 48 * d], vec![0.0f32; 48 * d]);
+    let tokens = Ragged::from_lens(&[2, 2]).unwrap();
+    let new: Vec<f32> = (0..4 * 2 * d).map(|i| i as f32 + 1.0).collect();
+    let p = PagedAppendParams {
+        head_dim: d,
+        pages: &hnd,
+        tokens: &tokens,
+        new_page_indptr: &[0, 1, 2],
+        new_pages: &[1, 2],
+    };
+    let grown = ops::append_paged(&Reference, &p, &new, &new, &mut kp, &mut vp).unwrap();
+    assert_eq!(grown.page_indices(), &[3, 0, 1, 5, 2]);
+    assert_eq!(grown.last_page_len(), &[1, 2]);
+    // Sequence 0's tokens 7 and 8: slot 3 of page 0, slot 0 of page 1 (HND
+    // rows 3 and 8 for KV head 0); `new` row (token 0, head 0) is [1, 2].
+    assert_eq!(grown.row(0, 7), 3);
+    assert_eq!(grown.row(0, 8), 8);
+    assert_eq!(&kp[3 * d..4 * d], &[1.0, 2.0]);
+    assert_eq!(&kp[8 * d..9 * d], &new[2 * d..3 * d]); // token 1, head 0
+}
+
 fn paged_ops_reject_bad_input<B: Ops>(b: &B) {
     let (p, hkv, d) = (4usize, 2usize, 8usize);
     let geom = HeadGeometry::new(4, hkv, d).unwrap();
