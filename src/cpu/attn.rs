@@ -42,16 +42,22 @@
 //! **Paged KV** (`decode_attention_paged`, [`crate::paged`]): the same
 //! plan over the page table's segments, blocks cut by stream position as
 //! above; only the row of a token changes, `PageTable::row(s, t)` instead of
-//! `offset(s) + t`. The cache is never copied. Contiguous tokens of HND
-//! pages are read page run by page run (`P` consecutive rows each, with
-//! [`simd::scores_rows_strided`] / [`simd::weighted_rows_strided`] on the
-//! run: a dense block of [`DECODE_BLOCK`] tokens covers whole pages, since
-//! every accepted `P` divides it); NHD pages (a head's slots are `Hkv` rows
-//! apart) and gathered tokens go through their row indices, computed per
-//! block into the workspace, with the gather kernels. Every dot and every
-//! value chain (`acc = fma(p_j, v_j, acc)` in token order) is the one the
-//! contiguous call computes, so the paged result and its evidence are
-//! bitwise the contiguous result on the gathered rows.
+//! `offset(s) + t`, and the cache is never copied. Each block's physical
+//! rows are computed into the workspace and read with the gather kernels
+//! ([`simd::scores_gather_runs`] / [`simd::weighted_gather_runs`] for
+//! consecutive tokens, prefetching 8 KiB ahead; [`simd::scores_gather`] /
+//! [`simd::weighted_gather`] for listed tokens), whose prefetch runs ahead
+//! in token order and so crosses page boundaries, which the hardware
+//! prefetcher does not follow (reading HND pages run by run with the
+//! contiguous kernels instead measured 0.4–0.6x the contiguous throughput
+//! at P = 16–64, shuffled pages, f16). The blocks are visited
+//! block-major (block `b` of every unit, then block `b + 1`; `Slots`), so
+//! the KV heads of a sequence read neighbouring slots of the same pages one
+//! after the other instead of each sweeping the whole pool. Every dot and
+//! every value chain (`acc = fma(p_j, v_j, acc)` in token order) is the one
+//! the contiguous call computes, and blocks combine in the same order, so
+//! the paged result and its evidence are bitwise the contiguous result on
+//! the gathered rows.
 //!
 //! Layout of one block in the workspace (`f32`, stride `SB`):
 //! `[nb, m_0..m_G, l_0..l_G | scores [G, BK] | raw [G, BK] | acc [G, D]]`,
@@ -309,11 +315,13 @@ fn paged_rows(pg: &SegmentPages<'_>, rows: &Rows<'_>, prow: &mut [u32]) -> usize
     }
 }
 
-/// Scores `[gh, BK]` (stride BK) of the block's rows. Contiguous tokens of
-/// HND pages are streamed run by run (each run `P` consecutive rows); NHD
-/// pages and gathered tokens go through the row indices in `prow`. Every
-/// path computes each dot in the same order, so paged and contiguous KV
-/// give bitwise the same scores.
+/// Scores `[gh, BK]` (stride BK) of the block's rows. Paged KV goes
+/// through the block's physical rows, computed into `prow`, and the gather
+/// kernels, whose prefetch runs ahead across page boundaries (consecutive
+/// tokens: the page-run distance of [`simd::scores_gather_runs`]; listed
+/// tokens: the scattered-row distance, as for a contiguous cache). Every path
+/// computes each dot in the same order, so paged and contiguous KV give
+/// bitwise the same scores.
 #[allow(clippy::too_many_arguments)]
 fn block_scores<T: Element>(
     isa: Isa,
@@ -334,13 +342,11 @@ fn block_scores<T: Element>(
         (Addr::Contig(off), Rows::Gather(l)) => {
             simd::scores_gather(isa, qs, gh, k, d, off, l, 1.0, sc, BK)
         }
-        (Addr::Paged(pg), Rows::Contig(a, n)) if pg.stride() == 1 => {
-            for run in pg.runs(*a..a + n) {
-                let r = &k[run.row * d..(run.row + run.len) * d];
-                simd::scores_rows_strided(isa, qs, gh, r, d, 1.0, &mut sc[run.token - a..], BK);
-            }
+        (Addr::Paged(pg), Rows::Contig(..)) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::scores_gather_runs(isa, qs, gh, k, d, &prow[..n], 1.0, sc, BK)
         }
-        (Addr::Paged(pg), _) => {
+        (Addr::Paged(pg), Rows::Gather(_)) => {
             let n = paged_rows(&pg, rows, prow);
             simd::scores_gather(isa, qs, gh, k, d, 0, &prow[..n], 1.0, sc, BK)
         }
@@ -371,13 +377,11 @@ fn block_values<T: Element>(
         (Addr::Contig(off), Rows::Gather(l)) => {
             simd::weighted_gather(isa, acc, gh, p, BK, v, d, off, l)
         }
-        (Addr::Paged(pg), Rows::Contig(a, n)) if pg.stride() == 1 => {
-            for run in pg.runs(*a..a + n) {
-                let r = &v[run.row * d..(run.row + run.len) * d];
-                simd::weighted_rows_strided(isa, acc, gh, &p[run.token - a..], BK, r, d);
-            }
+        (Addr::Paged(pg), Rows::Contig(..)) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::weighted_gather_runs(isa, acc, gh, p, BK, v, d, &prow[..n])
         }
-        (Addr::Paged(pg), _) => {
+        (Addr::Paged(pg), Rows::Gather(_)) => {
             let n = paged_rows(&pg, rows, prow);
             simd::weighted_gather(isa, acc, gh, p, BK, v, d, 0, &prow[..n])
         }
@@ -476,9 +480,52 @@ fn decode_head_f64<T: Element>(
 
 /// Whether a unit's f32 scores overflowed in some block (block maximum NaN):
 /// then every head of the unit takes the f64 path.
-fn unit_overflows(bs: &[f32], sb: usize, gh: usize) -> bool {
-    bs.chunks_exact(sb)
-        .any(|b| b[1..1 + gh].iter().any(|m| m.is_nan()))
+fn unit_overflows<'b>(mut bs: impl Iterator<Item = &'b [f32]>, gh: usize) -> bool {
+    bs.any(|b| b[1..1 + gh].iter().any(|m| m.is_nan()))
+}
+
+/// Where the key blocks of a decode call are stored in the workspace.
+///
+/// Unit-major index `j = prefix[u] + b` names block `b` of unit `u`. For
+/// contiguous KV a block is stored at slot `j` (each unit's blocks in a row:
+/// a unit's K/V rows are one stream). For paged KV the slots are
+/// block-major, ordered by `(b, u)`: the parallel passes then visit block
+/// `b` of every KV head of a sequence one after the other, which read the
+/// neighbouring slots of the same pages (HND: the next `P` rows of each
+/// page; NHD: the next row of each token) while they are still in the
+/// caches, instead of sweeping the whole pool once per KV head. Only the
+/// visiting order changes: blocks and their combination order are the
+/// same, so results are too.
+#[derive(Clone, Copy)]
+struct Slots<'w> {
+    prefix: &'w [usize],
+    /// Paged: the slot of each unit-major index, and its inverse.
+    map: Option<(&'w [usize], &'w [usize])>,
+}
+
+impl<'w> Slots<'w> {
+    /// The unit of unit-major index `j`.
+    fn unit_of(&self, j: usize) -> usize {
+        self.prefix.partition_point(|&p| p <= j) - 1
+    }
+    /// Unit-major index of the block stored at slot `i`.
+    fn at(&self, i: usize) -> usize {
+        self.map.map_or(i, |(_, at)| at[i])
+    }
+    /// Slot of unit-major index `j`.
+    fn slot(&self, j: usize) -> usize {
+        self.map.map_or(j, |(slot, _)| slot[j])
+    }
+    /// The stored blocks of unit `u` (stride `sb`), in block order.
+    fn unit_blocks<'b>(
+        &self,
+        all: &'b [f32],
+        sb: usize,
+        u: usize,
+    ) -> impl Iterator<Item = &'b [f32]> + Clone + use<'b, 'w> {
+        let me = *self;
+        (self.prefix[u]..self.prefix[u + 1]).map(move |j| &all[me.slot(j) * sb..][..sb])
+    }
 }
 
 /// Combine weight of one block for head `h`: `e^{m_b − M} l_b` (softmax) or
@@ -559,7 +606,28 @@ fn decode<'a, T: Element>(
     // Per block: mask positions, then (paged KV) physical rows.
     let ibk = if pages.is_some() { 2 * BK } else { BK };
     let idx = grow(&mut ws.idx, total * ibk);
-    let unit_of = |i: usize| prefix.partition_point(|&p| p <= i) - 1;
+    let map = if pages.is_some() {
+        let slot = grow(&mut ws.slot, total);
+        let at = grow(&mut ws.at, total);
+        let most = (0..units)
+            .map(|u| prefix[u + 1] - prefix[u])
+            .max()
+            .unwrap_or(0);
+        let mut next = 0;
+        for b in 0..most {
+            for u in 0..units {
+                if prefix[u] + b < prefix[u + 1] {
+                    slot[prefix[u] + b] = next;
+                    at[next] = prefix[u] + b;
+                    next += 1;
+                }
+            }
+        }
+        Some((&*slot, &*at))
+    } else {
+        None
+    };
+    let slots = Slots { prefix, map };
 
     cpu.install(|| {
         // Phase 1: scores (and, for softmax, the whole block).
@@ -568,10 +636,11 @@ fn decode<'a, T: Element>(
             .zip(idx.par_chunks_mut(ibk))
             .enumerate()
             .for_each(|(i, (blk, idx))| {
-                let u = unit_of(i);
+                let j = slots.at(i);
+                let u = slots.unit_of(j);
                 let unit = plan.unit(u);
                 let (idx, prow) = idx.split_at_mut(BK);
-                let rows = block_rows(&unit, i - prefix[u], idx);
+                let rows = block_rows(&unit, j - prefix[u], idx);
                 let nb = rows_len(&rows);
                 let (hdr, sc, raw, acc) = split_block(blk, g, plan.raw);
                 hdr[0] = nb as f32;
@@ -612,10 +681,10 @@ fn decode<'a, T: Element>(
             let tau = grow(&mut ws.tau, units * g);
             let blocks_ro: &[f32] = blocks;
             tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
-                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let bs = slots.unit_blocks(blocks_ro, sb, u);
                 for (h, t) in tu.iter_mut().enumerate().take(gh) {
                     *t = bs
-                        .chunks_exact(sb)
+                        .clone()
                         .map(|b| b[1 + h])
                         .fold(f32::NEG_INFINITY, f32::max);
                 }
@@ -626,7 +695,7 @@ fn decode<'a, T: Element>(
             // none at all below M once |M| ≥ 2^24).
             let mtab: &[f32] = tau;
             blocks.par_chunks_mut(sb).enumerate().for_each(|(i, blk)| {
-                let u = unit_of(i);
+                let u = slots.unit_of(slots.at(i));
                 let unit = plan.unit(u);
                 let nb = blk[0] as usize;
                 for h in 0..gh {
@@ -641,7 +710,7 @@ fn decode<'a, T: Element>(
             let blocks_ro: &[f32] = blocks;
             tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
                 let unit = plan.unit(u);
-                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let bs = slots.unit_blocks(blocks_ro, sb, u);
                 for (h, t) in tu.iter_mut().enumerate().take(gh) {
                     let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
                     if !f32_search(alpha) || t.is_nan() {
@@ -649,11 +718,11 @@ fn decode<'a, T: Element>(
                         continue;
                     }
                     let mode = PowMode::for_alpha(alpha);
-                    let n: usize = bs.chunks_exact(sb).map(|b| b[0] as usize).sum();
+                    let n: usize = bs.clone().map(|b| b[0] as usize).sum();
                     let max_s = if *t == f32::NEG_INFINITY { *t } else { 0.0 };
                     *t = solve_tau(alpha, max_s, n, |t| {
                         let mut s = (0.0, 0.0, 0.0);
-                        for blk in bs.chunks_exact(sb) {
+                        for blk in bs.clone() {
                             let nb = blk[0] as usize;
                             let row = &blk[1 + 2 * g + h * BK..][..nb];
                             let r = chunked_sums(isa, row, t, mode);
@@ -670,10 +739,11 @@ fn decode<'a, T: Element>(
                 .zip(idx.par_chunks_mut(ibk))
                 .enumerate()
                 .for_each(|(i, (blk, idx))| {
-                    let u = unit_of(i);
+                    let j = slots.at(i);
+                    let u = slots.unit_of(j);
                     let unit = plan.unit(u);
                     let (idx, prow) = idx.split_at_mut(BK);
-                    let rows = block_rows(&unit, i - prefix[u], idx);
+                    let rows = block_rows(&unit, j - prefix[u], idx);
                     let nb = rows_len(&rows);
                     let (hdr, sc, _, acc) = split_block(blk, g, plan.raw);
                     if hdr[1..1 + gh].iter().any(|m| m.is_nan()) {
@@ -702,9 +772,9 @@ fn decode<'a, T: Element>(
             .zip(norm.par_chunks_mut(2 * g))
             .enumerate()
             .for_each(|(u, ((o, c), nm))| {
-                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let bs = slots.unit_blocks(blocks_ro, sb, u);
                 let unit = plan.unit(u);
-                let overflow = unit_overflows(bs, sb, gh);
+                let overflow = unit_overflows(bs.clone(), gh);
                 for h in 0..gh {
                     let ch = &mut c[h * d..(h + 1) * d];
                     if overflow || needs_f64(plan.alpha(unit.h0 + h)) {
@@ -719,13 +789,13 @@ fn decode<'a, T: Element>(
                     }
                     ch.fill(0.0);
                     let big_m = bs
-                        .chunks_exact(sb)
+                        .clone()
                         .map(|b| b[1 + h])
                         .fold(f32::NEG_INFINITY, f32::max);
                     let mut l = 0.0f32;
                     if big_m > f32::NEG_INFINITY {
                         l = bs
-                            .chunks_exact(sb)
+                            .clone()
                             .map(|b| block_weight(b, g, h, big_m, entmax))
                             .sum();
                     }
@@ -733,7 +803,7 @@ fn decode<'a, T: Element>(
                     nm[2 * h + 1] = l;
                     let oh = &mut o[h * d..(h + 1) * d];
                     if l > 0.0 && l.is_finite() {
-                        for blk in bs.chunks_exact(sb) {
+                        for blk in bs.clone() {
                             let w = block_weight(blk, g, h, big_m, entmax);
                             if w == 0.0 {
                                 continue;
@@ -762,7 +832,7 @@ fn decode<'a, T: Element>(
                 q,
                 k,
                 plan: &plan,
-                prefix,
+                slots,
                 blocks: blocks_ro,
                 idx: &*idx,
                 ibk,
@@ -782,7 +852,7 @@ struct EvidenceCtx<'c, 'm, 'a, T> {
     q: &'c [T],
     k: &'c [T],
     plan: &'c Plan<'m, 'a>,
-    prefix: &'c [usize],
+    slots: Slots<'c>,
     blocks: &'c [f32],
     idx: &'c [u32],
     /// Stride of one block in `idx`.
@@ -888,11 +958,13 @@ fn decode_evidence<T: Element>(c: &EvidenceCtx<'_, '_, '_, T>, ev: &mut DecodeEv
                         big_m + l.ln()
                     };
                 }
-                for blk in c.prefix[u]..c.prefix[u + 1] {
+                let prefix = c.slots.prefix;
+                for j in prefix[u]..prefix[u + 1] {
+                    let blk = c.slots.slot(j);
                     let (hdr, sc, raw) =
                         block_parts(&c.blocks[blk * sb..(blk + 1) * sb], g, plan.raw);
                     let nb = hdr[0] as usize;
-                    let start = (blk - c.prefix[u]) * BK;
+                    let start = (j - prefix[u]) * BK;
                     let f = if l > 0.0 && l.is_finite() {
                         block_weight(hdr, g, i, big_m, c.entmax) / l
                     } else {

@@ -51,6 +51,11 @@ pub(crate) struct DecodeWs {
     pub qs: Vec<f32>,
     /// Per unit: the first block (prefix sums), length `units + 1`.
     pub prefix: Vec<usize>,
+    /// Paged KV: the workspace slot of each block (block-major order) and
+    /// the block stored at each slot.
+    pub slot: Vec<usize>,
+    /// See `slot`.
+    pub at: Vec<usize>,
     /// Per unit and head: the entmax threshold.
     pub tau: Vec<f32>,
     /// Per unit: the combined f32 output.
