@@ -459,44 +459,46 @@ impl PageTable {
         }
     }
 
-    /// The page keys named by more than one table, sorted.
-    pub(crate) fn shared_keys(&self) -> Vec<u64> {
-        let mut keys: Vec<u64> = (0..self.num_tables())
-            .flat_map(|i| self.pages_of(i).iter().map(move |&p| (i, p)))
-            .map(|(i, p)| self.table_key(i, p))
-            .collect();
-        keys.sort_unstable();
-        let mut shared: Vec<u64> = keys
-            .windows(2)
-            .filter(|w| w[0] == w[1])
-            .map(|w| w[0])
-            .collect();
-        shared.dedup();
-        shared
-    }
-
     /// Errors unless none of the page keys written by `writes` (pairs of a
     /// segment and its page-list position) is named by another table.
+    /// O(pages · log written) for the table's pages, so a decode-step
+    /// append that writes one page per segment stays cheap.
     pub(crate) fn check_exclusive(
         &self,
         op: &'static str,
         writes: impl Iterator<Item = (usize, usize)>,
     ) -> Result<()> {
-        let shared = self.shared_keys();
-        if shared.is_empty() {
+        let mut written: Vec<(u64, u32, usize)> = writes
+            .map(|(s, pi)| {
+                let page = self.pages_of(self.table_of(s))[pi];
+                (self.key(s, page), page, s)
+            })
+            .collect();
+        if written.is_empty() {
             return Ok(());
         }
-        for (s, pi) in writes {
-            let page = self.pages_of(self.table_of(s))[pi];
-            if shared.binary_search(&self.key(s, page)).is_ok() {
-                return Err(shape(
-                    op,
-                    format!(
-                        "page {page} (of segment {s}) is named by more than one table, and this op \
-                         would write it: shared pages are read-only (copy the page first)"
-                    ),
-                ));
+        written.sort_unstable();
+        written.dedup_by_key(|w| w.0);
+        // Tables naming each written key (a table names a key at most once).
+        let mut named = vec![0u32; written.len()];
+        for i in 0..self.num_tables() {
+            for &page in self.pages_of(i) {
+                let key = self.table_key(i, page);
+                if let Ok(at) = written.binary_search_by_key(&key, |w| w.0) {
+                    named[at] += 1;
+                }
             }
+        }
+        if let Some(at) = named.iter().position(|&n| n > 1) {
+            let (_, page, s) = written[at];
+            return Err(shape(
+                op,
+                format!(
+                    "page {page} (of segment {s}) is named by more than one table ({}), and this \
+                     op would write it: shared pages are read-only (copy the page first)",
+                    named[at]
+                ),
+            ));
         }
         Ok(())
     }
