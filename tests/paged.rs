@@ -411,15 +411,15 @@ fn paged_decode_matches_contiguous_and_reference<B: Ops>(b: &B) {
 }
 
 /// `got` against `want`: bitwise on the reference and the CPU backend
-/// (NaN equal to NaN), else within `abs + 2e-5·|want|` (`docs/numerics.md`,
-/// attention evidence).
-fn check_evidence(b: &impl Backend, got: &[f32], want: &[f32], abs: f32, ctx: &str) {
+/// (NaN equal to NaN), else within `abs + rel·|want|` (the evidence rows of
+/// `docs/numerics.md`).
+fn check_evidence(b: &impl Backend, got: &[f32], want: &[f32], tol: Tolerance, ctx: &str) {
     assert_eq!(got.len(), want.len(), "{ctx}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let ok = if bitwise(b) || w.is_infinite() {
             g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())
         } else {
-            (g - w).abs() <= abs + 2e-5 * w.abs()
+            tol.allows(f64::from(g), f64::from(w))
         };
         assert!(ok, "{ctx}: entry {i}: paged {g}, contiguous {w}");
     }
@@ -487,14 +487,14 @@ fn evidence_case<B: Ops, T: Element>(b: &B, c: &Case<T>, ctx0: &str) {
                     ]
                 };
                 let (pg, ct) = (run(true), run(false));
-                let tol_z = (1e-5 * (d as f64).sqrt()) as f32;
-                for (name, i, abs) in [
-                    ("probs", 0, 2e-6),
-                    ("logits", 1, tol_z),
-                    ("stats", 2, 1e-5),
-                    ("output", 3, 2e-5),
+                let tol = |rel, abs| Tolerance { rel, abs };
+                for (name, i, t) in [
+                    ("probs", 0, tol(2e-5, 2e-6)),
+                    ("logits", 1, tol(2e-5, 1e-5 * (d as f64).sqrt())),
+                    ("stats", 2, tol(1e-5, 1e-6)),
+                    ("output", 3, tol(2e-5, 2e-5)),
                 ] {
-                    check_evidence(b, &pg[i], &ct[i], abs, &format!("{ctx} {name}"));
+                    check_evidence(b, &pg[i], &ct[i], t, &format!("{ctx} {name}"));
                 }
                 assert!(
                     pg[0].iter().all(|x| !x.is_nan()),
@@ -1012,7 +1012,8 @@ fn paged_table_rejects_bad_tables() {
     };
     let t = PageTable::new(ok.clone()).unwrap();
     assert_eq!(t.segments().lens(), &[32, 32, 1, 1]);
-    let cases: Vec<(&str, Box<dyn Fn(&mut PageTableParts)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut PageTableParts)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "P not a power of two",
             Box::new(|p| p.page_size = 24),
