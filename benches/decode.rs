@@ -21,7 +21,17 @@
 //! with the least arithmetic the library has. It bounds what any decode
 //! kernel can do with that list on this machine.
 //!
+//! **Paged KV** (issue #14): dense decode over the same 32K tokens kept in
+//! page pools (`kvsieve::paged`), P = 16 and 64, pages in shuffled order,
+//! HND and NHD, f16 and bf16, against the contiguous dense decode; the
+//! contiguous call, the paged call and the copy are timed alternately, rep
+//! by rep, so the throughput ratio sees one machine load (target: paged ≥
+//! 0.95x contiguous).
+//!
 //! `cargo bench --bench decode -- --warm-up-time 1 --measurement-time 3`
+//!
+//! `KVSIEVE_BENCH_ONLY=paged` runs only the preset checks and the paged
+//! comparison.
 
 mod common;
 
@@ -33,7 +43,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use half::{bf16, f16};
 use kvsieve::cpu::alloc::kv_buffer_from;
 use kvsieve::cpu::{Cpu, isa, simd};
-use kvsieve::ops::{self, DecodeParams};
+use kvsieve::ops::{self, DecodeParams, PagedDecodeParams};
 use kvsieve::reference::Reference;
 use kvsieve::*;
 
@@ -294,8 +304,183 @@ fn gather_floor<T: Element>(c: &Case, pools: &mut [Pool]) -> Vec<f64> {
         .collect()
 }
 
+/// A page table holding `n` tokens per KV head of one sequence in pages of
+/// `p` (whole pages), the pages in a shuffled order (seeded).
+fn shuffled_table(layout: PageLayout, p: usize, hkv: usize, n: usize) -> PageTable {
+    let pages = n.div_ceil(p);
+    let mut order: Vec<u32> = (0..pages as u32).collect();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for i in (1..pages).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    PageTable::new(PageTableParts {
+        layout,
+        page_size: p,
+        num_pages: pages,
+        num_kv_heads: hkv,
+        scope: PageScope::Sequence,
+        page_indptr: vec![0, pages as u32],
+        page_indices: order,
+        last_page_len: vec![(n - (pages - 1) * p) as u32],
+    })
+    .unwrap()
+}
+
+/// The contiguous rows `x` (`segs`) copied into a page pool at their paged
+/// rows (`cpu::alloc` buffer, as `Cpu::upload` gives).
+fn to_pool<T: Element>(table: &PageTable, segs: &Segments, x: &[T], d: usize) -> Vec<T> {
+    let mut pool = vec![T::default(); table.rows() * d];
+    for s in 0..segs.num_segments() {
+        for j in 0..segs.len_of(s) {
+            let (src, dst) = (segs.offset(s) + j, table.row(s, j));
+            pool[dst * d..(dst + 1) * d].copy_from_slice(&x[src * d..(src + 1) * d]);
+        }
+    }
+    kv_buffer_from(&pool).unwrap()
+}
+
+fn run_paged<T: Element>(
+    cpu: &Cpu,
+    c: &Case,
+    table: &PageTable,
+    q: &Vec<T>,
+    kp: &Vec<T>,
+    vp: &Vec<T>,
+    out: &mut Vec<T>,
+) {
+    let geom = HeadGeometry::new(c.hq, c.hkv, c.d).unwrap();
+    let p = PagedDecodeParams {
+        geom,
+        pages: table,
+        scale: None,
+        normalizer: &Normalizer::Softmax,
+        restrict: Restrict::Dense,
+    };
+    ops::decode_attention_paged(cpu, &p, q, kp, vp, out).unwrap();
+}
+
+/// The paged preset: paged decode on the CPU against the reference's
+/// contiguous decode of the same tokens (both layouts, a ragged tail page).
+fn check_paged_against_reference() {
+    let c = Case {
+        hq: 8,
+        hkv: 2,
+        d: 64,
+        n: 700,
+        batch: 1,
+        k: None,
+        pages: false,
+        plain: false,
+        entmax: None,
+    };
+    let inp = inputs::<f32>(&c);
+    let mut want = vec![0.0f32; inp.q.len()];
+    run(&Reference, &c, &inp, &mut want);
+    for layout in [PageLayout::Hnd, PageLayout::Nhd] {
+        let table = shuffled_table(layout, 16, c.hkv, c.n);
+        let kp = to_pool(&table, &inp.segs, &inp.k, c.d);
+        let vp = to_pool(&table, &inp.segs, &inp.v, c.d);
+        let mut got = vec![0.0f32; inp.q.len()];
+        run_paged(&Cpu::new(), &c, &table, &inp.q, &kp, &vp, &mut got);
+        for (a, e) in got.iter().zip(&want) {
+            assert!(
+                (a - e).abs() <= 5e-5 + 1e-4 * e.abs(),
+                "paged preset {layout:?}: {a} vs {e}"
+            );
+        }
+    }
+    println!("kvsieve-decode | paged preset check against the reference: ok");
+}
+
+/// Median seconds of the contiguous and the paged call and the copy
+/// bandwidth, the three timed alternately (`reps` rounds after a warm-up).
+fn paired3(
+    copy: &mut common::CopyRef,
+    reps: usize,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+) -> (f64, f64, f64) {
+    let med = |t: &mut Vec<f64>| {
+        t.sort_by(|x, y| x.total_cmp(y));
+        t[t.len() / 2]
+    };
+    a();
+    b();
+    copy.once();
+    let (mut ta, mut tb, mut tc) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let s = std::time::Instant::now();
+        a();
+        ta.push(s.elapsed().as_secs_f64());
+        let s = std::time::Instant::now();
+        b();
+        tb.push(s.elapsed().as_secs_f64());
+        tc.push(copy.once());
+    }
+    (
+        med(&mut ta),
+        med(&mut tb),
+        common::COPY_BYTES as f64 / med(&mut tc),
+    )
+}
+
+/// Paged against contiguous dense decode (target ≥ 0.95x throughput): one
+/// summary line per (dtype, layout, P, threads).
+fn paged_vs_contiguous<T: Element>(crit: &mut Criterion, base: &Case, pools: &mut [Pool]) {
+    let inp = inputs::<T>(base);
+    let bytes = bytes_read(base, &inp);
+    let mut out = vec![T::default(); inp.q.len()];
+    let mut group = crit.benchmark_group("decode");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(bytes as u64));
+    for layout in [PageLayout::Hnd, PageLayout::Nhd] {
+        for p in [16usize, 64] {
+            let table = shuffled_table(layout, p, base.hkv, base.n);
+            let kp = to_pool(&table, &inp.segs, &inp.k, base.d);
+            let vp = to_pool(&table, &inp.segs, &inp.v, base.d);
+            for (pool, copy) in pools.iter_mut() {
+                let threads = pool.current_num_threads();
+                let cpu = Cpu::with_isa(isa::detected()).pool(pool.clone());
+                let mut out2 = vec![T::default(); inp.q.len()];
+                let (tc, tp, bw) = paired3(
+                    copy,
+                    15,
+                    || run(&cpu, base, &inp, &mut out),
+                    || run_paged(&cpu, base, &table, &inp.q, &kp, &vp, &mut out2),
+                );
+                assert!(out == out2, "paged and contiguous outputs differ");
+                let name = format!("{}/paged-{layout:?}-P{p}/t{threads}", base.name::<T>());
+                common::report(
+                    "decode",
+                    &format!("{}/t{threads}", base.name::<T>()),
+                    bytes,
+                    tc,
+                    bw,
+                );
+                common::report("decode", &name, bytes, tp, bw);
+                println!(
+                    "kvsieve-decode | {} {layout:?} P={p} t{threads}: paged {:.3} ms, contiguous {:.3} ms: paged throughput = {:.3}x contiguous (target >= 0.95x)",
+                    T::DTYPE,
+                    tp * 1e3,
+                    tc * 1e3,
+                    tc / tp
+                );
+                group.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                    b.iter(|| run_paged(&cpu, base, &table, &inp.q, &kp, &vp, &mut out2))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 fn benches(crit: &mut Criterion) {
     check_against_reference();
+    check_paged_against_reference();
+    let only_paged = std::env::var("KVSIEVE_BENCH_ONLY").is_ok_and(|v| v == "paged");
     let mut pools: Vec<Pool> = common::thread_counts()
         .into_iter()
         .map(|n| {
@@ -333,6 +518,12 @@ fn benches(crit: &mut Criterion) {
         pages: true,
         ..sparse
     };
+    // Issue #14: paged dense decode against contiguous (f16, bf16).
+    paged_vs_contiguous::<f16>(crit, &base, &mut pools);
+    paged_vs_contiguous::<bf16>(crit, &base, &mut pools);
+    if only_paged {
+        return;
+    }
     // Target: dense 32K, all dtypes, 1 and all threads; index list k = 2048.
     macro_rules! dense_vs_sparse {
         ($t:ty) => {{

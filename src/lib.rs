@@ -10,6 +10,7 @@
 //! | head geometry (GQA) | [`HeadGeometry`] |
 //! | ragged batches | [`Ragged`] (`indptr`), [`Segments`] (one per sequence × KV head) |
 //! | token sets | [`IndexSet`], [`IndexList`], [`BitMask`], [`MaskList`] |
+//! | paged KV (HND / NHD pages, FlashInfer CSR page tables) | [`PageTable`], [`PageLayout`], [`PageScope`] ([`paged`]) |
 //! | backends | [`reference::Reference`] (the specification); [`cpu::Cpu`] (SIMD + rayon, runtime ISA); `wgpu::Wgpu` (feature `wgpu`, WGSL shaders); `cuda::CudaBackend` (feature `cuda`, NVRTC) |
 //! | validated ops | [`ops`] |
 //! | row α-entmax solvers, backward, learned α | [`mod@entmax`] |
@@ -55,6 +56,7 @@ pub mod error;
 pub mod eval;
 pub mod layout;
 pub mod ops;
+pub mod paged;
 pub mod policy;
 pub mod reference;
 #[cfg(feature = "wgpu")]
@@ -67,6 +69,7 @@ pub use backend::{Backend, BlockStats, Normalizer, Ops, Restrict};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use layout::{BitMask, HeadGeometry, IndexList, IndexSet, MaskList, Ragged, Scope, Segments};
+pub use paged::{PageLayout, PageScope, PageTable, PageTableParts};
 
 /// Softmax of one row of scores, computed by the reference backend.
 ///

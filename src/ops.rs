@@ -10,6 +10,7 @@ use crate::backend::*;
 use crate::dtype::Element;
 use crate::error::{Error, Result, Size, budget, shape};
 use crate::layout::{HeadGeometry, IndexList, MaskList, Ragged, Scope, Segments};
+use crate::paged::{PageScope, PageTable, PagedCompaction};
 
 /// Checks that α is finite and `> 1`.
 pub fn check_alpha(op: &'static str, alpha: f32) -> Result<()> {
@@ -724,43 +725,19 @@ pub(crate) fn decode_attention_impl<B: AttnOps, T: Element>(
     prechecked: bool,
 ) -> Result<()> {
     const OP: &str = "decode_attention";
-    check_geom_segs(OP, &p.geom, p.segments)?;
-    p.normalizer.validate(OP, &p.geom)?;
-    let scale = resolve_scale(OP, p.scale, &p.geom)?;
-    match p.restrict {
-        Restrict::Dense => {}
-        _ if prechecked => {}
-        Restrict::Indices(list) => list.check_against(OP, &p.geom, p.segments)?,
-        Restrict::Mask(mask) => {
-            mask.check_against(OP, &p.geom, p.segments, &vec![1; p.segments.batch()])?
-        }
-    }
+    let scale = check_decode(
+        OP,
+        &p.geom,
+        p.segments,
+        p.normalizer,
+        p.scale,
+        p.restrict,
+        prechecked,
+    )?;
     let d = p.geom.head_dim();
     let qn = p.segments.batch() * p.geom.num_q_heads() * d;
     check_attn_io(b, OP, q, k, v, out, qn, p.segments, d)?;
-    if !ev.is_empty() {
-        let ones = vec![1; p.segments.batch()];
-        if let Some((heads, buf)) = &ev.probs {
-            let n = evidence_blocks(&p.geom, p.segments, *heads, &ones)?.total();
-            check_at_least(b, OP, "evidence probs", *buf, n)?;
-        }
-        if let Some(buf) = &ev.logits {
-            let n = evidence_blocks(&p.geom, p.segments, Heads::PerHead, &ones)?.total();
-            check_at_least(b, OP, "evidence logits", *buf, n)?;
-        }
-    }
-    if let Some(buf) = &ev.output {
-        check_at_least(b, OP, "evidence output", *buf, qn)?;
-    }
-    if let Some(buf) = &ev.stats {
-        check_at_least(
-            b,
-            OP,
-            "evidence stats",
-            *buf,
-            p.segments.batch() * p.geom.num_q_heads(),
-        )?;
-    }
+    check_decode_evidence(b, OP, &p.geom, p.segments, &ev)?;
     let meta = DecodeMeta {
         geom: p.geom,
         segs: p.segments,
@@ -769,6 +746,65 @@ pub(crate) fn decode_attention_impl<B: AttnOps, T: Element>(
         restrict: p.restrict,
     };
     b.decode_attention(&meta, q, k, v, out, &mut ev)
+}
+
+/// The decode checks that do not involve buffers: geometry against the
+/// segments, the normaliser, the scale (returned) and the restriction
+/// (skipped when `prechecked`).
+fn check_decode(
+    op: &'static str,
+    geom: &HeadGeometry,
+    segs: &Segments,
+    normalizer: &Normalizer,
+    scale: Option<f32>,
+    restrict: Restrict<'_>,
+    prechecked: bool,
+) -> Result<f32> {
+    check_geom_segs(op, geom, segs)?;
+    normalizer.validate(op, geom)?;
+    let scale = resolve_scale(op, scale, geom)?;
+    match restrict {
+        Restrict::Dense => {}
+        _ if prechecked => {}
+        Restrict::Indices(list) => list.check_against(op, geom, segs)?,
+        Restrict::Mask(mask) => mask.check_against(op, geom, segs, &vec![1; segs.batch()])?,
+    }
+    Ok(scale)
+}
+
+/// The lengths of the decode evidence buffers (laid out over `segs`).
+fn check_decode_evidence<B: Backend>(
+    b: &B,
+    op: &'static str,
+    geom: &HeadGeometry,
+    segs: &Segments,
+    ev: &DecodeEvidence<'_, B>,
+) -> Result<()> {
+    let qn = segs.batch() * geom.num_q_heads() * geom.head_dim();
+    if ev.probs.is_some() || ev.logits.is_some() {
+        let ones = vec![1; segs.batch()];
+        if let Some((heads, buf)) = &ev.probs {
+            let n = evidence_blocks(geom, segs, *heads, &ones)?.total();
+            check_at_least(b, op, "evidence probs", *buf, n)?;
+        }
+        if let Some(buf) = &ev.logits {
+            let n = evidence_blocks(geom, segs, Heads::PerHead, &ones)?.total();
+            check_at_least(b, op, "evidence logits", *buf, n)?;
+        }
+    }
+    if let Some(buf) = &ev.output {
+        check_at_least(b, op, "evidence output", *buf, qn)?;
+    }
+    if let Some(buf) = &ev.stats {
+        check_at_least(
+            b,
+            op,
+            "evidence stats",
+            *buf,
+            segs.batch() * geom.num_q_heads(),
+        )?;
+    }
+    Ok(())
 }
 
 /// Parameters of [`prefill_attention`].
@@ -984,4 +1020,416 @@ pub fn entmax_prefill_backward<B: EntmaxOps, T: Element>(
     check_len(b, OP, "dv", dv, kn)?;
     check_len(b, OP, "dalpha", dalpha, hq)?;
     b.entmax_prefill_backward(&meta, q, k, v, tau, d_out, dq, dk, dv, dalpha)
+}
+
+// ------------------------------------------------------------------- paged KV
+
+/// Errors unless a page pool buffer is exactly `[table.rows(), d]`: a
+/// buffer of any other length means the declared pool shape is not the
+/// buffer's (FlashInfer's silent miscompute on a strided pool, issue #3856,
+/// is what an unchecked shape gives).
+fn check_pool<B: Backend, T: Element>(
+    b: &B,
+    op: &'static str,
+    name: &str,
+    buf: &B::Buffer<T>,
+    table: &PageTable,
+    d: usize,
+) -> Result<()> {
+    let want = Size::new(op, "page pool elements (rows x head_dim)", table.rows())
+        .times(d)
+        .get()?;
+    let got = b.buffer_len(buf);
+    if got != want {
+        return Err(shape(
+            op,
+            format!(
+                "{name} has {got} elements; a pool of {} pages x {} KV heads x {} slots of D = {d} \
+                 is {want}",
+                table.num_pages(),
+                table.num_kv_heads(),
+                table.page_size()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Parameters of [`decode_attention_paged`].
+#[derive(Clone, Copy, Debug)]
+pub struct PagedDecodeParams<'a> {
+    /// Head geometry (its KV heads must be the page table's).
+    pub geom: HeadGeometry,
+    /// The page table: one table per sequence or per (sequence, KV head).
+    pub pages: &'a PageTable,
+    /// Logit scale; `None` means `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Softmax or entmax.
+    pub normalizer: &'a Normalizer,
+    /// Dense, index list, or bit mask, in token coordinates of each segment
+    /// (checked against [`PageTable::segments`]).
+    pub restrict: Restrict<'a>,
+}
+
+/// Decode attention over paged KV, one query per sequence (see
+/// [`AttnOps::decode_attention_paged`] and [`crate::paged`]).
+///
+/// `q` and `out` are `[batch, Hq, D]`; `k_pages` and `v_pages` are the page
+/// pools, each exactly `[pages.rows(), D]`. The result is the one
+/// [`decode_attention`] gives on the rows gathered into contiguous segments
+/// (`row(s, j)` for `j < len(s)`); on the reference and the CPU backend it
+/// is bitwise that result. Backends without a paged kernel return
+/// [`Error::Unsupported`].
+pub fn decode_attention_paged<B: AttnOps, T: Element>(
+    b: &B,
+    p: &PagedDecodeParams<'_>,
+    q: &B::Buffer<T>,
+    k_pages: &B::Buffer<T>,
+    v_pages: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+) -> Result<()> {
+    decode_attention_paged_with(b, p, q, k_pages, v_pages, out, DecodeEvidence::default())
+}
+
+/// [`decode_attention_paged`] that also writes the requested evidence, in
+/// token coordinates exactly as [`decode_attention_with`] (size the
+/// buffers with [`evidence_blocks`]`(geom, pages.segments(), heads, &[1;
+/// batch])`; `stats` is `[batch, Hq]`).
+pub fn decode_attention_paged_with<B: AttnOps, T: Element>(
+    b: &B,
+    p: &PagedDecodeParams<'_>,
+    q: &B::Buffer<T>,
+    k_pages: &B::Buffer<T>,
+    v_pages: &B::Buffer<T>,
+    out: &mut B::Buffer<T>,
+    mut ev: DecodeEvidence<'_, B>,
+) -> Result<()> {
+    const OP: &str = "decode_attention_paged";
+    crate::paged::check_kv_heads(OP, p.pages, p.geom.num_kv_heads())?;
+    let segs = p.pages.segments();
+    let scale = check_decode(OP, &p.geom, segs, p.normalizer, p.scale, p.restrict, false)?;
+    let d = p.geom.head_dim();
+    let qn = segs.batch() * p.geom.num_q_heads() * d;
+    check_len(b, OP, "q", q, qn)?;
+    check_pool(b, OP, "k_pages", k_pages, p.pages, d)?;
+    check_pool(b, OP, "v_pages", v_pages, p.pages, d)?;
+    check_len(b, OP, "out", out, qn)?;
+    check_decode_evidence(b, OP, &p.geom, segs, &ev)?;
+    let meta = PagedDecodeMeta {
+        decode: DecodeMeta {
+            geom: p.geom,
+            segs,
+            scale,
+            normalizer: p.normalizer,
+            restrict: p.restrict,
+        },
+        pages: p.pages,
+    };
+    b.decode_attention_paged(&meta, q, k_pages, v_pages, out, &mut ev)
+}
+
+/// Parameters of [`append_paged`].
+#[derive(Clone, Copy, Debug)]
+pub struct PagedAppendParams<'a> {
+    /// Head dimension `D` (row width of the pools).
+    pub head_dim: usize,
+    /// The page table before the append.
+    pub pages: &'a PageTable,
+    /// New tokens per sequence: `n_b = tokens.len_of(b)` (every KV head of
+    /// the sequence gets them).
+    pub tokens: &'a Ragged,
+    /// CSR offsets of `new_pages`, one list per table plus one.
+    pub new_page_indptr: &'a [u32],
+    /// The pages each table grows by, in token order: exactly
+    /// `⌈(len + n) / P⌉ − ⌈len / P⌉` for a table of `len` tokens given `n`
+    /// new ones (the caller's pool provides them).
+    pub new_pages: &'a [u32],
+}
+
+/// Appends new tokens to paged KV: token `i` (`i < n_b`) of sequence `b`
+/// goes to position `len(s) + i` of every segment `s = b · Hkv + g`, i.e.
+/// row [`PageTable::row`]`(s, len(s) + i)` of the grown table, in `k_pages`
+/// and `v_pages`. Returns the grown table (each table's pages followed by
+/// its new pages, `last_page_len` updated).
+///
+/// `k_new`, `v_new` are `[tokens.total(), Hkv, D]` (token-major, sequences
+/// in order, as [`crate::cache::KvCache::append`] takes them); the pools
+/// are exactly `[pages.rows(), D]`. Errors when the new pages are not
+/// exactly those the tokens need (the tokens do not fit, or pages would be
+/// left empty), when a new page is out of the pool or already in the table,
+/// and when a page the append writes (the partly filled last page, the new
+/// pages) is named by another table (shared pages are read-only: copy on
+/// write first). Rows other than the appended ones are not touched.
+pub fn append_paged<B: CacheOps, T: Element>(
+    b: &B,
+    p: &PagedAppendParams<'_>,
+    k_new: &B::Buffer<T>,
+    v_new: &B::Buffer<T>,
+    k_pages: &mut B::Buffer<T>,
+    v_pages: &mut B::Buffer<T>,
+) -> Result<PageTable> {
+    const OP: &str = "append_paged";
+    let (table, d) = (p.pages, p.head_dim);
+    if d == 0 {
+        return Err(shape(OP, "head_dim must be positive"));
+    }
+    let hkv = table.num_kv_heads();
+    if p.tokens.num_segments() != table.batch() {
+        return Err(shape(
+            OP,
+            format!(
+                "tokens has {} sequences, the page table has {}",
+                p.tokens.num_segments(),
+                table.batch()
+            ),
+        ));
+    }
+    let tables = table.num_tables();
+    let add = Ragged::new(p.new_page_indptr.to_vec())?;
+    if add.num_segments() != tables || add.total() != p.new_pages.len() {
+        return Err(shape(
+            OP,
+            format!(
+                "new_page_indptr must have {} entries ending at {} (one list per table), got {} \
+                 ending at {}",
+                tables + 1,
+                p.new_pages.len(),
+                p.new_page_indptr.len(),
+                add.total()
+            ),
+        ));
+    }
+    let seq_of = |i: usize| match table.scope() {
+        PageScope::Sequence => i,
+        PageScope::KvHead => i / hkv,
+    };
+    let ps = table.page_size();
+    let mut parts = table.parts().clone();
+    parts.page_indptr.clear();
+    parts.page_indptr.push(0);
+    parts.page_indices.clear();
+    for i in 0..tables {
+        let (len, n) = (table.table_len(i), p.tokens.len_of(seq_of(i)));
+        let new_len = Size::new(OP, "tokens of one table", len)
+            .plus(n)
+            .get_u32()? as usize;
+        let need = table.pages_for(new_len) - table.pages_of(i).len();
+        let got = add.len_of(i);
+        if got != need {
+            return Err(shape(
+                OP,
+                format!(
+                    "table {i} holds {len} tokens in {} pages of {ps}: {n} new tokens need {need} \
+                     new pages, got {got}",
+                    table.pages_of(i).len()
+                ),
+            ));
+        }
+        parts.page_indices.extend_from_slice(table.pages_of(i));
+        parts
+            .page_indices
+            .extend_from_slice(&p.new_pages[add.range(i)]);
+        parts
+            .page_indptr
+            .push(Size::new(OP, "page indices", parts.page_indices.len()).get_u32()?);
+        parts.last_page_len[i] = (new_len - (table.pages_for(new_len).max(1) - 1) * ps) as u32;
+    }
+    let grown = PageTable::new(parts)?;
+    let nseg = table.segments().num_segments();
+    let shift = ps.trailing_zeros();
+    grown.check_exclusive(
+        OP,
+        (0..nseg).flat_map(|s| {
+            let (len, n) = (table.segments().len_of(s), p.tokens.len_of(s / hkv));
+            let pages = if n == 0 {
+                0..0
+            } else {
+                len >> shift..((len + n - 1) >> shift) + 1
+            };
+            pages.map(move |pi| (s, pi))
+        }),
+    )?;
+    let want = Size::new(OP, "new K/V elements (tokens x Hkv x D)", p.tokens.total())
+        .times(hkv)
+        .times(d)
+        .get()?;
+    check_len(b, OP, "k_new", k_new, want)?;
+    check_len(b, OP, "v_new", v_new, want)?;
+    check_pool(b, OP, "k_pages", k_pages, table, d)?;
+    check_pool(b, OP, "v_pages", v_pages, table, d)?;
+    // Source row (t, g) of `k_new` goes to `dst[t · Hkv + g]`. Rows are
+    // unique: tokens of one segment map to distinct rows, segments of one
+    // table to distinct KV heads, and the written page keys are exclusive.
+    let mut dst = Vec::with_capacity(p.tokens.total() * hkv);
+    for bi in 0..table.batch() {
+        for i in 0..p.tokens.len_of(bi) {
+            for g in 0..hkv {
+                let s = bi * hkv + g;
+                dst.push(grown.row(s, table.segments().len_of(s) + i) as u32);
+            }
+        }
+    }
+    if !dst.is_empty() {
+        let meta = ScatterMeta {
+            width: d,
+            indices: dst,
+        };
+        b.scatter_rows(&meta, k_new, k_pages)?;
+        b.scatter_rows(&meta, v_new, v_pages)?;
+    }
+    Ok(grown)
+}
+
+/// Compacts paged KV in place to the tokens in `keep` (scope `KvHead`, one
+/// sorted list per segment, token coordinates): the hole-filling compaction
+/// of [`compact_rows`] ([`crate::cache::compaction_moves`]) on each
+/// segment's tokens, its row moves made on the physical rows
+/// ([`PageTable::row`]) of `k_pages` and `v_pages` (each exactly
+/// `[pages.rows(), D]`). Returns the shrunk table (each table keeps its first
+/// `⌈len' / P⌉` pages) and the pages it released ([`PagedCompaction`]).
+///
+/// Errors when a list is out of range, when the KV heads of a per-sequence
+/// table keep different counts (one table has one length: use per-KV-head
+/// tables for head-wise budgets), and when a page a row moves into is named
+/// by another table (shared pages are read-only).
+pub fn compact_paged<B: CacheOps, T: Element>(
+    b: &B,
+    head_dim: usize,
+    pages: &PageTable,
+    keep: &IndexList,
+    k_pages: &mut B::Buffer<T>,
+    v_pages: &mut B::Buffer<T>,
+) -> Result<PagedCompaction> {
+    paged_compaction(
+        b,
+        "compact_paged",
+        head_dim,
+        pages,
+        keep,
+        |_, list| list.len(),
+        |_, list| crate::cache::compaction_moves(list),
+        (k_pages, v_pages),
+    )
+}
+
+/// Removes the tokens in `drop` (scope `KvHead`, one sorted list per
+/// segment) from paged KV: the compaction of [`compact_paged`] for the
+/// complement, in O(dropped rows) ([`crate::cache::drop_moves`]). Returns
+/// the shrunk table and the released pages; errors as [`compact_paged`].
+pub fn drop_paged<B: CacheOps, T: Element>(
+    b: &B,
+    head_dim: usize,
+    pages: &PageTable,
+    drop: &IndexList,
+    k_pages: &mut B::Buffer<T>,
+    v_pages: &mut B::Buffer<T>,
+) -> Result<PagedCompaction> {
+    paged_compaction(
+        b,
+        "drop_paged",
+        head_dim,
+        pages,
+        drop,
+        |len, list| len - list.len(),
+        crate::cache::drop_moves,
+        (k_pages, v_pages),
+    )
+}
+
+/// The body of [`compact_paged`] / [`drop_paged`]: `new_len(len, list)` and
+/// `moves(len, list)` (token coordinates) per segment.
+#[allow(clippy::too_many_arguments)]
+fn paged_compaction<B: CacheOps, T: Element>(
+    b: &B,
+    op: &'static str,
+    d: usize,
+    table: &PageTable,
+    lists: &IndexList,
+    new_len: impl Fn(usize, &[u32]) -> usize,
+    moves: impl Fn(usize, &[u32]) -> Vec<(u32, u32)>,
+    (k_pages, v_pages): (&mut B::Buffer<T>, &mut B::Buffer<T>),
+) -> Result<PagedCompaction> {
+    if d == 0 {
+        return Err(shape(op, "head_dim must be positive"));
+    }
+    check_pool(b, op, "k_pages", k_pages, table, d)?;
+    check_pool(b, op, "v_pages", v_pages, table, d)?;
+    let segs = table.segments();
+    let nseg = segs.num_segments();
+    if lists.scope() != Scope::KvHead || lists.num_lists() != nseg {
+        return Err(shape(
+            op,
+            format!(
+                "expected one KvHead-scoped list per segment ({nseg}), got {} {:?} lists",
+                lists.num_lists(),
+                lists.scope()
+            ),
+        ));
+    }
+    let mut lens = vec![0usize; table.num_tables()];
+    for s in 0..nseg {
+        let (list, len) = (lists.list(s), segs.len_of(s));
+        if let Some(&last) = list.last()
+            && last as usize >= len
+        {
+            return Err(shape(
+                op,
+                format!("segment {s}: index {last} >= length {len}"),
+            ));
+        }
+        let n = new_len(len, list);
+        let t = table.table_of(s);
+        // A per-sequence table serves all KV heads: the first sets its
+        // length, the others must agree.
+        let first_of_table = table.scope() == PageScope::KvHead || s % segs.num_kv_heads() == 0;
+        if !first_of_table && lens[t] != n {
+            return Err(shape(
+                op,
+                format!(
+                    "sequence {t}: KV heads keep {} and {n} tokens, but a per-sequence page table \
+                     has one length (use PageScope::KvHead tables for head-wise budgets)",
+                    lens[t]
+                ),
+            ));
+        }
+        lens[t] = n;
+    }
+    let shift = table.page_size().trailing_zeros();
+    let mut phys = Vec::new();
+    let mut written = Vec::new();
+    for s in 0..nseg {
+        let seg = table.segment(s);
+        for (dst, src) in moves(segs.len_of(s), lists.list(s)) {
+            written.push((s, (dst as usize) >> shift));
+            phys.push((seg.row(dst as usize) as u32, seg.row(src as usize) as u32));
+        }
+    }
+    written.dedup();
+    table.check_exclusive(op, written.into_iter())?;
+    let mut parts = table.parts().clone();
+    parts.page_indptr.clear();
+    parts.page_indptr.push(0);
+    parts.page_indices.clear();
+    for (i, &n) in lens.iter().enumerate() {
+        let keep = table.pages_for(n);
+        parts
+            .page_indices
+            .extend_from_slice(&table.pages_of(i)[..keep]);
+        parts.page_indptr.push(parts.page_indices.len() as u32);
+        parts.last_page_len[i] = (n - keep.saturating_sub(1) * table.page_size()) as u32;
+    }
+    let shrunk = PageTable::new(parts)?;
+    if !phys.is_empty() {
+        // Destinations are exclusive rows, distinct from every source (a
+        // source in the same row would put a shared page key in two tables,
+        // or one token in two places); sources of different tables may
+        // coincide in a shared page, which a copy reads twice.
+        let meta = CompactMeta {
+            width: d,
+            moves: phys,
+        };
+        b.compact_rows(&meta, k_pages)?;
+        b.compact_rows(&meta, v_pages)?;
+    }
+    Ok(PagedCompaction::new(table, shrunk))
 }

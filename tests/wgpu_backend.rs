@@ -16,7 +16,7 @@ use kvsieve::*;
 
 /// Every op of `kvsieve::Ops`, by stem, and whether it takes a storage dtype
 /// (the others work on f32 logits only).
-const OPS: [(&str, bool); 14] = [
+const OPS: [(&str, bool); 15] = [
     ("softmax_rows", false),
     ("entmax_rows", false),
     ("qk_logits", true),
@@ -28,6 +28,7 @@ const OPS: [(&str, bool); 14] = [
     ("scatter_rows", true),
     ("merge_rows", true),
     ("decode_attention", true),
+    ("decode_attention_paged", true),
     ("prefill_attention", true),
     ("entmax_prefill", true),
     ("entmax_prefill_backward", true),
@@ -119,6 +120,29 @@ fn run_op<T: Element>(b: &Wgpu, op: &str) -> Result<()> {
                 restrict: Restrict::Dense,
             };
             ops::decode_attention(b, &p, &q, &k, &v, &mut o)
+        }
+        "decode_attention_paged" => {
+            // The 10 rows of `k` / `v` as a pool of 5 HND pages of 1 slot
+            // (2 KV heads), two pages per KV head's 2 tokens.
+            let pages = PageTable::new(PageTableParts {
+                layout: PageLayout::Hnd,
+                page_size: 1,
+                num_pages: 5,
+                num_kv_heads: 2,
+                scope: PageScope::Sequence,
+                page_indptr: vec![0, 2],
+                page_indices: vec![3, 1],
+                last_page_len: vec![1],
+            })?;
+            let mut o = b.zeros::<T>(4 * 8)?;
+            let p = ops::PagedDecodeParams {
+                geom,
+                pages: &pages,
+                scale: None,
+                normalizer: &Normalizer::Softmax,
+                restrict: Restrict::Dense,
+            };
+            ops::decode_attention_paged(b, &p, &q, &k, &v, &mut o)
         }
         "prefill_attention" => {
             let mut o = b.zeros::<T>(4 * 8)?;

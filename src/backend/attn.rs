@@ -4,6 +4,7 @@ use super::{Backend, DecodeEvidence, PrefillEvidence};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::layout::{HeadGeometry, IndexList, MaskList, Ragged, Segments};
+use crate::paged::PageTable;
 
 /// How logits become attention weights.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +106,41 @@ impl DecodeMeta<'_> {
     }
 }
 
+/// Descriptor of a decode attention call over paged KV
+/// ([`crate::paged`]).
+///
+/// - `q`: `[batch, Hq, D]`; `k`, `v`: page pools `[rows, D]`,
+///   `rows = num_pages · Hkv · P` ([`PageTable::rows`]); `out`:
+///   `[batch, Hq, D]`.
+/// - Exactly the contiguous decode ([`DecodeMeta`]) over the segments of
+///   [`PageTable::segments`], with token `j` of segment `s` read from row
+///   [`PageTable::row`]`(s, j)` of `k` and `v`: `out[b, h] = Σ_j w_j v_j`,
+///   `w = normalizer(scale · q[b, h] · k_j)` over the tokens `j` of segment
+///   `(b, h / G)` that the restriction allows. Restrictions and evidence are
+///   in token coordinates (positions `0 .. len` of the segment), as in the
+///   contiguous op.
+/// - Rows the tables do not reach (slots past `last_page_len`, pages in no
+///   table, other KV heads' slots of a per-KV-head table's pages) are never
+///   read.
+#[derive(Clone, Debug)]
+pub struct PagedDecodeMeta<'a> {
+    /// The decode over the table's segments (offsets unused).
+    pub(crate) decode: DecodeMeta<'a>,
+    pub(crate) pages: &'a PageTable,
+}
+
+impl<'a> PagedDecodeMeta<'a> {
+    /// The decode descriptor in token coordinates (its segments are
+    /// [`PageTable::segments`]).
+    pub fn decode(&self) -> &DecodeMeta<'a> {
+        &self.decode
+    }
+    /// The page table.
+    pub fn pages(&self) -> &PageTable {
+        self.pages
+    }
+}
+
 /// Descriptor of a prefill attention call.
 ///
 /// - `q`: `[total_q, Hq, D]`, sequence `b` owns rows `q_rows.range(b)`;
@@ -172,6 +208,31 @@ pub trait AttnOps: Backend + Sized {
         out: &mut Self::Buffer<T>,
         evidence: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()>;
+
+    /// Decode attention over paged KV (see [`PagedDecodeMeta`]) and the
+    /// requested evidence, laid out in token coordinates exactly as for
+    /// [`AttnOps::decode_attention`] over [`PageTable::segments`].
+    ///
+    /// The default implementation returns [`Error::Unsupported`] (op
+    /// `decode_attention_paged`, for every dtype): a backend without a paged
+    /// kernel fails loudly instead of ignoring the page table. The reference
+    /// and the CPU backend implement it.
+    fn decode_attention_paged<T: Element>(
+        &self,
+        meta: &PagedDecodeMeta<'_>,
+        q: &Self::Buffer<T>,
+        k: &Self::Buffer<T>,
+        v: &Self::Buffer<T>,
+        out: &mut Self::Buffer<T>,
+        evidence: &mut DecodeEvidence<'_, Self>,
+    ) -> Result<()> {
+        let _ = (meta, q, k, v, out, evidence);
+        Err(Error::Unsupported {
+            backend: self.name(),
+            op: "decode_attention_paged",
+            dtype: T::DTYPE,
+        })
+    }
 
     /// Prefill attention (see [`PrefillMeta`]) and the requested evidence.
     fn prefill_attention<T: Element>(

@@ -25,8 +25,10 @@ impl GatherMeta {
 
 /// In-place row moves of a compaction: row `src` is copied to row `dst`
 /// for every pair `(dst, src)`. Built by `ops` from a keep list (see
-/// [`crate::cache::compaction_moves`]): destinations are unique, sources
-/// are unique, and no row is both, so the moves can run in any order.
+/// [`crate::cache::compaction_moves`]): destinations are unique, no row is
+/// both a source and a destination, and sources are unique too except in
+/// the paged compaction, where two tables may move a row out of a page
+/// they share (read twice). So the moves can run in any order.
 #[derive(Clone, Debug)]
 pub struct CompactMeta {
     pub(crate) width: usize,

@@ -7,7 +7,7 @@
 //! | scoring | [`ScoreOps`] | `qk_logits`, `value_distances` |
 //! | selection | [`SelectOps`] | `topk_rows`, `count_above` |
 //! | cache ops | [`CacheOps`] | `gather_rows`, `scatter_rows`, `compact_rows`, `merge_rows` |
-//! | attention | [`AttnOps`] | `decode_attention`, `prefill_attention` (with optional [`evidence`]) |
+//! | attention | [`AttnOps`] | `decode_attention`, `decode_attention_paged` ([`crate::paged`] KV), `prefill_attention` (with optional [`evidence`]) |
 //! | entmax attention | [`EntmaxOps`] | `entmax_prefill`, `entmax_prefill_backward` |
 //!
 //! **Why descriptors.** Every op method takes a `*Meta` descriptor that only
@@ -30,7 +30,7 @@ mod norm;
 pub(crate) mod score;
 mod select;
 
-pub use attn::{AttnOps, DecodeMeta, Normalizer, PrefillMeta, Restrict};
+pub use attn::{AttnOps, DecodeMeta, Normalizer, PagedDecodeMeta, PrefillMeta, Restrict};
 pub use cache_ops::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 pub use entmax_attn::{BlockStats, EntmaxOps, EntmaxPrefillMeta};
 pub use evidence::{DecodeEvidence, Heads, PrefillEvidence, Window, evidence_blocks};

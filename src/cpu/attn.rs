@@ -39,6 +39,26 @@
 //! same for any number of threads. Selecting every token (list or mask)
 //! gives bitwise the dense result.
 //!
+//! **Paged KV** (`decode_attention_paged`, [`crate::paged`]): the same
+//! plan over the page table's segments, blocks cut by stream position as
+//! above; only the row of a token changes, `PageTable::row(s, t)` instead of
+//! `offset(s) + t`, and the cache is never copied. Each block's physical
+//! rows are computed into the workspace and read with the gather kernels
+//! ([`simd::scores_gather_runs`] / [`simd::weighted_gather_runs`] for
+//! consecutive tokens, prefetching 8 KiB ahead; [`simd::scores_gather`] /
+//! [`simd::weighted_gather`] for listed tokens), whose prefetch runs ahead
+//! in token order and so crosses page boundaries, which the hardware
+//! prefetcher does not follow (reading HND pages run by run with the
+//! contiguous kernels instead measured 0.4–0.6x the contiguous throughput
+//! at P = 16–64, shuffled pages, f16). The blocks are visited
+//! block-major (block `b` of every unit, then block `b + 1`; `Slots`), so
+//! the KV heads of a sequence read neighbouring slots of the same pages one
+//! after the other instead of each sweeping the whole pool. Every dot and
+//! every value chain (`acc = fma(p_j, v_j, acc)` in token order) is the one
+//! the contiguous call computes, and blocks combine in the same order, so
+//! the paged result and its evidence are bitwise the contiguous result on
+//! the gathered rows.
+//!
 //! Layout of one block in the workspace (`f32`, stride `SB`):
 //! `[nb, m_0..m_G, l_0..l_G | scores [G, BK] | raw [G, BK] | acc [G, D]]`,
 //! where `raw` (the scores before normalisation) is present only when the
@@ -68,12 +88,14 @@ use super::simd::{self, PowMode};
 use super::tau::{f32_search, solve_tau};
 use super::workspace::{DecodeWs, grow};
 use crate::backend::{
-    AttnOps, DecodeEvidence, DecodeMeta, Heads, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
+    AttnOps, DecodeEvidence, DecodeMeta, Heads, Normalizer, PagedDecodeMeta, PrefillEvidence,
+    PrefillMeta, Restrict,
 };
 use crate::backend::{Window, evidence_blocks};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::layout::{Ragged, Scope};
+use crate::paged::{PageTable, SegmentPages};
 
 /// Tokens per decode key block (fixed: the split-K boundaries).
 pub const DECODE_BLOCK: usize = 512;
@@ -90,18 +112,36 @@ enum Src<'a> {
     Mask(&'a [u32]),
 }
 
+/// Where a unit's K/V rows live.
+#[derive(Clone, Copy)]
+enum Addr<'a> {
+    /// Token `t` is row `off + t` (a contiguous segment).
+    Contig(usize),
+    /// Token `t` is row `pages.row(t)` (paged KV).
+    Paged(SegmentPages<'a>),
+}
+
 /// One decode unit.
 #[derive(Clone, Copy)]
 struct Unit<'a> {
     /// First query head (within the sequence).
     h0: usize,
-    /// Segment rows.
-    off: usize,
+    /// Rows of the segment's tokens.
+    addr: Addr<'a>,
     len: usize,
     src: Src<'a>,
 }
 
 impl Unit<'_> {
+    /// The K/V row of token `t`.
+    #[inline]
+    fn row(&self, t: usize) -> usize {
+        match self.addr {
+            Addr::Contig(off) => off + t,
+            Addr::Paged(pg) => pg.row(t),
+        }
+    }
+
     /// Length of the token stream the blocks cut (positions for masks).
     fn stream_len(&self) -> usize {
         match self.src {
@@ -114,6 +154,8 @@ impl Unit<'_> {
 /// The static shape of a decode call.
 struct Plan<'m, 'a> {
     meta: &'m DecodeMeta<'a>,
+    /// Paged KV: the page table (`None`: contiguous segments).
+    pages: Option<&'a PageTable>,
     per_head: bool,
     /// Keep a copy of the raw scores per block (logits evidence).
     raw: bool,
@@ -124,7 +166,7 @@ struct Plan<'m, 'a> {
 }
 
 impl<'m, 'a> Plan<'m, 'a> {
-    fn new(meta: &'m DecodeMeta<'a>, raw: bool) -> Self {
+    fn new(meta: &'m DecodeMeta<'a>, pages: Option<&'a PageTable>, raw: bool) -> Self {
         let per_head = match meta.restrict {
             Restrict::Indices(l) => l.scope() == Scope::QueryHead,
             Restrict::Mask(m) => m.scope() == Scope::QueryHead,
@@ -134,6 +176,7 @@ impl<'m, 'a> Plan<'m, 'a> {
         let batch = meta.segs.batch();
         Self {
             meta,
+            pages,
             per_head,
             raw,
             g: geom.group(),
@@ -181,7 +224,10 @@ impl<'m, 'a> Plan<'m, 'a> {
         };
         Unit {
             h0,
-            off: segs.offset(s),
+            addr: match self.pages {
+                None => Addr::Contig(segs.offset(s)),
+                Some(p) => Addr::Paged(p.segment(s)),
+            },
             len: segs.len_of(s),
             src,
         }
@@ -245,7 +291,37 @@ fn rows_len(r: &Rows<'_>) -> usize {
     }
 }
 
-/// Scores `[gh, BK]` (stride BK) of the block's rows.
+/// The physical rows of a block's tokens through its pages, in `prow`
+/// (the gather path of paged KV); returns how many.
+fn paged_rows(pg: &SegmentPages<'_>, rows: &Rows<'_>, prow: &mut [u32]) -> usize {
+    match rows {
+        Rows::Contig(a, n) => {
+            let stride = pg.stride();
+            let mut at = 0;
+            for run in pg.runs(*a..a + n) {
+                for (i, r) in prow[at..at + run.len].iter_mut().enumerate() {
+                    *r = (run.row + i * stride) as u32;
+                }
+                at += run.len;
+            }
+            at
+        }
+        Rows::Gather(l) => {
+            for (r, &t) in prow.iter_mut().zip(l.iter()) {
+                *r = pg.row(t as usize) as u32;
+            }
+            l.len()
+        }
+    }
+}
+
+/// Scores `[gh, BK]` (stride BK) of the block's rows. Paged KV goes
+/// through the block's physical rows, computed into `prow`, and the gather
+/// kernels, whose prefetch runs ahead across page boundaries (consecutive
+/// tokens: the page-run distance of [`simd::scores_gather_runs`]; listed
+/// tokens: the scattered-row distance, as for a contiguous cache). Every path
+/// computes each dot in the same order, so paged and contiguous KV give
+/// bitwise the same scores.
 #[allow(clippy::too_many_arguments)]
 fn block_scores<T: Element>(
     isa: Isa,
@@ -253,20 +329,33 @@ fn block_scores<T: Element>(
     gh: usize,
     k: &[T],
     d: usize,
-    off: usize,
+    unit: &Unit<'_>,
     rows: &Rows<'_>,
+    prow: &mut [u32],
     sc: &mut [f32],
 ) {
-    match rows {
-        Rows::Contig(a, n) => {
+    match (unit.addr, rows) {
+        (Addr::Contig(off), Rows::Contig(a, n)) => {
             let r = &k[(off + a) * d..(off + a + n) * d];
             simd::scores_rows_strided(isa, qs, gh, r, d, 1.0, sc, BK);
         }
-        Rows::Gather(l) => simd::scores_gather(isa, qs, gh, k, d, off, l, 1.0, sc, BK),
+        (Addr::Contig(off), Rows::Gather(l)) => {
+            simd::scores_gather(isa, qs, gh, k, d, off, l, 1.0, sc, BK)
+        }
+        (Addr::Paged(pg), Rows::Contig(..)) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::scores_gather_runs(isa, qs, gh, k, d, &prow[..n], 1.0, sc, BK)
+        }
+        (Addr::Paged(pg), Rows::Gather(_)) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::scores_gather(isa, qs, gh, k, d, 0, &prow[..n], 1.0, sc, BK)
+        }
     }
 }
 
-/// `acc[gh, D] = Σ_j p[:, j] v_j` over the block's rows (zero rows skipped).
+/// `acc[gh, D] = Σ_j p[:, j] v_j` over the block's rows (zero rows skipped;
+/// the paths of [`block_scores`], each the same chain of fused
+/// multiply-adds in token order, so paged and contiguous agree bitwise).
 #[allow(clippy::too_many_arguments)]
 fn block_values<T: Element>(
     isa: Isa,
@@ -274,17 +363,28 @@ fn block_values<T: Element>(
     gh: usize,
     v: &[T],
     d: usize,
-    off: usize,
+    unit: &Unit<'_>,
     rows: &Rows<'_>,
+    prow: &mut [u32],
     acc: &mut [f32],
 ) {
     acc[..gh * d].fill(0.0);
-    match rows {
-        Rows::Contig(a, n) => {
+    match (unit.addr, rows) {
+        (Addr::Contig(off), Rows::Contig(a, n)) => {
             let r = &v[(off + a) * d..(off + a + n) * d];
             simd::weighted_rows_strided(isa, acc, gh, p, BK, r, d);
         }
-        Rows::Gather(l) => simd::weighted_gather(isa, acc, gh, p, BK, v, d, off, l),
+        (Addr::Contig(off), Rows::Gather(l)) => {
+            simd::weighted_gather(isa, acc, gh, p, BK, v, d, off, l)
+        }
+        (Addr::Paged(pg), Rows::Contig(..)) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::weighted_gather_runs(isa, acc, gh, p, BK, v, d, &prow[..n])
+        }
+        (Addr::Paged(pg), Rows::Gather(_)) => {
+            let n = paged_rows(&pg, rows, prow);
+            simd::weighted_gather(isa, acc, gh, p, BK, v, d, 0, &prow[..n])
+        }
     }
 }
 
@@ -328,7 +428,7 @@ fn head_logits64<T: Element>(
     z.clear();
     z.extend((0..unit.stream_len()).map(|t| {
         if visible(t) {
-            scale * dot64(qv, &k[(unit.off + stream_token(unit, t)) * d..][..d])
+            scale * dot64(qv, &k[unit.row(stream_token(unit, t)) * d..][..d])
         } else {
             f64::NEG_INFINITY
         }
@@ -361,7 +461,7 @@ fn decode_head_f64<T: Element>(
         acc[..w].fill(0.0);
         for (t, &p) in cand.z.iter().enumerate() {
             if p != 0.0 {
-                let row = &v[(unit.off + stream_token(unit, t)) * d + c0..][..w];
+                let row = &v[unit.row(stream_token(unit, t)) * d + c0..][..w];
                 for (a, x) in acc[..w].iter_mut().zip(row) {
                     *a += p * x.to_f64();
                 }
@@ -380,9 +480,52 @@ fn decode_head_f64<T: Element>(
 
 /// Whether a unit's f32 scores overflowed in some block (block maximum NaN):
 /// then every head of the unit takes the f64 path.
-fn unit_overflows(bs: &[f32], sb: usize, gh: usize) -> bool {
-    bs.chunks_exact(sb)
-        .any(|b| b[1..1 + gh].iter().any(|m| m.is_nan()))
+fn unit_overflows<'b>(mut bs: impl Iterator<Item = &'b [f32]>, gh: usize) -> bool {
+    bs.any(|b| b[1..1 + gh].iter().any(|m| m.is_nan()))
+}
+
+/// Where the key blocks of a decode call are stored in the workspace.
+///
+/// Unit-major index `j = prefix[u] + b` names block `b` of unit `u`. For
+/// contiguous KV a block is stored at slot `j` (each unit's blocks in a row:
+/// a unit's K/V rows are one stream). For paged KV the slots are
+/// block-major, ordered by `(b, u)`: the parallel passes then visit block
+/// `b` of every KV head of a sequence one after the other, which read the
+/// neighbouring slots of the same pages (HND: the next `P` rows of each
+/// page; NHD: the next row of each token) while they are still in the
+/// caches, instead of sweeping the whole pool once per KV head. Only the
+/// visiting order changes: blocks and their combination order are the
+/// same, so results are too.
+#[derive(Clone, Copy)]
+struct Slots<'w> {
+    prefix: &'w [usize],
+    /// Paged: the slot of each unit-major index, and its inverse.
+    map: Option<(&'w [usize], &'w [usize])>,
+}
+
+impl<'w> Slots<'w> {
+    /// The unit of unit-major index `j`.
+    fn unit_of(&self, j: usize) -> usize {
+        self.prefix.partition_point(|&p| p <= j) - 1
+    }
+    /// Unit-major index of the block stored at slot `i`.
+    fn at(&self, i: usize) -> usize {
+        self.map.map_or(i, |(_, at)| at[i])
+    }
+    /// Slot of unit-major index `j`.
+    fn slot(&self, j: usize) -> usize {
+        self.map.map_or(j, |(slot, _)| slot[j])
+    }
+    /// The stored blocks of unit `u` (stride `sb`), in block order.
+    fn unit_blocks<'b>(
+        &self,
+        all: &'b [f32],
+        sb: usize,
+        u: usize,
+    ) -> impl Iterator<Item = &'b [f32]> + Clone + use<'b, 'w> {
+        let me = *self;
+        (self.prefix[u]..self.prefix[u + 1]).map(move |j| &all[me.slot(j) * sb..][..sb])
+    }
 }
 
 /// Combine weight of one block for head `h`: `e^{m_b − M} l_b` (softmax) or
@@ -419,10 +562,11 @@ fn block_parts(blk: &[f32], g: usize, raw: bool) -> (&[f32], &[f32], &[f32]) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn decode<T: Element>(
+fn decode<'a, T: Element>(
     cpu: &Cpu,
     ws: &mut DecodeWs,
-    meta: &DecodeMeta<'_>,
+    meta: &DecodeMeta<'a>,
+    pages: Option<&'a PageTable>,
     q: &[T],
     k: &[T],
     v: &[T],
@@ -430,7 +574,7 @@ fn decode<T: Element>(
     ev: &mut DecodeEvidence<'_, Cpu>,
 ) {
     let isa = cpu.isa;
-    let plan = Plan::new(meta, ev.logits.is_some());
+    let plan = Plan::new(meta, pages, ev.logits.is_some());
     let (g, d, gh, units) = (plan.g, plan.d, plan.gh(), plan.units);
     if units == 0 || d == 0 {
         return;
@@ -459,23 +603,48 @@ fn decode<T: Element>(
     let prefix: &[usize] = prefix;
     let qs: &[f32] = qs;
     let blocks = grow(&mut ws.blocks, total * sb);
-    let idx = grow(&mut ws.idx, total * BK);
-    let unit_of = |i: usize| prefix.partition_point(|&p| p <= i) - 1;
+    // Per block: mask positions, then (paged KV) physical rows.
+    let ibk = if pages.is_some() { 2 * BK } else { BK };
+    let idx = grow(&mut ws.idx, total * ibk);
+    let map = if pages.is_some() {
+        let slot = grow(&mut ws.slot, total);
+        let at = grow(&mut ws.at, total);
+        let most = (0..units)
+            .map(|u| prefix[u + 1] - prefix[u])
+            .max()
+            .unwrap_or(0);
+        let mut next = 0;
+        for b in 0..most {
+            for u in 0..units {
+                if prefix[u] + b < prefix[u + 1] {
+                    slot[prefix[u] + b] = next;
+                    at[next] = prefix[u] + b;
+                    next += 1;
+                }
+            }
+        }
+        Some((&*slot, &*at))
+    } else {
+        None
+    };
+    let slots = Slots { prefix, map };
 
     cpu.install(|| {
         // Phase 1: scores (and, for softmax, the whole block).
         blocks
             .par_chunks_mut(sb)
-            .zip(idx.par_chunks_mut(BK))
+            .zip(idx.par_chunks_mut(ibk))
             .enumerate()
             .for_each(|(i, (blk, idx))| {
-                let u = unit_of(i);
+                let j = slots.at(i);
+                let u = slots.unit_of(j);
                 let unit = plan.unit(u);
-                let rows = block_rows(&unit, i - prefix[u], idx);
+                let (idx, prow) = idx.split_at_mut(BK);
+                let rows = block_rows(&unit, j - prefix[u], idx);
                 let nb = rows_len(&rows);
                 let (hdr, sc, raw, acc) = split_block(blk, g, plan.raw);
                 hdr[0] = nb as f32;
-                block_scores(isa, &qs[u * g * d..], gh, k, d, unit.off, &rows, sc);
+                block_scores(isa, &qs[u * g * d..], gh, k, d, &unit, &rows, prow, sc);
                 if plan.raw {
                     raw.copy_from_slice(sc);
                 }
@@ -501,7 +670,7 @@ fn decode<T: Element>(
                     }
                 }
                 if !entmax && finite {
-                    block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
+                    block_values(isa, sc, gh, v, d, &unit, &rows, prow, acc);
                 }
             });
 
@@ -512,10 +681,10 @@ fn decode<T: Element>(
             let tau = grow(&mut ws.tau, units * g);
             let blocks_ro: &[f32] = blocks;
             tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
-                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let bs = slots.unit_blocks(blocks_ro, sb, u);
                 for (h, t) in tu.iter_mut().enumerate().take(gh) {
                     *t = bs
-                        .chunks_exact(sb)
+                        .clone()
                         .map(|b| b[1 + h])
                         .fold(f32::NEG_INFINITY, f32::max);
                 }
@@ -526,7 +695,7 @@ fn decode<T: Element>(
             // none at all below M once |M| ≥ 2^24).
             let mtab: &[f32] = tau;
             blocks.par_chunks_mut(sb).enumerate().for_each(|(i, blk)| {
-                let u = unit_of(i);
+                let u = slots.unit_of(slots.at(i));
                 let unit = plan.unit(u);
                 let nb = blk[0] as usize;
                 for h in 0..gh {
@@ -541,7 +710,7 @@ fn decode<T: Element>(
             let blocks_ro: &[f32] = blocks;
             tau.par_chunks_mut(g).enumerate().for_each(|(u, tu)| {
                 let unit = plan.unit(u);
-                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let bs = slots.unit_blocks(blocks_ro, sb, u);
                 for (h, t) in tu.iter_mut().enumerate().take(gh) {
                     let alpha = plan.alpha(unit.h0 + h).unwrap_or(2.0);
                     if !f32_search(alpha) || t.is_nan() {
@@ -549,11 +718,11 @@ fn decode<T: Element>(
                         continue;
                     }
                     let mode = PowMode::for_alpha(alpha);
-                    let n: usize = bs.chunks_exact(sb).map(|b| b[0] as usize).sum();
+                    let n: usize = bs.clone().map(|b| b[0] as usize).sum();
                     let max_s = if *t == f32::NEG_INFINITY { *t } else { 0.0 };
                     *t = solve_tau(alpha, max_s, n, |t| {
                         let mut s = (0.0, 0.0, 0.0);
-                        for blk in bs.chunks_exact(sb) {
+                        for blk in bs.clone() {
                             let nb = blk[0] as usize;
                             let row = &blk[1 + 2 * g + h * BK..][..nb];
                             let r = chunked_sums(isa, row, t, mode);
@@ -567,12 +736,14 @@ fn decode<T: Element>(
             // Phase 3: weights and V per block.
             blocks
                 .par_chunks_mut(sb)
-                .zip(idx.par_chunks_mut(BK))
+                .zip(idx.par_chunks_mut(ibk))
                 .enumerate()
                 .for_each(|(i, (blk, idx))| {
-                    let u = unit_of(i);
+                    let j = slots.at(i);
+                    let u = slots.unit_of(j);
                     let unit = plan.unit(u);
-                    let rows = block_rows(&unit, i - prefix[u], idx);
+                    let (idx, prow) = idx.split_at_mut(BK);
+                    let rows = block_rows(&unit, j - prefix[u], idx);
                     let nb = rows_len(&rows);
                     let (hdr, sc, _, acc) = split_block(blk, g, plan.raw);
                     if hdr[1..1 + gh].iter().any(|m| m.is_nan()) {
@@ -588,7 +759,7 @@ fn decode<T: Element>(
                         };
                         hdr[1 + g + h] = normalize_block(isa, row, l as f32);
                     }
-                    block_values(isa, sc, gh, v, d, unit.off, &rows, acc);
+                    block_values(isa, sc, gh, v, d, &unit, &rows, prow, acc);
                 });
         }
 
@@ -601,9 +772,9 @@ fn decode<T: Element>(
             .zip(norm.par_chunks_mut(2 * g))
             .enumerate()
             .for_each(|(u, ((o, c), nm))| {
-                let bs = &blocks_ro[prefix[u] * sb..prefix[u + 1] * sb];
+                let bs = slots.unit_blocks(blocks_ro, sb, u);
                 let unit = plan.unit(u);
-                let overflow = unit_overflows(bs, sb, gh);
+                let overflow = unit_overflows(bs.clone(), gh);
                 for h in 0..gh {
                     let ch = &mut c[h * d..(h + 1) * d];
                     if overflow || needs_f64(plan.alpha(unit.h0 + h)) {
@@ -618,13 +789,13 @@ fn decode<T: Element>(
                     }
                     ch.fill(0.0);
                     let big_m = bs
-                        .chunks_exact(sb)
+                        .clone()
                         .map(|b| b[1 + h])
                         .fold(f32::NEG_INFINITY, f32::max);
                     let mut l = 0.0f32;
                     if big_m > f32::NEG_INFINITY {
                         l = bs
-                            .chunks_exact(sb)
+                            .clone()
                             .map(|b| block_weight(b, g, h, big_m, entmax))
                             .sum();
                     }
@@ -632,7 +803,7 @@ fn decode<T: Element>(
                     nm[2 * h + 1] = l;
                     let oh = &mut o[h * d..(h + 1) * d];
                     if l > 0.0 && l.is_finite() {
-                        for blk in bs.chunks_exact(sb) {
+                        for blk in bs.clone() {
                             let w = block_weight(blk, g, h, big_m, entmax);
                             if w == 0.0 {
                                 continue;
@@ -661,9 +832,10 @@ fn decode<T: Element>(
                 q,
                 k,
                 plan: &plan,
-                prefix,
+                slots,
                 blocks: blocks_ro,
                 idx: &*idx,
+                ibk,
                 norm: &ws.norm[..units * g * 2],
                 tau,
                 entmax,
@@ -680,9 +852,11 @@ struct EvidenceCtx<'c, 'm, 'a, T> {
     q: &'c [T],
     k: &'c [T],
     plan: &'c Plan<'m, 'a>,
-    prefix: &'c [usize],
+    slots: Slots<'c>,
     blocks: &'c [f32],
     idx: &'c [u32],
+    /// Stride of one block in `idx`.
+    ibk: usize,
     /// Per unit and head: `(M, L)` of the combine (NaN: the head took the
     /// f64 path).
     norm: &'c [f32],
@@ -784,11 +958,13 @@ fn decode_evidence<T: Element>(c: &EvidenceCtx<'_, '_, '_, T>, ev: &mut DecodeEv
                         big_m + l.ln()
                     };
                 }
-                for blk in c.prefix[u]..c.prefix[u + 1] {
+                let prefix = c.slots.prefix;
+                for j in prefix[u]..prefix[u + 1] {
+                    let blk = c.slots.slot(j);
                     let (hdr, sc, raw) =
                         block_parts(&c.blocks[blk * sb..(blk + 1) * sb], g, plan.raw);
                     let nb = hdr[0] as usize;
-                    let start = (blk - c.prefix[u]) * BK;
+                    let start = (j - prefix[u]) * BK;
                     let f = if l > 0.0 && l.is_finite() {
                         block_weight(hdr, g, i, big_m, c.entmax) / l
                     } else {
@@ -814,7 +990,7 @@ fn decode_evidence<T: Element>(c: &EvidenceCtx<'_, '_, '_, T>, ev: &mut DecodeEv
                         let tok = match unit.src {
                             Src::Dense => start + t,
                             Src::List(list) => list[start + t] as usize,
-                            Src::Mask(_) => c.idx[blk * BK + t] as usize,
+                            Src::Mask(_) => c.idx[blk * c.ibk + t] as usize,
                         };
                         if let (Some(p), Some(h)) = (pr.as_deref_mut(), heads) {
                             let w = x * f;
@@ -1328,7 +1504,22 @@ impl AttnOps for Cpu {
         ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
         self.decode_ws
-            .with(|ws| decode(self, ws, meta, q, k, v, out, ev));
+            .with(|ws| decode(self, ws, meta, None, q, k, v, out, ev));
+        Ok(())
+    }
+
+    fn decode_attention_paged<T: Element>(
+        &self,
+        meta: &PagedDecodeMeta<'_>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        out: &mut Vec<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
+    ) -> Result<()> {
+        let (dm, pages) = (&meta.decode, meta.pages);
+        self.decode_ws
+            .with(|ws| decode(self, ws, dm, Some(pages), q, k, v, out, ev));
         Ok(())
     }
 

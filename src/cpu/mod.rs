@@ -10,7 +10,7 @@
 //! | `score.rs` | `qk_logits` |
 //! | `select.rs` | `topk_rows` (partial selection), `count_above` |
 //! | `cache_ops.rs` | `gather_rows`, `compact_rows`, `merge_rows` |
-//! | `attn.rs` | `decode_attention` (split-K), `prefill_attention` (tiled strips) |
+//! | `attn.rs` | `decode_attention` (split-K), `decode_attention_paged` (the same over page tables), `prefill_attention` (tiled strips) |
 //! | `entmax_attn.rs` | `entmax_prefill`, `entmax_prefill_backward` (block skipping) |
 //! | `exact.rs` | the f64 path: logits, normaliser, weights (α outside [1.125, 2], f32 logit overflow) |
 //! | `tau.rs` | the threshold searches (f32 SIMD sums; f64 for α outside [1.125, 2]) shared by the normalisers |

@@ -44,12 +44,18 @@ pub(crate) fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 pub(crate) struct DecodeWs {
     /// Per key block: header, scores, accumulators.
     pub blocks: Vec<f32>,
-    /// Per key block: the gathered token positions (mask restriction).
+    /// Per key block: the gathered token positions (mask restriction),
+    /// then, for paged KV, the block's physical rows.
     pub idx: Vec<u32>,
     /// Per unit: the pre-scaled f32 queries.
     pub qs: Vec<f32>,
     /// Per unit: the first block (prefix sums), length `units + 1`.
     pub prefix: Vec<usize>,
+    /// Paged KV: the workspace slot of each block (block-major order) and
+    /// the block stored at each slot.
+    pub slot: Vec<usize>,
+    /// See `slot`.
+    pub at: Vec<usize>,
     /// Per unit and head: the entmax threshold.
     pub tau: Vec<f32>,
     /// Per unit: the combined f32 output.

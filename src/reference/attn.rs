@@ -1,18 +1,19 @@
 use crate::backend::evidence::reduce_heads_into;
 use crate::backend::{
-    AttnOps, DecodeEvidence, DecodeMeta, Heads, PrefillEvidence, PrefillMeta, Restrict,
-    evidence_blocks,
+    AttnOps, DecodeEvidence, DecodeMeta, Heads, PagedDecodeMeta, PrefillEvidence, PrefillMeta,
+    Restrict, evidence_blocks,
 };
 use crate::dtype::Element;
 use crate::error::Result;
 
 use super::{Reference, dot, normalize};
 
-/// `Σ_j w_j v_j` over `tokens` (rows relative to `off`), written to `out`.
+/// `Σ_j w_j v_j` over `tokens` (row of token `j`: `row(j)`), written to
+/// `out`.
 fn weighted_sum<T: Element>(
     v: &[T],
     d: usize,
-    off: usize,
+    row: &dyn Fn(usize) -> usize,
     tokens: &[usize],
     w: &[f64],
     out: &mut [T],
@@ -20,7 +21,7 @@ fn weighted_sum<T: Element>(
     let mut acc = vec![0.0f64; d];
     for (&j, &wj) in tokens.iter().zip(w) {
         if wj != 0.0 {
-            for (a, x) in acc.iter_mut().zip(&v[(off + j) * d..][..d]) {
+            for (a, x) in acc.iter_mut().zip(&v[row(j) * d..][..d]) {
                 *a += wj * x.to_f64();
             }
         }
@@ -30,15 +31,16 @@ fn weighted_sum<T: Element>(
     }
 }
 
-/// One query row against `tokens` of a segment: logits, normaliser, `P·V`.
-/// Returns the logits and weights (over `tokens`).
+/// One query row against `tokens` of a segment (row of token `j`:
+/// `row(j)`): logits, normaliser, `P·V`. Returns the logits and weights
+/// (over `tokens`).
 #[allow(clippy::too_many_arguments)]
 fn attend<T: Element>(
     qv: &[T],
     k: &[T],
     v: &[T],
     d: usize,
-    off: usize,
+    row: &dyn Fn(usize) -> usize,
     tokens: &[usize],
     scale: f64,
     alpha: Option<f32>,
@@ -46,10 +48,10 @@ fn attend<T: Element>(
 ) -> (Vec<f64>, Vec<f64>) {
     let z: Vec<f64> = tokens
         .iter()
-        .map(|&j| scale * dot(qv, &k[(off + j) * d..][..d]))
+        .map(|&j| scale * dot(qv, &k[row(j) * d..][..d]))
         .collect();
     let w = normalize(&z, alpha);
-    weighted_sum(v, d, off, tokens, &w, out);
+    weighted_sum(v, d, row, tokens, &w, out);
     (z, w)
 }
 
@@ -96,6 +98,86 @@ fn put_blocks(
     reduce_heads_into(geom, heads, per_head, &mut dst[start..end]);
 }
 
+/// Decode over the segments of `meta`, token `j` of segment `s` read from
+/// row `row_of(s, j)` of `k` and `v` (the contiguous op and the paged op
+/// differ only there).
+#[allow(clippy::too_many_arguments)]
+fn decode<T: Element>(
+    meta: &DecodeMeta<'_>,
+    row_of: &dyn Fn(usize, usize) -> usize,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    ev: &mut DecodeEvidence<'_, Reference>,
+) -> Result<()> {
+    let (geom, segs) = (&meta.geom, meta.segs);
+    let (hq, d) = (geom.num_q_heads(), geom.head_dim());
+    let ones = vec![1; segs.batch()];
+    let probs_blocks = match &ev.probs {
+        Some((heads, _)) => Some(evidence_blocks(geom, segs, *heads, &ones)?),
+        None => None,
+    };
+    let logit_blocks = evidence_blocks(geom, segs, Heads::PerHead, &ones)?;
+    for b in 0..segs.batch() {
+        let mut probs = Vec::with_capacity(hq);
+        let mut logits = Vec::with_capacity(hq);
+        for h in 0..hq {
+            let s = segs.index(b, geom.kv_head(h));
+            let len = segs.len_of(s);
+            let row = |j: usize| row_of(s, j);
+            let tokens: Vec<usize> = match meta.restrict {
+                Restrict::Dense => (0..len).collect(),
+                Restrict::Indices(list) => list
+                    .list(list.scope().list_of(b, h, geom))
+                    .iter()
+                    .map(|&j| j as usize)
+                    .collect(),
+                Restrict::Mask(mask) => {
+                    let m = mask.scope().list_of(b, h, geom);
+                    (0..len).filter(|&j| mask.get(m, 0, j)).collect()
+                }
+            };
+            let qr = (b * hq + h) * d;
+            let alpha = meta.normalizer.alpha(h);
+            let (z, w) = attend(
+                &q[qr..qr + d],
+                k,
+                v,
+                d,
+                &row,
+                &tokens,
+                f64::from(meta.scale),
+                alpha,
+                &mut out[qr..qr + d],
+            );
+            if let Some(st) = ev.stats.as_deref_mut() {
+                st[b * hq + h] = row_stat(&z, &w, alpha) as f32;
+            }
+            if let Some(o) = ev.output.as_deref_mut() {
+                let mut acc = vec![0.0f64; d];
+                for (&j, &wj) in tokens.iter().zip(&w) {
+                    for (a, x) in acc.iter_mut().zip(&v[row(j) * d..][..d]) {
+                        *a += wj * x.to_f64();
+                    }
+                }
+                for (dst, a) in o[qr..qr + d].iter_mut().zip(acc) {
+                    *dst = a as f32;
+                }
+            }
+            probs.push(scatter_row(len, &tokens, &w, 0.0));
+            logits.push(scatter_row(len, &tokens, &z, f64::NEG_INFINITY));
+        }
+        if let (Some((heads, buf)), Some(blocks)) = (ev.probs.as_mut(), &probs_blocks) {
+            put_blocks(geom, *heads, blocks, b, &probs, buf);
+        }
+        if let Some(buf) = ev.logits.as_deref_mut() {
+            put_blocks(geom, Heads::PerHead, &logit_blocks, b, &logits, buf);
+        }
+    }
+    Ok(())
+}
+
 impl AttnOps for Reference {
     fn decode_attention<T: Element>(
         &self,
@@ -106,70 +188,23 @@ impl AttnOps for Reference {
         out: &mut Vec<T>,
         ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
-        let (geom, segs) = (&meta.geom, meta.segs);
-        let (hq, d) = (geom.num_q_heads(), geom.head_dim());
-        let ones = vec![1; segs.batch()];
-        let probs_blocks = match &ev.probs {
-            Some((heads, _)) => Some(evidence_blocks(geom, segs, *heads, &ones)?),
-            None => None,
-        };
-        let logit_blocks = evidence_blocks(geom, segs, Heads::PerHead, &ones)?;
-        for b in 0..segs.batch() {
-            let mut probs = Vec::with_capacity(hq);
-            let mut logits = Vec::with_capacity(hq);
-            for h in 0..hq {
-                let s = segs.index(b, geom.kv_head(h));
-                let (off, len) = (segs.offset(s), segs.len_of(s));
-                let tokens: Vec<usize> = match meta.restrict {
-                    Restrict::Dense => (0..len).collect(),
-                    Restrict::Indices(list) => list
-                        .list(list.scope().list_of(b, h, geom))
-                        .iter()
-                        .map(|&j| j as usize)
-                        .collect(),
-                    Restrict::Mask(mask) => {
-                        let m = mask.scope().list_of(b, h, geom);
-                        (0..len).filter(|&j| mask.get(m, 0, j)).collect()
-                    }
-                };
-                let row = (b * hq + h) * d;
-                let alpha = meta.normalizer.alpha(h);
-                let (z, w) = attend(
-                    &q[row..row + d],
-                    k,
-                    v,
-                    d,
-                    off,
-                    &tokens,
-                    f64::from(meta.scale),
-                    alpha,
-                    &mut out[row..row + d],
-                );
-                if let Some(st) = ev.stats.as_deref_mut() {
-                    st[b * hq + h] = row_stat(&z, &w, alpha) as f32;
-                }
-                if let Some(o) = ev.output.as_deref_mut() {
-                    let mut acc = vec![0.0f64; d];
-                    for (&j, &wj) in tokens.iter().zip(&w) {
-                        for (a, x) in acc.iter_mut().zip(&v[(off + j) * d..][..d]) {
-                            *a += wj * x.to_f64();
-                        }
-                    }
-                    for (dst, a) in o[row..row + d].iter_mut().zip(acc) {
-                        *dst = a as f32;
-                    }
-                }
-                probs.push(scatter_row(len, &tokens, &w, 0.0));
-                logits.push(scatter_row(len, &tokens, &z, f64::NEG_INFINITY));
-            }
-            if let (Some((heads, buf)), Some(blocks)) = (ev.probs.as_mut(), &probs_blocks) {
-                put_blocks(geom, *heads, blocks, b, &probs, buf);
-            }
-            if let Some(buf) = ev.logits.as_deref_mut() {
-                put_blocks(geom, Heads::PerHead, &logit_blocks, b, &logits, buf);
-            }
-        }
-        Ok(())
+        let segs = meta.segs;
+        decode(meta, &|s, j| segs.offset(s) + j, q, k, v, out, ev)
+    }
+
+    /// The specification of the paged op: the contiguous decode with every
+    /// row looked up through [`crate::paged::PageTable::row`].
+    fn decode_attention_paged<T: Element>(
+        &self,
+        meta: &PagedDecodeMeta<'_>,
+        q: &Vec<T>,
+        k: &Vec<T>,
+        v: &Vec<T>,
+        out: &mut Vec<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
+    ) -> Result<()> {
+        let pages = meta.pages;
+        decode(&meta.decode, &|s, j| pages.row(s, j), q, k, v, out, ev)
     }
 
     fn prefill_attention<T: Element>(
@@ -202,6 +237,7 @@ impl AttnOps for Reference {
             for h in 0..hq {
                 let s = segs.index(b, geom.kv_head(h));
                 let (off, len) = (segs.offset(s), segs.len_of(s));
+                let kv_row = |j: usize| off + j;
                 let mut col = vec![0.0; len];
                 let mut win = Vec::new();
                 for i in 0..nq {
@@ -219,7 +255,7 @@ impl AttnOps for Reference {
                         k,
                         v,
                         d,
-                        off,
+                        &kv_row,
                         &tokens,
                         f64::from(meta.scale),
                         meta.normalizer.alpha(h),

@@ -21,7 +21,26 @@ pub struct Gap {
 }
 
 /// The ledger.
-pub const GAPS: &[Gap] = &[];
+pub const GAPS: &[Gap] = &[
+    Gap {
+        op: "decode_attention_paged",
+        dtype: DType::F32,
+        reason: "no paged decode shader yet: the op returns Unsupported (the AttnOps default) until phase 2 of issue #14",
+        issue: 14,
+    },
+    Gap {
+        op: "decode_attention_paged",
+        dtype: DType::F16,
+        reason: "no paged decode shader yet: the op returns Unsupported (the AttnOps default) until phase 2 of issue #14",
+        issue: 14,
+    },
+    Gap {
+        op: "decode_attention_paged",
+        dtype: DType::BF16,
+        reason: "no paged decode shader yet: the op returns Unsupported (the AttnOps default) until phase 2 of issue #14",
+        issue: 14,
+    },
+];
 
 /// Whether `(op, dtype)` is in the ledger.
 pub fn is_gap(op: &str, dtype: DType) -> bool {

@@ -185,7 +185,7 @@ macro_rules! isa_entries {
             out: &mut [f32],
             stride: usize,
         ) {
-            body::scores_core::<_, T, false>(s, qs, g, rows.len() / d, d, |j| &rows[j * d..(j + 1) * d], scale, out, stride)
+            body::scores_core::<_, T, 0>(s, qs, g, rows.len() / d, d, |j| &rows[j * d..(j + 1) * d], scale, out, stride)
         }
         $(#[target_feature(enable = $feat)])?
         #[allow(clippy::too_many_arguments)]
@@ -201,13 +201,38 @@ macro_rules! isa_entries {
             out: &mut [f32],
             stride: usize,
         ) {
-            body::scores_core::<_, T, true>(
+            body::scores_core::<_, T, { body::PREFETCH_BYTES }>(
                 s,
                 qs,
                 g,
                 idx.len(),
                 d,
                 |j| &src[(base + idx[j] as usize) * d..(base + idx[j] as usize + 1) * d],
+                scale,
+                out,
+                stride,
+            )
+        }
+        $(#[target_feature(enable = $feat)])?
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn scores_gather_runs<T: Element>(
+            s: $tok,
+            qs: &[f32],
+            g: usize,
+            src: &[T],
+            d: usize,
+            idx: &[u32],
+            scale: f32,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            body::scores_core::<_, T, { body::RUNS_PREFETCH_BYTES }>(
+                s,
+                qs,
+                g,
+                idx.len(),
+                d,
+                |j| &src[idx[j] as usize * d..(idx[j] as usize + 1) * d],
                 scale,
                 out,
                 stride,
@@ -223,7 +248,7 @@ macro_rules! isa_entries {
             rows: &[T],
             d: usize,
         ) {
-            body::weighted_core::<_, T, false>(s, acc, g, p, p_stride, rows.len() / d, d, |j| &rows[j * d..(j + 1) * d])
+            body::weighted_core::<_, T, 0>(s, acc, g, p, p_stride, rows.len() / d, d, |j| &rows[j * d..(j + 1) * d])
         }
         $(#[target_feature(enable = $feat)])?
         #[allow(clippy::too_many_arguments)]
@@ -238,8 +263,24 @@ macro_rules! isa_entries {
             base: usize,
             idx: &[u32],
         ) {
-            body::weighted_core::<_, T, true>(s, acc, g, p, p_stride, idx.len(), d, |j| {
+            body::weighted_core::<_, T, { body::PREFETCH_BYTES }>(s, acc, g, p, p_stride, idx.len(), d, |j| {
                 &src[(base + idx[j] as usize) * d..(base + idx[j] as usize + 1) * d]
+            })
+        }
+        $(#[target_feature(enable = $feat)])?
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn weighted_gather_runs<T: Element>(
+            s: $tok,
+            acc: &mut [f32],
+            g: usize,
+            p: &[f32],
+            p_stride: usize,
+            src: &[T],
+            d: usize,
+            idx: &[u32],
+        ) {
+            body::weighted_core::<_, T, { body::RUNS_PREFETCH_BYTES }>(s, acc, g, p, p_stride, idx.len(), d, |j| {
+                &src[idx[j] as usize * d..(idx[j] as usize + 1) * d]
             })
         }
         $(#[target_feature(enable = $feat)])?
@@ -595,6 +636,52 @@ pub fn weighted_gather<T: Element>(
     dispatch!(isa, weighted_gather(acc, g, p, p_stride, src, d, base, idx))
 }
 
+/// [`scores_gather`] over rows `src[idx[j]]` that come in runs of
+/// consecutive rows (the pages of paged KV): the same scores, bitwise, with
+/// a prefetch distance for runs (8 KiB ahead in `idx` order instead of
+/// 2 KiB). Preconditions as [`scores_gather`] with `base = 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_gather_runs<T: Element>(
+    isa: Isa,
+    qs: &[f32],
+    g: usize,
+    src: &[T],
+    d: usize,
+    idx: &[u32],
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
+    debug_assert!(d > 0, "d must be positive");
+    if d == 0 {
+        return;
+    }
+    dispatch!(
+        isa,
+        scores_gather_runs(qs, g, src, d, idx, scale, out, stride)
+    )
+}
+
+/// [`weighted_gather`] over rows `src[idx[j]]` that come in runs (see
+/// [`scores_gather_runs`]): bitwise the same sums, prefetched 8 KiB ahead.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_gather_runs<T: Element>(
+    isa: Isa,
+    acc: &mut [f32],
+    g: usize,
+    p: &[f32],
+    p_stride: usize,
+    src: &[T],
+    d: usize,
+    idx: &[u32],
+) {
+    debug_assert!(d > 0, "d must be positive");
+    if d == 0 {
+        return;
+    }
+    dispatch!(isa, weighted_gather_runs(acc, g, p, p_stride, src, d, idx))
+}
+
 /// In place `x[i] = [x[i] - tau]_+^e` (entmax weights, `e` from [`PowMode`]:
 /// 2 for `Alpha15`, 1 for `Alpha2`); returns `Σ x[i]` (f32 lanes). Entries
 /// at or below `tau` (and `-inf`) become exactly `0`.
@@ -813,7 +900,7 @@ mod body {
     /// length `d`): `out[i*stride + j] = scale * q_i · row(j)`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn scores_core<'a, S: Simd, T: Element, const GATHER: bool>(
+    pub(crate) fn scores_core<'a, S: Simd, T: Element, const PF: usize>(
         s: S,
         qs: &[f32],
         g: usize,
@@ -827,14 +914,16 @@ mod body {
         if d == 0 {
             return;
         }
-        let ahead = prefetch_rows::<T>(d);
-        if GATHER {
+        // PF > 0: gathered rows, prefetched PF bytes ahead.
+        let gather = PF > 0;
+        let ahead = prefetch_rows::<T>(d, PF);
+        if gather {
             for j in 0..ahead.min(n) {
                 s.prefetch(row(j));
             }
         }
         for j in 0..n {
-            if GATHER && j + ahead < n {
+            if gather && j + ahead < n {
                 s.prefetch(row(j + ahead));
             }
             dot_group(s, qs, g, row(j), out, stride, j, scale);
@@ -846,12 +935,21 @@ mod body {
     /// rows (contiguous rows rely on the hardware prefetcher, which beat
     /// software prefetch there). 1–4 KiB measured best on the development
     /// machine (a 1.5x gain over no prefetch; 8 KiB and more is slower).
-    const PREFETCH_BYTES: usize = 2048;
+    pub(crate) const PREFETCH_BYTES: usize = 2048;
 
-    /// [`PREFETCH_BYTES`] in rows of `d` elements of `T` (at least one).
+    /// The prefetch distance of the `*_gather_runs` variants: rows that come
+    /// in runs of consecutive rows with jumps between them (the pages of
+    /// paged KV). Inside a run the hardware prefetcher streams; the software
+    /// prefetch has to reach past the jump early enough to hide a miss. On
+    /// the development machine dense paged decode (HND, P = 16 and 64,
+    /// shuffled pages, f16) took 0.86–0.92x the contiguous throughput at
+    /// 2 KiB, 1.0–1.3x at 4 KiB (load varied) and 1.11–1.14x at 8 KiB.
+    pub(crate) const RUNS_PREFETCH_BYTES: usize = 8192;
+
+    /// `bytes` in rows of `d` elements of `T` (at least one).
     #[inline(always)]
-    fn prefetch_rows<T>(d: usize) -> usize {
-        (PREFETCH_BYTES / (d * std::mem::size_of::<T>()).max(1)).max(1)
+    fn prefetch_rows<T>(d: usize, bytes: usize) -> usize {
+        (bytes / (d * std::mem::size_of::<T>()).max(1)).max(1)
     }
 
     /// `[v - tau]_+^e` of one vector (a function, not a closure, so that it
@@ -1008,14 +1106,14 @@ mod body {
             return;
         }
         let n = rows.len() / d;
-        weighted_core::<S, T, false>(s, acc, g, p, n, n, d, |j| &rows[j * d..(j + 1) * d])
+        weighted_core::<S, T, 0>(s, acc, g, p, n, n, d, |j| &rows[j * d..(j + 1) * d])
     }
 
     /// The body of every weighted-rows variant: rows come from `row(j)`,
     /// weights from `p[i*p_stride + j]`, `j < n`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn weighted_core<'a, S: Simd, T: Element, const GATHER: bool>(
+    pub(crate) fn weighted_core<'a, S: Simd, T: Element, const PF: usize>(
         s: S,
         acc: &mut [f32],
         g: usize,
@@ -1036,7 +1134,8 @@ mod body {
         // Gathered rows are prefetched a fixed distance ahead of the row
         // being selected (live rows only: a zero-weight row is never
         // touched), so misses overlap the previous block's arithmetic.
-        let ahead = if GATHER { prefetch_rows::<T>(d) } else { 0 };
+        let gather = PF > 0;
+        let ahead = if gather { prefetch_rows::<T>(d, PF) } else { 0 };
         for j in (0..ahead.min(n)).filter(|&j| live(j)) {
             s.prefetch(row(j));
         }
@@ -1047,11 +1146,11 @@ mod body {
         // are selected. Decode bench on the development machine: f32 dense
         // 32K 21.8 -> 18.5 ms on one thread (docs/results.md); for 16-bit
         // rows, whose pass is compute-bound, the same prefetch was slower.
-        let pf_block = !GATHER && std::mem::size_of::<T>() == 4;
+        let pf_block = !gather && std::mem::size_of::<T>() == 4;
         for j0 in (0..n).step_by(ROW_BLOCK) {
             let mut m = 0;
             for j in j0..(j0 + ROW_BLOCK).min(n) {
-                if GATHER && j + ahead < n && live(j + ahead) {
+                if gather && j + ahead < n && live(j + ahead) {
                     s.prefetch(row(j + ahead));
                 }
                 if pf_block && j + ROW_BLOCK < n && live(j + ROW_BLOCK) {

@@ -571,10 +571,14 @@ fn strided_and_gathered_variants_equal_contiguous() {
                 scores_rows_strided(isa, &qs, g, rows, d, 0.7, &mut b, stride);
                 let mut c = vec![0.0f32; g * stride];
                 scores_gather(isa, &qs, g, &src, d, base, &idx, 0.7, &mut c, stride);
+                let abs: Vec<u32> = idx.iter().map(|&j| j + base as u32).collect();
+                let mut e = vec![0.0f32; g * stride];
+                scores_gather_runs(isa, &qs, g, &src, d, &abs, 0.7, &mut e, stride);
                 for i in 0..g {
                     for j in 0..n {
                         assert_eq!(a[i * n + j].to_bits(), b[i * stride + j].to_bits());
                         assert_eq!(a[i * n + j].to_bits(), c[i * stride + j].to_bits());
+                        assert_eq!(a[i * n + j].to_bits(), e[i * stride + j].to_bits());
                     }
                 }
                 let mut p = rng.vec(g * n, 0.0, 1.0);
@@ -589,12 +593,15 @@ fn strided_and_gathered_variants_equal_contiguous() {
                 }
                 let acc0 = rng.vec(g * d, -1.0, 1.0);
                 let (mut x, mut y, mut z) = (acc0.clone(), acc0.clone(), acc0.clone());
+                let mut w = acc0.clone();
                 weighted_rows(isa, &mut x, g, &p, rows, d);
                 weighted_rows_strided(isa, &mut y, g, &ps, stride, rows, d);
                 weighted_gather(isa, &mut z, g, &ps, stride, &src, d, base, &idx);
+                weighted_gather_runs(isa, &mut w, g, &ps, stride, &src, d, &abs);
                 for k in 0..g * d {
                     assert_eq!(x[k].to_bits(), y[k].to_bits(), "{isa} strided d={d}");
                     assert_eq!(x[k].to_bits(), z[k].to_bits(), "{isa} gather d={d}");
+                    assert_eq!(x[k].to_bits(), w[k].to_bits(), "{isa} gather runs d={d}");
                 }
             }
         }
