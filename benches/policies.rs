@@ -8,7 +8,10 @@
 //!    decode over a 4096-token cache. The step's cost depends on the cache
 //!    the policy keeps, not on how many tokens it has seen, so the session
 //!    reaches its steady state from a `budget + 512`-token prompt (prefilled
-//!    in chunks of 512) and 32 warm-up steps; medians of 24 timed steps.
+//!    in chunks of 512) and 32 warm-up steps; medians of 24 timed steps,
+//!    each followed by one timed plain decode (the ratio's denominator, so
+//!    both medians see the same machine). A second line times plain decode
+//!    with and without the group-mean weights alternately (48 pairs).
 //! 2. **prefill**: `prefill_attention_with` at 8K tokens with H2O's column
 //!    sums and with SnapKV's window (32 queries, summed), against the same
 //!    prefill without evidence; medians of 3 runs.
@@ -103,8 +106,67 @@ fn policy(name: &str) -> Box<dyn KvPolicy<Cpu, f16>> {
     }
 }
 
-/// Median seconds of one decode step of `name` at its steady state.
-fn decode_step(cpu: &Cpu, name: &str) -> f64 {
+/// Plain dense decode over a `BUDGET`-token cache, optionally writing the
+/// group-mean weights TOVA and H2O ask for: the step's reference.
+struct Plain {
+    segs: Segments,
+    q: Vec<f16>,
+    k: Vec<f16>,
+    v: Vec<f16>,
+    out: Vec<f16>,
+    w: Vec<f32>,
+}
+
+impl Plain {
+    fn new(cpu: &Cpu) -> Self {
+        let mut rng = Rng::new(9);
+        let segs = Segments::uniform(1, HKV, BUDGET).expect("segments");
+        let n = evidence_blocks(&geom(), &segs, Heads::Mean, &[1])
+            .expect("blocks")
+            .total();
+        Plain {
+            q: rand_f16(&mut rng, HQ * D),
+            k: cpu
+                .upload(&rand_f16(&mut rng, HKV * BUDGET * D))
+                .expect("k"),
+            v: cpu
+                .upload(&rand_f16(&mut rng, HKV * BUDGET * D))
+                .expect("v"),
+            out: vec![f16::ZERO; HQ * D],
+            w: vec![0.0f32; n],
+            segs,
+        }
+    }
+
+    /// Seconds of one call.
+    fn time(&mut self, cpu: &Cpu, probs: bool) -> f64 {
+        let p = DecodeParams {
+            geom: geom(),
+            segments: &self.segs,
+            scale: None,
+            normalizer: &Normalizer::Softmax,
+            restrict: Restrict::Dense,
+        };
+        let ev = DecodeEvidence {
+            probs: probs.then_some((Heads::Mean, &mut self.w)),
+            ..DecodeEvidence::default()
+        };
+        let start = Instant::now();
+        ops::decode_attention_with(cpu, &p, &self.q, &self.k, &self.v, &mut self.out, ev)
+            .expect("decode");
+        start.elapsed().as_secs_f64()
+    }
+}
+
+fn median(mut t: Vec<f64>) -> f64 {
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// Medians (seconds) of one decode step of `name` at its steady state and
+/// of the plain decode timed right after each step (alternating, so both
+/// see the same machine).
+fn decode_step(cpu: &Cpu, name: &str, plain: &mut Plain) -> (f64, f64) {
     let g = geom();
     let mut rng = Rng::new(7);
     let cfg = SessionConfig {
@@ -140,13 +202,14 @@ fn decode_step(cpu: &Cpu, name: &str) -> f64 {
             ]
         })
         .collect();
-    let mut t = Vec::new();
+    let (mut t, mut tp) = (Vec::new(), Vec::new());
     for (i, [q, k, v]) in steps.iter().enumerate() {
         let start = Instant::now();
         s.decode_layer(0, &LayerInput { q, k, v }).expect("decode");
         s.end_decode_step();
         if i >= 32 {
             t.push(start.elapsed().as_secs_f64());
+            tp.push(plain.time(cpu, false));
         }
     }
     let len = s.cache().layer(0).expect("layer").len_of(0);
@@ -154,42 +217,20 @@ fn decode_step(cpu: &Cpu, name: &str) -> f64 {
         name == "full" || name == "snapkv" || name == "ems" || len == BUDGET,
         "{name} holds {len} tokens, not its budget"
     );
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+    (median(t), median(tp))
 }
 
-/// Median seconds of plain dense decode over a `BUDGET`-token cache; with
-/// `probs`, also writing the group-mean weights TOVA and H2O ask for.
-fn plain_decode(cpu: &Cpu, probs: bool) -> f64 {
-    let g = geom();
-    let mut rng = Rng::new(9);
-    let segs = Segments::uniform(1, HKV, BUDGET).expect("segments");
-    let q = rand_f16(&mut rng, HQ * D);
-    let k = cpu
-        .upload(&rand_f16(&mut rng, HKV * BUDGET * D))
-        .expect("k");
-    let v = cpu
-        .upload(&rand_f16(&mut rng, HKV * BUDGET * D))
-        .expect("v");
-    let mut out = vec![f16::ZERO; HQ * D];
-    let p = DecodeParams {
-        geom: g,
-        segments: &segs,
-        scale: None,
-        normalizer: &Normalizer::Softmax,
-        restrict: Restrict::Dense,
-    };
-    let n = evidence_blocks(&g, &segs, Heads::Mean, &[1])
-        .expect("blocks")
-        .total();
-    let mut w = vec![0.0f32; n];
-    common::median_secs(24, || {
-        let ev = DecodeEvidence {
-            probs: probs.then_some((Heads::Mean, &mut w)),
-            ..DecodeEvidence::default()
-        };
-        ops::decode_attention_with(cpu, &p, &q, &k, &v, &mut out, ev).expect("decode")
-    })
+/// Medians (seconds) of plain decode with and without the group-mean
+/// weights, timed alternately.
+fn plain_pair(cpu: &Cpu, plain: &mut Plain) -> (f64, f64) {
+    plain.time(cpu, false);
+    plain.time(cpu, true);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..48 {
+        a.push(plain.time(cpu, false));
+        b.push(plain.time(cpu, true));
+    }
+    (median(a), median(b))
 }
 
 /// Medians of an 8K prefill: plain, with H2O's column sums, with SnapKV's window.
@@ -316,23 +357,24 @@ fn main() {
         .collect();
     for threads in common::thread_counts() {
         let cpu = Cpu::new().pool(common::pool(threads));
-        let plain = plain_decode(&cpu, false);
+        let mut plain = Plain::new(&cpu);
+        let (base, with_probs) = plain_pair(&cpu, &mut plain);
         println!(
             "kvsieve-policies | decode {threads} thr | plain dense decode over {BUDGET} tokens | {:>8.3} ms",
-            plain * 1e3
+            base * 1e3
         );
-        let with_probs = plain_decode(&cpu, true);
         println!(
             "kvsieve-policies | decode {threads} thr | the same with group-mean weights | {:>8.3} ms | {:>5.2}x plain",
             with_probs * 1e3,
-            with_probs / plain
+            with_probs / base
         );
         for &name in &policies {
-            let t = decode_step(&cpu, name);
+            let (t, tp) = decode_step(&cpu, name, &mut plain);
             println!(
-                "kvsieve-policies | decode {threads} thr | {name:<10} step at budget {BUDGET} | {:>8.3} ms | {:>5.2}x plain",
+                "kvsieve-policies | decode {threads} thr | {name:<10} step at budget {BUDGET} | {:>8.3} ms | plain between steps {:>8.3} ms | {:>5.2}x plain",
                 t * 1e3,
-                t / plain
+                tp * 1e3,
+                t / tp
             );
         }
         if only.is_some() {
