@@ -6,10 +6,12 @@
 //! remain is rayon's job injection when a call enters a pool from outside
 //! (its lock-free queue allocates a block every few dozen jobs), so the test
 //! allows fewer than one allocation per step on average and requires zero
-//! on the serial path (a 1-thread pool entered from inside itself). The
-//! paged decode is checked on the serial path.
+//! on the serial path (a 1-thread pool entered from inside itself, counted
+//! on the thread that runs the op). The paged decode is checked on the
+//! serial path.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -21,10 +23,28 @@ struct Counting;
 
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Allocations made by this thread (the serial checks count only the
+    /// thread that runs the op, so that the test harness printing another
+    /// test's result meanwhile does not count).
+    static MINE: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Allocations made so far by the calling thread.
+fn mine() -> usize {
+    MINE.with(Cell::get)
+}
+
+fn count() {
+    ALLOCS.fetch_add(1, Ordering::Relaxed);
+    // `try_with`: no count (and no panic) while the thread is torn down.
+    let _ = MINE.try_with(|c| c.set(c.get() + 1));
+}
+
 // SAFETY: forwards to the system allocator unchanged; only counts calls.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(l) }
     }
@@ -33,7 +53,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(p, l, n) }
     }
@@ -113,11 +133,11 @@ fn decode_steps_do_not_allocate() {
                 restrict,
             };
             ops::decode_attention(&cpu1, &p, &q, &k, &v, &mut out).unwrap();
-            let before = ALLOCS.load(Ordering::Relaxed);
+            let before = mine();
             for _ in 0..steps {
                 ops::decode_attention(&cpu1, &p, &q, &k, &v, &mut out).unwrap();
             }
-            let n = ALLOCS.load(Ordering::Relaxed) - before;
+            let n = mine() - before;
             assert_eq!(
                 n, 0,
                 "{norm:?} {restrict:?}: {n} allocations in {steps} serial steps"
@@ -179,11 +199,11 @@ fn paged_decode_steps_do_not_allocate() {
                     restrict,
                 };
                 ops::decode_attention_paged(&cpu1, &pp, &q, &kv, &kv, &mut out).unwrap();
-                let before = ALLOCS.load(Ordering::Relaxed);
+                let before = mine();
                 for _ in 0..steps {
                     ops::decode_attention_paged(&cpu1, &pp, &q, &kv, &kv, &mut out).unwrap();
                 }
-                let n = ALLOCS.load(Ordering::Relaxed) - before;
+                let n = mine() - before;
                 assert_eq!(
                     n, 0,
                     "{layout:?} {norm:?} {restrict:?}: {n} allocations in {steps} serial steps"
