@@ -10,13 +10,14 @@
 //! serves several heads), and every row the tables do not reach — slots past
 //! `last_page_len`, pages in no table, other heads' slots — set to NaN, so a
 //! kernel that read one would return NaN. The paged output must be the
-//! contiguous op's output on the same backend (bitwise on the reference and
-//! the CPU backend, whose paged path computes every dot and value chain in
-//! the same order) and agree with the reference within the presets of
+//! contiguous op's output on the same backend (bitwise on the reference, the
+//! CPU backend and CUDA, whose paged paths compute every dot and value chain
+//! in the same order) and agree with the reference within the presets of
 //! `docs/numerics.md`.
 //!
 //! The CUDA backend runs the same decode tests (its decode kernels with a
-//! paged row map; on the SIMT simulator where there is no GPU). Backends
+//! paged row map; on the SIMT simulator where there is no GPU), bitwise
+//! against its contiguous decode. Backends
 //! without a paged decode kernel yet (wgpu: a later phase) must return
 //! `Error::Unsupported` for it, which the decode tests assert; the cache ops
 //! and the validation run for real on them.
@@ -61,10 +62,12 @@ fn eps_of(d: DType) -> f64 {
     }
 }
 
-/// Whether the reference and the CPU backend, which implement the paged op
-/// with the contiguous op's arithmetic, must match it bitwise.
+/// Whether the backend implements the paged op with the contiguous op's
+/// arithmetic, so that it must match it bitwise: the reference, the CPU
+/// backend, and CUDA (the same kernels and plan; only the row addresses
+/// differ).
 fn bitwise(b: &impl Backend) -> bool {
-    matches!(b.name(), "reference" | "cpu")
+    matches!(b.name(), "reference" | "cpu" | "cuda")
 }
 
 /// Equal, or both NaN (the poisoned rows of a pool).
@@ -418,8 +421,8 @@ fn paged_decode_matches_contiguous_and_reference<B: Ops>(b: &B) {
     }
 }
 
-/// `got` against `want`: bitwise on the reference and the CPU backend
-/// (NaN equal to NaN), else within `abs + rel·|want|` (the evidence rows of
+/// `got` against `want`: bitwise on the backends of [`bitwise`] (NaN equal
+/// to NaN), else within `abs + rel·|want|` (the evidence rows of
 /// `docs/numerics.md`).
 fn check_evidence(b: &impl Backend, got: &[f32], want: &[f32], tol: Tolerance, ctx: &str) {
     assert_eq!(got.len(), want.len(), "{ctx}: length");
