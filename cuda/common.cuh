@@ -278,6 +278,18 @@ __device__ __forceinline__ long long item_token(int mode, const u32* idx, const 
     return (long long)i;
 }
 
+// Physical K/V row of token `tok` (>= 0) of a work unit. Contiguous (`pg` null): row
+// `kv_off + tok`. Paged (`pg` the unit's page map, see src/cuda/attn.rs): `pg[kv_off + j]` is
+// the row of slot 0 of the unit's j-th page for its KV head, so token t is row
+// `pg[kv_off + (t >> pshift)] + (t & (2^pshift − 1)) · pstride` (page size 2^pshift; stride 1
+// for HND pools, Hkv for NHD).
+__device__ __forceinline__ size_t kv_row(const u32* __restrict__ pg, u32 pshift, u32 pstride,
+                                         const Unit& u, long long tok) {
+    if (pg == nullptr) return (size_t)u.kv_off + (size_t)tok;
+    const u32 t = (u32)tok;
+    return (size_t)pg[u.kv_off + (t >> pshift)] + (size_t)(t & ((1u << pshift) - 1u)) * pstride;
+}
+
 // Row-group geometry: L lanes (a power of two ≤ 32) share one token row; each lane owns CH
 // chunks of V consecutive elements: element (c * L + lane) * V + e.
 __device__ __forceinline__ u32 group_mask(u32 L) {

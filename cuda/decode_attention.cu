@@ -20,6 +20,9 @@
 // clears), the layout of the entmax logits workspace; the attention arithmetic is the same
 // (same bits). A separate instantiation, so that the plain kernels keep their registers.
 //
+// Paged KV: split and pv take the row map of `kv_row` (common.cuh): `pg` null reads the
+// unit's rows kv_off + t (contiguous), else token t through the unit's page map.
+//
 // Grid of split / pv: x = work unit, y = split, z = chunk of up to H query heads (H = 4 or
 // 8: the `_h4` / `_h8` variants; GQA groups of 4 or less take the lighter `_h4`). Block: 128
 // threads in row groups of L lanes (one token per group, every head of the CTA per load).
@@ -99,7 +102,8 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
                           u32 chunk, float* __restrict__ part, u32 n_out,
                           const float* __restrict__ ws, const u32* __restrict__ o_base,
                           const float* __restrict__ tau, const float* __restrict__ alphas,
-                          float* __restrict__ zout) {
+                          float* __restrict__ zout, const u32* __restrict__ pg, u32 pshift,
+                          u32 pstride) {
     __shared__ MergeSmem sm;
     const u32 w = blockIdx.x;
     const Unit unit = load_unit(work, w);
@@ -159,7 +163,7 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
             }
             if (!any) continue;  // zero weight for every head: skip the V row
             float vr[CH][V];
-            load_row<T, V, CH>(v + ((size_t)unit.kv_off + (size_t)tok) * D, D, L, lane, vr);
+            load_row<T, V, CH>(v + kv_row(pg, pshift, pstride, unit, tok) * D, D, L, lane, vr);
 #pragma unroll
             for (int h = 0; h < H; ++h) {
                 l[h] += p[h];
@@ -175,7 +179,7 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
         float kr[CH][V], vr[CH][V];
         long long tok = start + rg < end ? item_token(mode, idx, mask, unit, start + rg) : -1;
         if (tok >= 0) {
-            const size_t row = ((size_t)unit.kv_off + (size_t)tok) * D;
+            const size_t row = kv_row(pg, pshift, pstride, unit, tok) * D;
             load_row<T, V, CH>(k + row, D, L, lane, kr);
             load_row<T, V, CH>(v + row, D, L, lane, vr);
         }
@@ -185,7 +189,7 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
             tok = inext < end ? item_token(mode, idx, mask, unit, inext) : -1;
             float kn[CH][V], vn[CH][V];
             if (tok >= 0) {
-                const size_t row = ((size_t)unit.kv_off + (size_t)tok) * D;
+                const size_t row = kv_row(pg, pshift, pstride, unit, tok) * D;
                 load_row<T, V, CH>(k + row, D, L, lane, kn);
                 load_row<T, V, CH>(v + row, D, L, lane, vn);
             } else {
@@ -244,10 +248,11 @@ __device__ void attn_impl(const T* __restrict__ q, const T* __restrict__ k,
     const T *q, const T *k, const T *v, const u32 *work, const u32 *idx, const u32 *mask,       \
         u32 mode, u32 n_units, u32 heads_per_unit, u32 hq, u32 D, u32 L, float scale,          \
         u32 chunk, float *part, u32 n_out, const float *ws, const u32 *o_base,                 \
-        const float *tau, const float *alphas, float *zout
+        const float *tau, const float *alphas, float *zout, const u32 *pg, u32 pshift,         \
+        u32 pstride
 #define ATTN_PASS                                                                               \
     q, k, v, work, idx, mask, mode, n_units, heads_per_unit, hq, D, L, scale, chunk, part,     \
-        n_out, ws, o_base, tau, alphas, zout
+        n_out, ws, o_base, tau, alphas, zout, pg, pshift, pstride
 
 #define ATTN_INST(NAME, T, V, CH, H, ENT, EV)                                                  \
     extern "C" __global__ void __launch_bounds__(KV_ATTN_THREADS) NAME(ATTN_ARGS(T)) {          \

@@ -1,6 +1,7 @@
 // qk_logits: z = scale · q · k for every item of every work unit (see common.cuh), written to
 // out[o_base[o] + i] for query row o = q_row · Hq + h; items in [n, o_cols[o]) and items a
-// mask clears get -inf. Also pass 1 of entmax attention (logits into a workspace).
+// mask clears get -inf. Also pass 1 of entmax attention (logits into a workspace). `pg`,
+// `pshift`, `pstride`: the paged row map of `kv_row` (common.cuh); null for contiguous K.
 //
 // Grid: x = work unit, y = chunk of items, z = chunk of up to H query heads of the unit
 // (H = 4 or 8: the `_h4` / `_h8` variants; fewer registers for GQA groups of 4 or less).
@@ -13,7 +14,8 @@ __device__ void qk_logits_impl(const T* __restrict__ q, const T* __restrict__ k,
                                const u32* __restrict__ mask, u32 mode, u32 n_units,
                                u32 heads_per_unit, u32 hq, u32 D, u32 L, float scale, u32 chunk,
                                float* __restrict__ out, const u32* __restrict__ o_base,
-                               const u32* __restrict__ o_cols) {
+                               const u32* __restrict__ o_cols, const u32* __restrict__ pg,
+                               u32 pshift, u32 pstride) {
     const u32 w = blockIdx.x;
     const Unit unit = load_unit(work, w);
     const u32 h0 = (w % n_units) * heads_per_unit + blockIdx.z * H;
@@ -44,14 +46,14 @@ __device__ void qk_logits_impl(const T* __restrict__ q, const T* __restrict__ k,
     long long tok = start + rg < end && start + rg < unit.n
                         ? item_token(mode, idx, mask, unit, start + rg)
                         : -1;
-    if (tok >= 0) load_row<T, V, CH>(k + ((size_t)unit.kv_off + (size_t)tok) * D, D, L, lane, kr);
+    if (tok >= 0) load_row<T, V, CH>(k + kv_row(pg, pshift, pstride, unit, tok) * D, D, L, lane, kr);
     for (u32 i = start + rg; i < end; i += nrg) {
         const long long cur = tok;
         const u32 inext = i + nrg;
         tok = inext < end && inext < unit.n ? item_token(mode, idx, mask, unit, inext) : -1;
         float kn[CH][V];
         if (tok >= 0) {
-            load_row<T, V, CH>(k + ((size_t)unit.kv_off + (size_t)tok) * D, D, L, lane, kn);
+            load_row<T, V, CH>(k + kv_row(pg, pshift, pstride, unit, tok) * D, D, L, lane, kn);
         } else {
 #pragma unroll
             for (int c = 0; c < CH; ++c)
@@ -84,8 +86,10 @@ __device__ void qk_logits_impl(const T* __restrict__ q, const T* __restrict__ k,
 #define QK_ARGS(T)                                                                              \
     const T *q, const T *k, const u32 *work, const u32 *idx, const u32 *mask, u32 mode,          \
         u32 n_units, u32 heads_per_unit, u32 hq, u32 D, u32 L, float scale, u32 chunk,         \
-        float *out, const u32 *o_base, const u32 *o_cols
-#define QK_PASS q, k, work, idx, mask, mode, n_units, heads_per_unit, hq, D, L, scale, chunk, out, o_base, o_cols
+        float *out, const u32 *o_base, const u32 *o_cols, const u32 *pg, u32 pshift, u32 pstride
+#define QK_PASS                                                                                 \
+    q, k, work, idx, mask, mode, n_units, heads_per_unit, hq, D, L, scale, chunk, out, o_base, \
+        o_cols, pg, pshift, pstride
 
 #define QK_INST(NAME, T, V, CH, H)                                                              \
     extern "C" __global__ void __launch_bounds__(KV_ATTN_THREADS) NAME(QK_ARGS(T)) {            \

@@ -10,14 +10,17 @@
 //! serves several heads), and every row the tables do not reach — slots past
 //! `last_page_len`, pages in no table, other heads' slots — set to NaN, so a
 //! kernel that read one would return NaN. The paged output must be the
-//! contiguous op's output on the same backend (bitwise on the reference and
-//! the CPU backend, whose paged path computes every dot and value chain in
-//! the same order) and agree with the reference within the presets of
+//! contiguous op's output on the same backend (bitwise on the reference, the
+//! CPU backend and CUDA, whose paged paths compute every dot and value chain
+//! in the same order) and agree with the reference within the presets of
 //! `docs/numerics.md`.
 //!
-//! Backends without a paged decode kernel yet (wgpu, CUDA: a later phase)
-//! must return `Error::Unsupported` for it, which the decode tests assert;
-//! the cache ops and the validation run for real on them.
+//! The CUDA backend runs the same decode tests (its decode kernels with a
+//! paged row map; on the SIMT simulator where there is no GPU), bitwise
+//! against its contiguous decode. Backends
+//! without a paged decode kernel yet (wgpu: a later phase) must return
+//! `Error::Unsupported` for it, which the decode tests assert; the cache ops
+//! and the validation run for real on them.
 
 mod common;
 
@@ -59,10 +62,12 @@ fn eps_of(d: DType) -> f64 {
     }
 }
 
-/// Whether the reference and the CPU backend, which implement the paged op
-/// with the contiguous op's arithmetic, must match it bitwise.
+/// Whether the backend implements the paged op with the contiguous op's
+/// arithmetic, so that it must match it bitwise: the reference, the CPU
+/// backend, and CUDA (the same kernels and plan; only the row addresses
+/// differ).
 fn bitwise(b: &impl Backend) -> bool {
-    matches!(b.name(), "reference" | "cpu")
+    matches!(b.name(), "reference" | "cpu" | "cuda")
 }
 
 /// Equal, or both NaN (the poisoned rows of a pool).
@@ -264,8 +269,9 @@ fn norms(geom: &HeadGeometry) -> Vec<Normalizer> {
     ]
 }
 
-/// `Ok(true)` when `b` has a paged decode kernel; `false` (after checking
-/// the error) for the backends that do not have one yet.
+/// `true` when `b` has a paged decode kernel; `false` (after checking the
+/// error) for the backend that does not have one yet (wgpu). Every other
+/// backend (reference, CPU, CUDA) must run it.
 fn paged_decode_supported<B: Ops>(b: &B) -> bool {
     let geom = HeadGeometry::new(2, 1, 4).unwrap();
     let table = PageTable::new(PageTableParts {
@@ -291,7 +297,7 @@ fn paged_decode_supported<B: Ops>(b: &B) -> bool {
     };
     match ops::decode_attention_paged(b, &p, &q, &kv, &kv, &mut out) {
         Ok(()) => true,
-        Err(Error::Unsupported { backend, op, .. }) if !bitwise(b) => {
+        Err(Error::Unsupported { backend, op, .. }) if b.name() == "wgpu" => {
             assert_eq!((backend, op), (b.name(), "decode_attention_paged"));
             eprintln!(
                 "{}: no paged decode kernel yet; it returns Error::Unsupported (checked)",
@@ -365,12 +371,17 @@ fn decode_case<B: Ops, T: Element>(b: &B, c: &Case<T>, ctx0: &str) {
     }
 }
 
+/// Geometry of case `i`: a Latin square over (layout, scope) x page size
+/// for the 16 decode cases, so each page size and each (layout, scope) meets
+/// every geometry. GQA groups of 4 or less and of 8 (the CUDA backend's
+/// `_h4` and `_h8` kernels), vector and scalar head dims (33).
 fn case_geom(i: usize) -> HeadGeometry {
     [
         HeadGeometry::new(8, 2, 64).unwrap(),
         HeadGeometry::new(4, 2, 33).unwrap(),
         HeadGeometry::new(6, 3, 16).unwrap(),
-    ][i % 3]
+        HeadGeometry::new(16, 2, 32).unwrap(),
+    ][(i + i / 4) % 4]
 }
 
 fn paged_decode_matches_contiguous_and_reference<B: Ops>(b: &B) {
@@ -410,8 +421,8 @@ fn paged_decode_matches_contiguous_and_reference<B: Ops>(b: &B) {
     }
 }
 
-/// `got` against `want`: bitwise on the reference and the CPU backend
-/// (NaN equal to NaN), else within `abs + rel·|want|` (the evidence rows of
+/// `got` against `want`: bitwise on the backends of [`bitwise`] (NaN equal
+/// to NaN), else within `abs + rel·|want|` (the evidence rows of
 /// `docs/numerics.md`).
 fn check_evidence(b: &impl Backend, got: &[f32], want: &[f32], tol: Tolerance, ctx: &str) {
     assert_eq!(got.len(), want.len(), "{ctx}: length");

@@ -215,8 +215,8 @@ pub trait AttnOps: Backend + Sized {
     ///
     /// The default implementation returns [`Error::Unsupported`] (op
     /// `decode_attention_paged`, for every dtype): a backend without a paged
-    /// kernel fails loudly instead of ignoring the page table. The reference
-    /// and the CPU backend implement it.
+    /// kernel fails loudly instead of ignoring the page table. The reference,
+    /// the CPU backend and the CUDA backend implement it.
     fn decode_attention_paged<T: Element>(
         &self,
         meta: &PagedDecodeMeta<'_>,

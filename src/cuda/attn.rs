@@ -21,11 +21,13 @@ use super::kernels::{self, KernelId, entry};
 use super::launch::{Arg, launch};
 use super::{CudaBuffer, u32_of};
 use crate::backend::{
-    AttnOps, DecodeEvidence, DecodeMeta, Normalizer, PrefillEvidence, PrefillMeta, Restrict,
+    AttnOps, DecodeEvidence, DecodeMeta, Normalizer, PagedDecodeMeta, PrefillEvidence, PrefillMeta,
+    Restrict,
 };
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::{BitMask, HeadGeometry, Scope};
+use crate::paged::PageTable;
 
 /// Query heads per CTA of the `_h8` kernels (`_h4`: 4).
 const MAX_HEADS: usize = 8;
@@ -56,6 +58,54 @@ pub(crate) struct Plan<'a> {
     pub mask: Option<Vec<u32>>,
     /// Query rows (`q` / `out` have `q_rows · Hq` rows).
     pub q_rows: usize,
+    /// Paged K/V (`None`: contiguous, a unit's token `t` is row `kv_off + t`).
+    pub pages: Option<PageMap>,
+}
+
+/// The row map of paged K/V (`kv_row` in `cuda/common.cuh`): a unit's `kv_off` indexes
+/// `map`, which holds, per segment and in token order, the pool row of slot 0 of each of
+/// the segment's pages for its KV head; token `t` is row
+/// `map[kv_off + (t >> shift)] + (t mod 2^shift) · stride`. Built from the page table on the
+/// host (one `u32` per page and segment), never a copy of K or V.
+pub(crate) struct PageMap {
+    pub map: Vec<u32>,
+    /// log2 of the page size.
+    pub shift: u32,
+    /// Rows between consecutive slots of a page (1 HND, Hkv NHD).
+    pub stride: u32,
+}
+
+impl PageMap {
+    /// The map of `table` and each segment's offset into it.
+    fn new(table: &PageTable, op: &'static str, dt: DType) -> Result<(Self, Vec<u32>)> {
+        let segs = table.segments();
+        let shift = table.page_size().trailing_zeros();
+        let mut map = Vec::new();
+        let mut seg_off = Vec::with_capacity(segs.num_segments());
+        for s in 0..segs.num_segments() {
+            seg_off.push(u32::try_from(map.len()).map_err(|_| Error::Unsupported {
+                backend: "cuda",
+                op,
+                dtype: dt,
+            })?);
+            let seg = table.segment(s);
+            // Rows fit in a u32 (checked by `PageTable::new`).
+            map.extend((0..seg.pages().len()).map(|j| seg.row(j << shift) as u32));
+        }
+        u32::try_from(map.len()).map_err(|_| Error::Unsupported {
+            backend: "cuda",
+            op,
+            dtype: dt,
+        })?;
+        Ok((
+            Self {
+                map,
+                shift,
+                stride: u32_of(table.row_stride()),
+            },
+            seg_off,
+        ))
+    }
 }
 
 impl Plan<'_> {
@@ -124,6 +174,24 @@ pub(crate) fn variant(d: usize, dt: DType, op: &'static str) -> Result<(bool, u3
 
 /// Decode plan: one virtual row per sequence.
 pub(crate) fn decode_plan<'a>(meta: &'a DecodeMeta<'_>) -> Plan<'a> {
+    decode_plan_with(meta, &|s| meta.segs.offset(s) as u32)
+}
+
+/// Decode plan over paged K/V: the plan of the table's segments, with every unit's
+/// `kv_off` its segment's offset into the page map.
+pub(crate) fn paged_decode_plan<'a>(
+    meta: &'a PagedDecodeMeta<'_>,
+    op: &'static str,
+    dt: DType,
+) -> Result<Plan<'a>> {
+    let (pages, seg_off) = PageMap::new(meta.pages(), op, dt)?;
+    let mut plan = decode_plan_with(meta.decode(), &|s| seg_off[s]);
+    plan.pages = Some(pages);
+    Ok(plan)
+}
+
+/// Decode plan with `kv_off(s)` the `kv_off` of units over segment `s`.
+fn decode_plan_with<'a>(meta: &'a DecodeMeta<'_>, kv_off: &dyn Fn(usize) -> u32) -> Plan<'a> {
     let (geom, segs) = (&meta.geom, meta.segs);
     let (hq, hkv, g) = (geom.num_q_heads(), geom.num_kv_heads(), geom.group());
     let scope = match meta.restrict {
@@ -140,7 +208,7 @@ pub(crate) fn decode_plan<'a>(meta: &'a DecodeMeta<'_>) -> Plan<'a> {
         for u in 0..n_units {
             let h = u * hpu;
             let s = segs.index(b, geom.kv_head(h));
-            let (off, len) = (segs.offset(s) as u32, segs.len_of(s) as u32);
+            let (off, len) = (kv_off(s), segs.len_of(s) as u32);
             let list = scope.list_of(b, h, geom);
             let (n, base) = match meta.restrict {
                 Restrict::Dense => (len, 0),
@@ -166,6 +234,7 @@ pub(crate) fn decode_plan<'a>(meta: &'a DecodeMeta<'_>) -> Plan<'a> {
         idx,
         mask,
         q_rows: segs.batch(),
+        pages: None,
     }
 }
 
@@ -219,6 +288,7 @@ pub(crate) fn prefill_plan<'a>(
         idx: None,
         mask: mask.map(all_words),
         q_rows: q_rows.total(),
+        pages: None,
     }
 }
 
@@ -227,6 +297,18 @@ pub(crate) struct PlanBufs {
     pub work: DeviceBytes,
     pub idx: DeviceBytes,
     pub mask: DeviceBytes,
+    /// The page map (paged plans only).
+    pub pages: Option<DeviceBytes>,
+}
+
+impl PlanBufs {
+    /// The row-map arguments of the attention kernels (`pg`, `pshift`, `pstride`).
+    fn page_args<'a>(&'a self, plan: &Plan<'_>) -> [Arg<'a>; 3] {
+        match (&self.pages, &plan.pages) {
+            (Some(map), Some(p)) => [Arg::In(map), Arg::U32(p.shift), Arg::U32(p.stride)],
+            _ => [Arg::Null, Arg::U32(0), Arg::U32(0)],
+        }
+    }
 }
 
 fn plan_bufs(be: &CudaBackend, plan: &Plan<'_>) -> Result<PlanBufs> {
@@ -234,6 +316,10 @@ fn plan_bufs(be: &CudaBackend, plan: &Plan<'_>) -> Result<PlanBufs> {
         work: be.upload_u32(&plan.work)?,
         idx: be.upload_u32(plan.idx.unwrap_or(&[]))?,
         mask: be.upload_u32(plan.mask.as_deref().unwrap_or(&[]))?,
+        pages: match &plan.pages {
+            Some(p) => Some(be.upload_u32(&p.map)?),
+            None => None,
+        },
     })
 }
 
@@ -273,6 +359,7 @@ pub(crate) fn logits<T: Element>(
     let hc = heads_per_cta(plan.heads_per_unit);
     let head_chunks = plan.heads_per_unit.div_ceil(hc);
     let (ob, oc) = (be.upload_u32(o_base)?, be.upload_u32(o_cols)?);
+    let [pg, pshift, pstride] = bufs.page_args(plan);
     let name = entry(
         kernels::pick4(
             [
@@ -309,6 +396,9 @@ pub(crate) fn logits<T: Element>(
             Arg::Out(out),
             Arg::In(&ob),
             Arg::In(&oc),
+            pg,
+            pshift,
+            pstride,
         ],
     )
 }
@@ -510,6 +600,7 @@ pub(crate) fn run<T: Element>(
         Some((l, _)) => Arg::Out(&mut l.ws),
         None => Arg::Null,
     };
+    let [pg, pshift, pstride] = bufs.page_args(plan);
     launch(
         be,
         KernelId::DecodeAttention,
@@ -538,6 +629,9 @@ pub(crate) fn run<T: Element>(
             Arg::In(tau),
             Arg::In(&alphas_dev),
             zout,
+            pg,
+            pshift,
+            pstride,
         ],
     )?;
     let mut row_norm = if side.row_norm {
@@ -600,31 +694,34 @@ impl AttnOps for CudaBackend {
         out: &mut CudaBuffer<T>,
         ev: &mut DecodeEvidence<'_, Self>,
     ) -> Result<()> {
-        let plan = decode_plan(meta);
-        let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
-        let side = SideOut {
-            logits: ev.probs.is_some() || ev.logits.is_some(),
-            row_norm: ev.probs.is_some(),
-            out_f32: ev.output.as_deref_mut().map(|b| &mut b.data),
-            stats: ev.stats.as_deref_mut().map(|b| &mut b.data),
-        };
-        let side = run(
+        decode(
             self,
-            &plan,
-            &meta.geom,
-            meta.scale,
-            alphas.as_deref(),
+            meta,
+            &decode_plan(meta),
             q,
             k,
             v,
             out,
-            side,
+            ev,
             "decode_attention",
-        )?;
-        match side {
-            Some(side) => evidence::decode(self, meta, &plan, &side, ev),
-            None => Ok(()),
-        }
+        )
+    }
+
+    /// The contiguous decode's kernels with the paged row map: K and V are read in place
+    /// through the page table (`PageMap`); restrictions and evidence are in token
+    /// coordinates, as on the table's segments.
+    fn decode_attention_paged<T: Element>(
+        &self,
+        meta: &PagedDecodeMeta<'_>,
+        q: &CudaBuffer<T>,
+        k: &CudaBuffer<T>,
+        v: &CudaBuffer<T>,
+        out: &mut CudaBuffer<T>,
+        ev: &mut DecodeEvidence<'_, Self>,
+    ) -> Result<()> {
+        const OP: &str = "decode_attention_paged";
+        let plan = paged_decode_plan(meta, OP, T::DTYPE)?;
+        decode(self, meta.decode(), &plan, q, k, v, out, ev, OP)
     }
 
     fn prefill_attention<T: Element>(
@@ -656,5 +753,44 @@ impl AttnOps for CudaBackend {
             "prefill_attention",
         )?;
         evidence::prefill(self, meta, &plan, side.as_ref(), q, k, ev)
+    }
+}
+
+/// Decode attention for a (contiguous or paged) plan, and its evidence.
+#[allow(clippy::too_many_arguments)]
+fn decode<T: Element>(
+    be: &CudaBackend,
+    meta: &DecodeMeta<'_>,
+    plan: &Plan<'_>,
+    q: &CudaBuffer<T>,
+    k: &CudaBuffer<T>,
+    v: &CudaBuffer<T>,
+    out: &mut CudaBuffer<T>,
+    ev: &mut DecodeEvidence<'_, CudaBackend>,
+    op: &'static str,
+) -> Result<()> {
+    let alphas = head_alphas(meta.normalizer, meta.geom.num_q_heads());
+    let side = SideOut {
+        logits: ev.probs.is_some() || ev.logits.is_some(),
+        row_norm: ev.probs.is_some(),
+        out_f32: ev.output.as_deref_mut().map(|b| &mut b.data),
+        stats: ev.stats.as_deref_mut().map(|b| &mut b.data),
+    };
+    let side = run(
+        be,
+        plan,
+        &meta.geom,
+        meta.scale,
+        alphas.as_deref(),
+        q,
+        k,
+        v,
+        out,
+        side,
+        op,
+    )?;
+    match side {
+        Some(side) => evidence::decode(be, meta, plan, &side, ev),
+        None => Ok(()),
     }
 }

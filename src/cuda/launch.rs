@@ -94,8 +94,9 @@ fn driver_launch(
     // simulator checks this at every launch). Every index a kernel forms stays inside the
     // buffers: the grid covers exactly the rows / work units / elements the host tables
     // describe, kernels guard their ragged tails, and the tables come from descriptors
-    // `kvsieve::ops` validated (segments inside K/V, index lists and masks inside their
-    // segments, buffer lengths checked). All buffers are live for the duration of the
+    // `kvsieve::ops` validated (segments inside K/V, page maps built from page tables whose
+    // rows lie inside the K/V pools, index lists and masks inside their segments, buffer
+    // lengths checked). All buffers are live for the duration of the
     // launch and cudarc orders their later frees after the kernel.
     unsafe { b.launch(cfg) }.map_err(super::device::driver_err)?;
     Ok(())
