@@ -287,7 +287,8 @@ __device__ __forceinline__ size_t kv_row(const u32* __restrict__ pg, u32 pshift,
                                          const Unit& u, long long tok) {
     if (pg == nullptr) return (size_t)u.kv_off + (size_t)tok;
     const u32 t = (u32)tok;
-    return (size_t)pg[u.kv_off + (t >> pshift)] + (size_t)(t & ((1u << pshift) - 1u)) * pstride;
+    // 32-bit: every row of a pool is below num_pages · Hkv · P ≤ u32::MAX (PageTable::new).
+    return (size_t)(pg[u.kv_off + (t >> pshift)] + (t & ((1u << pshift) - 1u)) * pstride);
 }
 
 // Row-group geometry: L lanes (a power of two ≤ 32) share one token row; each lane owns CH
