@@ -1401,7 +1401,10 @@ mod body {
     }
 
     /// See [`super::count_outside_f64`] (NaN fails both comparisons).
+    /// Two comparisons joined by a non-short-circuit `&`, not
+    /// `RangeInclusive::contains` (`&&`): that form vectorises.
     #[inline(always)]
+    #[allow(clippy::manual_range_contains)]
     pub(crate) fn count_outside_f64(x: &[f64]) -> usize {
         x.iter()
             .map(|&x| usize::from(!((x >= 0.0) & (x < f64::INFINITY))))
