@@ -7,7 +7,8 @@
 //! sequences' page table (`ops::gather_rows` at `PageTable::row`) equal the
 //! model: nothing lost, nothing overwritten (a fork's parent intact after
 //! its child writes), and that the pool's reference counts and counters are
-//! what the tables imply.
+//! what the tables imply. Paged decode over the sequences' table must equal
+//! the contiguous decode of the model's rows.
 
 mod common;
 
@@ -139,6 +140,65 @@ impl<B: Ops> World<B> {
     }
 }
 
+impl<B: Ops> World<B> {
+    /// Decode over the live sequences' page table must equal decode over
+    /// the model's rows in a contiguous cache (bitwise: the paged decode of
+    /// the reference, CPU and CUDA backends computes in the contiguous
+    /// order). Backends without a paged decode kernel (wgpu, for now)
+    /// must say `Unsupported`.
+    fn check_decode(&self, b: &B, what: &str) {
+        let (d, hkv) = (self.d, self.hkv);
+        let geom = HeadGeometry::new(2 * hkv, hkv, d).unwrap();
+        let ids: Vec<SeqId> = self.model.iter().map(|m| m.0).collect();
+        let table = self.seqs.table(&ids).unwrap();
+        let batch = ids.len();
+        let q: Vec<f32> = (0..batch * geom.num_q_heads() * d)
+            .map(|i| ((i * 7) % 5) as f32 * 0.01 - 0.02)
+            .collect();
+        let lens: Vec<u32> = self
+            .model
+            .iter()
+            .flat_map(|m| m.1.iter().map(|r| r.len() as u32))
+            .collect();
+        let segs = Segments::packed(batch, hkv, &lens).unwrap();
+        let kc: Vec<f32> = self
+            .model
+            .iter()
+            .flat_map(|m| m.1.iter().flatten().flatten().copied())
+            .collect();
+        let vc: Vec<f32> = kc.iter().map(|x| -x).collect();
+        let norm = Normalizer::Softmax;
+        let qb = b.upload(&q).unwrap();
+        let mut want = b.zeros::<f32>(q.len()).unwrap();
+        let dp = ops::DecodeParams {
+            geom,
+            segments: &segs,
+            scale: None,
+            normalizer: &norm,
+            restrict: Restrict::Dense,
+        };
+        let (kb, vb) = (b.upload(&kc).unwrap(), b.upload(&vc).unwrap());
+        ops::decode_attention(b, &dp, &qb, &kb, &vb, &mut want).unwrap();
+        let pp = ops::PagedDecodeParams {
+            geom,
+            pages: &table,
+            scale: None,
+            normalizer: &norm,
+            restrict: Restrict::Dense,
+        };
+        let mut got = b.zeros::<f32>(q.len()).unwrap();
+        match ops::decode_attention_paged(b, &pp, &qb, &self.k, &self.v, &mut got) {
+            Ok(()) => {
+                let (got, want) = (b.download(&got).unwrap(), b.download(&want).unwrap());
+                assert!(got.iter().all(|x| x.is_finite()), "{what}: decode read NaN");
+                assert_eq!(got, want, "{what}: paged decode");
+            }
+            Err(Error::Unsupported { .. }) if b.name() == "wgpu" => {}
+            Err(e) => panic!("{what}: paged decode: {e}"),
+        }
+    }
+}
+
 fn paged_pool_fork_truncate_remove_keep_every_row<B: Ops>(b: &B) {
     for layout in LAYOUTS {
         for scope in SCOPES {
@@ -175,6 +235,7 @@ fn paged_pool_fork_truncate_remove_keep_every_row<B: Ops>(b: &B) {
             assert_ne!(w.seqs.pages(c, 0).unwrap()[1], a_pages[1], "{what}: COW");
             assert_eq!(w.seqs.pool().refs(a_pages[1], 0).unwrap(), 1);
             w.check(b, &format!("{what}: append after truncate (COW)"));
+            w.check_decode(b, &format!("{what}: decode after COW"));
 
             // Eviction on the parent into a shared page is refused, nothing moves.
             let nseg = w.hkv;
@@ -288,6 +349,56 @@ fn paged_pool_exhaustion_is_an_error<B: Ops>(b: &B) {
     }
 }
 
+/// Per-KV-head tables keep head-wise lengths; each head's keys of a page
+/// are counted and reused separately.
+fn paged_pool_head_wise_eviction_releases_per_head_keys<B: Ops>(b: &B) {
+    for layout in LAYOUTS {
+        let what = format!("{layout:?}");
+        let mut w = World::new(b, layout, PageScope::KvHead, 4, 6);
+        let a = w.add();
+        w.append(b, a, 16).unwrap();
+        assert_eq!(w.seqs.pool().pages_in_use(), 4);
+        // Head 0 keeps 4 tokens (1 page), head 1 keeps 12 (3 pages).
+        let keep0: Vec<u32> = vec![1, 5, 9, 15];
+        let keep1: Vec<u32> = (0..16).filter(|j| j % 4 != 2).collect();
+        let keep = IndexList::new(
+            Scope::KvHead,
+            vec![0, 4, 16],
+            keep0.iter().chain(&keep1).copied().collect(),
+        )
+        .unwrap();
+        let c = w
+            .seqs
+            .compact(b, w.d, &[a], &keep, &mut w.k, &mut w.v)
+            .unwrap();
+        for (g, kept) in [keep0, keep1].iter().enumerate() {
+            let m = &mut w.model_of(a)[g];
+            for (dst, src) in kvsieve::cache::compaction_moves(kept) {
+                m[dst as usize] = m[src as usize].clone();
+            }
+            m.truncate(kept.len());
+        }
+        assert_eq!((c.released(0).len(), c.released(1).len()), (3, 1), "{what}");
+        assert_eq!(w.seqs.lens(a).unwrap(), vec![4, 12]);
+        assert_eq!(w.seqs.pool().pages_in_use(), 3, "{what}");
+        assert_eq!(w.seqs.pool().free_keys(0).unwrap(), 5, "{what}");
+        assert_eq!(w.seqs.pool().free_keys(1).unwrap(), 3, "{what}");
+        w.check(b, &format!("{what}: head-wise compaction"));
+        // A new sequence reuses head 0's freed keys of pages head 1 still uses.
+        let x = w.add();
+        w.append(b, x, 12).unwrap();
+        assert_eq!(w.seqs.pool().pages_in_use(), 6, "{what}");
+        let a1 = w.seqs.pages(a, 1).unwrap().to_vec();
+        assert!(
+            w.seqs.pages(x, 0).unwrap().iter().any(|p| a1.contains(p)),
+            "{what}: head 0 of x shares a page with head 1 of a"
+        );
+        w.check(b, &format!("{what}: reuse of per-head keys"));
+        w.check_decode(b, &format!("{what}: decode"));
+        assert!(matches!(w.append(b, x, 1), Err(Error::OutOfPages { .. })));
+    }
+}
+
 /// The target: a 32K-token prompt evicted to a 10% budget returns
 /// at least 85% of its pages to the pool (P = 16).
 fn paged_pool_evicting_32k_prompt_to_10_percent_frees_85_percent_of_pages<B: Ops>(b: &B) {
@@ -345,5 +456,6 @@ fn paged_pool_evicting_32k_prompt_to_10_percent_frees_85_percent_of_pages<B: Ops
 backend_suite!(
     paged_pool_fork_truncate_remove_keep_every_row,
     paged_pool_exhaustion_is_an_error,
+    paged_pool_head_wise_eviction_releases_per_head_keys,
     paged_pool_evicting_32k_prompt_to_10_percent_frees_85_percent_of_pages,
 );
