@@ -88,6 +88,17 @@ pub enum Error {
         /// The device's message.
         reason: String,
     },
+    /// A page pool has too few free pages (or free page keys of one KV head)
+    /// for an allocation; nothing was allocated. An engine preempts or evicts
+    /// a sequence and retries.
+    OutOfPages {
+        /// The pool call that ran out.
+        op: &'static str,
+        /// Pages asked for.
+        requested: usize,
+        /// Pages (page keys) that were free.
+        free: usize,
+    },
     /// A size computed from the input overflows, exceeds a limit, or asks for
     /// more memory than the allocator can give (see [`MAX_ALLOC_BYTES`]).
     TooLarge {
@@ -120,6 +131,11 @@ impl fmt::Display for Error {
             Error::NoDevice { backend, reason } => write!(f, "{backend}: no device: {reason}"),
             Error::Device { backend, reason } => write!(f, "{backend}: device error: {reason}"),
             Error::Io { path, reason } => write!(f, "{path}: {reason}"),
+            Error::OutOfPages {
+                op,
+                requested,
+                free,
+            } => write!(f, "{op}: out of pages: {requested} requested, {free} free"),
             Error::TooLarge {
                 op,
                 what,

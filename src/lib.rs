@@ -10,7 +10,7 @@
 //! | head geometry (GQA) | [`HeadGeometry`] |
 //! | ragged batches | [`Ragged`] (`indptr`), [`Segments`] (one per sequence × KV head) |
 //! | token sets | [`IndexSet`], [`IndexList`], [`BitMask`], [`MaskList`] |
-//! | paged KV (HND / NHD pages, FlashInfer CSR page tables) | [`PageTable`], [`PageLayout`], [`PageScope`] ([`paged`]) |
+//! | paged KV (HND / NHD pages, FlashInfer CSR page tables) | [`PageTable`], [`PageLayout`], [`PageScope`]; pools: [`PagePool`], [`PagedSequences`] ([`paged`]) |
 //! | backends | [`reference::Reference`] (the specification); [`cpu::Cpu`] (SIMD + rayon, runtime ISA); `wgpu::Wgpu` (feature `wgpu`, WGSL shaders); `cuda::CudaBackend` (feature `cuda`, NVRTC) |
 //! | validated ops | [`ops`] |
 //! | row α-entmax solvers, backward, learned α | [`mod@entmax`] |
@@ -69,7 +69,9 @@ pub use backend::{Backend, BlockStats, Normalizer, Ops, Restrict};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use layout::{BitMask, HeadGeometry, IndexList, IndexSet, MaskList, Ragged, Scope, Segments};
-pub use paged::{PageLayout, PageScope, PageTable, PageTableParts};
+pub use paged::{
+    PageLayout, PagePool, PageScope, PageTable, PageTableParts, PagedSequences, SeqId,
+};
 
 /// Softmax of one row of scores, computed by the reference backend.
 ///

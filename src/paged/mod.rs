@@ -72,6 +72,14 @@
 //! bound 256 keeps a page run inside one decode key block
 //! ([`crate::cpu::DECODE_BLOCK`] is a multiple of every accepted `P`).
 //!
+//! # Pools and sequences
+//!
+//! [`PagePool`] hands out pages and counts the tables naming each page key;
+//! [`PagedSequences`] keeps sequences in a pool (append, fork with shared
+//! full pages and a copied last page, truncate, remove, eviction) and builds
+//! the tables the ops take: see [`pool`] for the counts, the invariants and
+//! an example.
+//!
 //! # Worked example
 //!
 //! `P = 4`, `Hkv = 2`, a pool of 6 pages (48 rows), one table per sequence:
@@ -108,6 +116,9 @@
 
 use crate::error::{Error, Result, shape};
 use crate::layout::Segments;
+
+pub mod pool;
+pub use pool::{PagePool, PagedSequences, SeqId};
 
 /// Largest accepted page size (see the module docs).
 pub const MAX_PAGE_SIZE: usize = 256;
