@@ -446,11 +446,16 @@ pub(crate) fn split_protected(
 /// the worst candidates (outside the protected windows) by `scores[s]`
 /// (higher is more important). Returns the plan and its compaction
 /// (`None` when nothing is evicted).
-pub(crate) fn evict_by_scores<B: Backend, T: Element>(
+///
+/// The scores may be f32 (TOVA ranks the attention's own f32 weights):
+/// f32 → f64 is exact and monotone, so every comparison, tie and NaN check
+/// decides as it would on the widened values; only the general path
+/// (more than one token to drop) widens, per segment.
+pub(crate) fn evict_by_scores<B: Backend, T: Element, X: Score, S: AsRef<[X]>>(
     op: &'static str,
     ctx: &StepCtx<'_, B, T>,
     budget: &Budget,
-    scores: &[Vec<f64>],
+    scores: &[S],
 ) -> Result<(Plan, Option<Compaction>)> {
     let segs = ctx.kv.segments();
     let hkv = ctx.geom().num_kv_heads();
@@ -467,6 +472,7 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element>(
     let mut any = false;
     let mut sets = Vec::with_capacity(segs.num_segments());
     for (s, sc) in scores.iter().enumerate() {
+        let sc = sc.as_ref();
         let (b, g) = (s / hkv, s % hkv);
         let len = segs.len_of(s);
         if sc.len() != len {
@@ -488,7 +494,8 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element>(
             None => {
                 let (prot, cand) = split_protected(arr, seen, budget.sink, budget.recent);
                 let keep_cand = bud.saturating_sub(prot.len());
-                bottom_k(op, sc, arr, &cand, cand.len().saturating_sub(keep_cand))?
+                let wide: Vec<f64> = sc.iter().map(|&x| x.into()).collect();
+                bottom_k(op, &wide, arr, &cand, cand.len().saturating_sub(keep_cand))?
             }
         };
         sets.push(IndexSet::from_unsorted(drop));
@@ -505,9 +512,9 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element>(
 /// allocating: when one token must go and the protected windows leave
 /// at least two candidates, the worst candidate (lowest score, ties to the
 /// later arrival). `None` when the general path applies.
-fn worst_one(
+fn worst_one<X: Score>(
     op: &'static str,
-    scores: &[f64],
+    scores: &[X],
     arrivals: &[u32],
     seen: usize,
     sink: usize,
@@ -525,7 +532,9 @@ fn worst_one(
             continue;
         }
         let x = scores[r];
-        if x.is_nan() {
+        // NaN is the only value unequal to itself (also for f32).
+        #[allow(clippy::eq_op)]
+        if x != x {
             return Some(Err(Error::NonFinite {
                 op,
                 what: format!("score of token {r} is NaN"),
@@ -547,6 +556,12 @@ fn worst_one(
     // count: the general path handles it.
     (n >= 2).then(|| Ok(best.into_iter().collect()))
 }
+
+/// A score element [`evict_by_scores`] ranks: f64, or the f32 weights of
+/// the attention evidence (widened exactly where the general path needs it).
+pub(crate) trait Score: Copy + PartialOrd + Into<f64> {}
+impl Score for f64 {}
+impl Score for f32 {}
 
 /// Per-layer state storage, grown on first use.
 pub(crate) fn layer_slot<S: Default>(v: &mut Vec<S>, layer: usize) -> &mut S {

@@ -92,8 +92,14 @@ impl Tova {
         Ok(Self { cfg })
     }
     fn step<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan> {
-        let heads = Heads::from(self.cfg.reduce);
-        let kv = Scorer::<B, T>::score(&mut TovaScorer, ctx, heads)?;
+        // The evidence is already one f32 row per KV head (the op reduced
+        // the group): rank it as is, without the scorer's f64 copy
+        // (decision-identical, see `evict_by_scores`).
+        let blocks = match ctx.phase {
+            Phase::Decode => ctx.decode_probs()?,
+            _ => ctx.window()?.1,
+        };
+        let kv: Vec<&[f32]> = (0..blocks.num_blocks()).map(|i| blocks.block(i)).collect();
         Ok(evict_by_scores("Tova", ctx, &self.cfg.budget, &kv)?.0)
     }
 }
