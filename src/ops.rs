@@ -1356,16 +1356,7 @@ fn paged_compaction<B: CacheOps, T: Element>(
     check_pool(b, op, "v_pages", v_pages, table, d)?;
     let segs = table.segments();
     let nseg = segs.num_segments();
-    if lists.scope() != Scope::KvHead || lists.num_lists() != nseg {
-        return Err(shape(
-            op,
-            format!(
-                "expected one KvHead-scoped list per segment ({nseg}), got {} {:?} lists",
-                lists.num_lists(),
-                lists.scope()
-            ),
-        ));
-    }
+    crate::paged::check_segment_lists(op, nseg, lists)?;
     let mut lens = vec![0usize; table.num_tables()];
     for s in 0..nseg {
         let (list, len) = (lists.list(s), segs.len_of(s));

@@ -679,6 +679,26 @@ impl PagedCompaction {
     }
 }
 
+/// Errors unless `lists` holds one [`crate::layout::Scope::KvHead`] list per segment
+/// (`nseg` of them): the row lists of the paged write ops.
+pub(crate) fn check_segment_lists(
+    op: &'static str,
+    nseg: usize,
+    lists: &crate::layout::IndexList,
+) -> Result<()> {
+    if lists.scope() != crate::layout::Scope::KvHead || lists.num_lists() != nseg {
+        return Err(shape(
+            op,
+            format!(
+                "expected one KvHead-scoped list per segment ({nseg}), got {} {:?} lists",
+                lists.num_lists(),
+                lists.scope()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Errors unless `table` has the KV heads of a geometry.
 pub(crate) fn check_kv_heads(op: &'static str, table: &PageTable, hkv: usize) -> Result<()> {
     if table.num_kv_heads() != hkv {

@@ -77,7 +77,7 @@ use super::{PageLayout, PageScope, PageTable, PageTableParts, PagedCompaction};
 use crate::backend::CacheOps;
 use crate::dtype::Element;
 use crate::error::{Error, Result, Size, shape};
-use crate::layout::{IndexList, Ragged, Scope};
+use crate::layout::{IndexList, Ragged};
 
 /// A fixed set of pages with a free list and a reference count per page
 /// key (see the module docs).
@@ -777,16 +777,7 @@ impl PagedSequences {
     ) -> Result<()> {
         let segs = table.segments();
         let nseg = segs.num_segments();
-        if lists.scope() != Scope::KvHead || lists.num_lists() != nseg {
-            return Err(shape(
-                op,
-                format!(
-                    "expected one KvHead-scoped list per segment ({nseg}), got {} {:?} lists",
-                    lists.num_lists(),
-                    lists.scope()
-                ),
-            ));
-        }
+        crate::paged::check_segment_lists(op, nseg, lists)?;
         let shift = self.page_size.trailing_zeros();
         for s in 0..nseg {
             let (list, len) = (lists.list(s), segs.len_of(s));
