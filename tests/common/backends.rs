@@ -227,3 +227,29 @@ pub fn wgpu_device() -> Option<kvsieve::wgpu::Wgpu> {
         }
     }
 }
+
+/// True when `b` is the CUDA backend running on its CPU SIMT simulator.
+pub fn on_simulator<B: kvsieve::backend::Backend + ?Sized>(b: &B) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        b.name() == "cuda" && cuda().is_ok_and(|c| c.is_simulator())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = b;
+        false
+    }
+}
+
+/// Whether case `key` of one of the heaviest case loops runs on `b`: always,
+/// except on the CUDA simulator (which checks every memory access of every
+/// simulated thread, so a large prefill costs it seconds), where only the
+/// keys divisible by `every` run, unless `KVSIEVE_SIM_FULL=1`. Callers pass
+/// keys that rotate (case index + dtype index), so the simulator still runs
+/// every shape and every dtype, only not every pairing of the two.
+pub fn sim_runs<B: kvsieve::backend::Backend + ?Sized>(b: &B, key: usize, every: usize) -> bool {
+    if !on_simulator(b) || std::env::var("KVSIEVE_SIM_FULL").is_ok_and(|v| v == "1") {
+        return true;
+    }
+    key % every.max(1) == 0
+}

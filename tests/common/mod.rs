@@ -11,6 +11,7 @@ pub mod compare;
 pub mod inputs;
 pub mod tolerance;
 
+pub use backends::{on_simulator, sim_runs};
 pub use compare::*;
 pub use inputs::*;
 pub use tolerance::*;
