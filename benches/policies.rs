@@ -21,7 +21,7 @@
 //!
 //! `cargo bench --bench policies` (add `KVSIEVE_BENCH_RSS=1` for part 3;
 //! `KVSIEVE_BENCH_ONLY=<policy>` and `KVSIEVE_BENCH_STEPS=<n>` narrow part 1
-//! for profiling).
+//! for profiling; `KVSIEVE_BENCH_COUNTERS=1` prints each policy's counters).
 
 mod common;
 
@@ -211,6 +211,9 @@ fn decode_step(cpu: &Cpu, name: &str, plain: &mut Plain) -> (f64, f64) {
             t.push(start.elapsed().as_secs_f64());
             tp.push(plain.time(cpu, false));
         }
+    }
+    if std::env::var("KVSIEVE_BENCH_COUNTERS").is_ok() {
+        eprintln!("counters {name}: {:?}", s.policy().counters());
     }
     let len = s.cache().layer(0).expect("layer").len_of(0);
     assert!(

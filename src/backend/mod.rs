@@ -57,6 +57,14 @@ pub trait Backend: Send + Sync {
     fn zeros<T: Element>(&self, len: usize) -> Result<Self::Buffer<T>>;
     /// Number of elements in a buffer.
     fn buffer_len<T: Element>(&self, buf: &Self::Buffer<T>) -> usize;
+    /// The buffer's elements in place when this backend's memory is the
+    /// host's (the reference and the CPU), so that policies read evidence
+    /// without a copy; `None` (the default) where a read needs
+    /// [`Backend::download`].
+    fn host_view<'a, T: Element>(&self, buf: &'a Self::Buffer<T>) -> Option<&'a [T]> {
+        let _ = buf;
+        None
+    }
     /// Waits for queued work (no-op on host backends).
     fn synchronize(&self) -> Result<()> {
         Ok(())

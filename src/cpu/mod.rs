@@ -171,6 +171,9 @@ impl Backend for Cpu {
     fn zeros<T: Element>(&self, len: usize) -> Result<Vec<T>> {
         alloc::kv_buffer(len)
     }
+    fn host_view<'a, T: Element>(&self, buf: &'a Vec<T>) -> Option<&'a [T]> {
+        Some(buf)
+    }
     fn buffer_len<T: Element>(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }

@@ -35,7 +35,7 @@
 #![forbid(unsafe_code)]
 
 use super::evidence::{
-    Compaction, RowState, check_scores, evict_by_scores, segment_of, split_protected,
+    Compaction, RowState, candidate_arrivals, check_scores, evict_by_scores, segment_of,
 };
 use super::{
     Budget, Capabilities, Heads, KvPolicy, Needs, Phase, Plan, ScoreUpdate, Scorer, StepCtx,
@@ -45,6 +45,7 @@ use crate::cache::KvView;
 use crate::cpu::simd;
 use crate::dtype::Element;
 use crate::error::{Error, Result, config, shape};
+use crate::layout::{IndexList, IndexSet, Scope};
 use crate::ops;
 
 /// GQA rule of [`Caote`].
@@ -135,6 +136,12 @@ impl<B: Backend, T: Element> Scorer<B, T> for Box<dyn Scorer<B, T>> {
     }
     fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
         self.as_mut().score(ctx, heads)
+    }
+    fn lend(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
+        self.as_mut().lend(ctx, heads)
+    }
+    fn restore(&mut self, layer: usize, scores: Vec<Vec<f64>>) {
+        self.as_mut().restore(layer, scores)
     }
     fn retain(&mut self, layer: usize, c: &Compaction) -> Result<()> {
         self.as_mut().retain(layer, c)
@@ -426,6 +433,17 @@ impl<S> Caote<S> {
         c.map(|x| x * x).sum::<f64>().sqrt()
     }
 
+    /// The score of row `j` from the state's distances, its blocks `blocks`
+    /// combined.
+    fn row_score(
+        st: &LayerState,
+        alpha: &Weights<'_>,
+        blocks: std::ops::Range<usize>,
+        j: usize,
+    ) -> f64 {
+        Self::combine(blocks.map(|i| error(alpha.at(i, j), f64::from(st.dist.rows[i][j]))))
+    }
+
     /// One full pass: exact pseudo-outputs and distances for every row
     /// (`value_distances`), CAOTE scores per segment, and a fresh state.
     fn full_pass<B: Ops, T: Element>(
@@ -522,12 +540,8 @@ impl<S> Caote<S> {
                     s
                 };
                 let mut out = vec![f64::INFINITY; segs.len_of(s)];
-                let mut fill = |j: usize| {
-                    out[j] = Self::combine(
-                        (first..first + per)
-                            .map(|i| error(alpha.at(i, j), f64::from(st.dist.rows[i][j]))),
-                    );
-                };
+                let mut fill =
+                    |j: usize| out[j] = Self::row_score(st, alpha, first..first + per, j);
                 match only {
                     Some(rows) => rows[s].iter().for_each(|&j| fill(j as usize)),
                     None => (0..segs.len_of(s)).for_each(&mut fill),
@@ -537,18 +551,38 @@ impl<S> Caote<S> {
             .collect()
     }
 
+    /// One hook: the base scores lent by the scorer (no copy of H2O's sums),
+    /// handed back before the scorer follows the compaction.
     fn step<B: Ops, T: Element>(&mut self, ctx: &StepCtx<'_, B, T>) -> Result<Plan>
     where
         S: Scorer<B, T>,
     {
-        const OP: &str = "Caote";
         self.counts.hooks += 1;
+        let heads = self.heads();
+        let raw = self.scorer.lend(ctx, heads)?;
+        let r = self.step_with(ctx, heads, &raw);
+        self.scorer.restore(ctx.layer, raw);
+        let (plan, comp) = r?;
+        if let Some(c) = comp {
+            self.scorer.retain(ctx.layer, &c)?;
+        }
+        Ok(plan)
+    }
+
+    fn step_with<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        raw: &[Vec<f64>],
+    ) -> Result<(Plan, Option<Compaction>)>
+    where
+        S: Scorer<B, T>,
+    {
+        const OP: &str = "Caote";
         let segs = ctx.kv.segments();
         let g = *ctx.geom();
         let (hq, hkv, d) = (g.num_q_heads(), g.num_kv_heads(), g.head_dim());
-        let heads = self.heads();
-        let raw = self.scorer.score(ctx, heads)?;
-        check_scores(OP, ctx, heads, &raw)?;
+        check_scores(OP, ctx, heads, raw)?;
         let mut budget = self.cfg.budget.clone();
         let (sink, recent) = self.scorer.protects();
         budget.sink = budget.sink.max(sink);
@@ -567,10 +601,7 @@ impl<S> Caote<S> {
         }
         // `check_scores` validated the raw scores (finite, non-negative).
         let sums: Vec<f64> = raw.iter().map(|h| sum8(h)).collect();
-        let alpha = Weights {
-            raw: &raw,
-            sums: &sums,
-        };
+        let alpha = Weights { raw, sums: &sums };
         let rule = self.rule::<B, T>();
         let incremental = ctx.phase == Phase::Decode
             && self.cfg.incremental
@@ -578,10 +609,10 @@ impl<S> Caote<S> {
             && matches!(self.layers.get(ctx.layer), Some(Some(st)) if st.steps < REFRESH_STEPS);
         if !incremental {
             if !over.iter().any(|&o| o) && ctx.phase == Phase::Decode && rule == Rule::Full {
-                return Ok(Plan::KeepAll);
+                return Ok((Plan::KeepAll, None));
             }
             let scores = self.full_pass(ctx, heads, &alpha)?;
-            return self.evict(ctx, heads, &budget, &scores, &raw);
+            return self.evict(ctx, heads, &budget, &scores, raw);
         }
         // Incremental: move the pseudo-outputs, then score only the rows the
         // distance bounds cannot rule out.
@@ -657,7 +688,7 @@ impl<S> Caote<S> {
             st.o[i] = new_o;
         }
         if !over.iter().any(|&o| o) {
-            return Ok(Plan::KeepAll);
+            return Ok((Plan::KeepAll, None));
         }
         // Bounds per candidate row; the rows that could be evicted.
         let mut need: Vec<Vec<u32>> = vec![Vec::new(); segs.num_segments()];
@@ -665,6 +696,11 @@ impl<S> Caote<S> {
         let inv: Vec<f64> = (0..raw.len()).map(|i| alpha.inv_sum(i)).collect();
         let mut total_cand = 0usize;
         let mut total_need = 0usize;
+        let mut cand = Vec::new();
+        // Whether every segment over its budget is in the decode steady
+        // state of `evict_by_scores` (one token over, two candidates or more),
+        // where the worst exactly scored row is its choice.
+        let mut one_each = true;
         for s in 0..segs.num_segments() {
             if !over[s] {
                 continue;
@@ -672,8 +708,17 @@ impl<S> Caote<S> {
             let (b, kv) = (s / hkv, s % hkv);
             let bud = budget.resolve(OP, ctx.layer, ctx.num_layers, kv, hkv, ctx.kv.seen(b))?;
             let arr = ctx.kv.arrivals(s);
-            let (prot, cand) = split_protected(arr, ctx.kv.seen(b), budget.sink, budget.recent);
-            let m = segs.len_of(s) - bud.max(prot.len()).min(segs.len_of(s));
+            let (lo_a, hi_a) = candidate_arrivals(ctx.kv.seen(b), budget.sink, budget.recent);
+            cand.clear();
+            cand.extend(
+                (0u32..)
+                    .zip(arr)
+                    .filter(|&(_, &a)| a >= lo_a && a < hi_a)
+                    .map(|(j, _)| j),
+            );
+            let prot = arr.len() - cand.len();
+            one_each &= segs.len_of(s) == bud + 1 && cand.len() >= 2;
+            let m = segs.len_of(s) - bud.max(prot).min(segs.len_of(s));
             let m = m.min(cand.len());
             if m == 0 {
                 continue;
@@ -706,7 +751,11 @@ impl<S> Caote<S> {
                 // `Weights::at`: bounds only, whose slack is far larger).
                 simd::caote_bounds(isa, b, &mut lo2, &mut hi2);
             }
-            let t = {
+            let t = if m == 1 {
+                cand.iter()
+                    .map(|&j| hi2[j as usize])
+                    .fold(f64::INFINITY, f64::min)
+            } else {
                 sel.clear();
                 sel.extend(cand.iter().map(|&j| hi2[j as usize]));
                 let (_, x, _) = sel.select_nth_unstable_by(m - 1, |a, b| a.total_cmp(b));
@@ -721,7 +770,7 @@ impl<S> Caote<S> {
         }
         if total_need as f64 > FULL_PASS_SHARE * total_cand.max(1) as f64 {
             let scores = self.full_pass(ctx, heads, &alpha)?;
-            return self.evict(ctx, heads, &budget, &scores, &raw);
+            return self.evict(ctx, heads, &budget, &scores, raw);
         }
         // Exact distances of the rows that could be evicted (host, f64).
         let rows: Vec<u32> = (0..segs.num_segments())
@@ -755,12 +804,74 @@ impl<S> Caote<S> {
                 }
             }
         }
+        if one_each
+            && let Some((plan, comp)) = self.worst_needed(ctx, heads, &alpha, &need, &over)?
+        {
+            return self.follow(ctx, heads, plan, comp, raw);
+        }
         let scores = self.scores_from_state(ctx, heads, &alpha, Some(&need));
-        self.evict(ctx, heads, &budget, &scores, &raw)
+        self.evict(ctx, heads, &budget, &scores, raw)
     }
 
-    /// Drops the worst rows by `scores`; the state, the scorer and the
-    /// pseudo-output numerators follow.
+    /// The decode steady state of [`Self::evict`] without a score vector per
+    /// segment: every segment over its budget drops its worst row among
+    /// `need` (lowest score, ties to the later arrival), which is the row
+    /// `evict_by_scores` drops when the scores outside `need` are `+∞`, as
+    /// [`Self::scores_from_state`] makes them. `None` when a segment's worst
+    /// is `+∞` (then `evict_by_scores` breaks the tie among every candidate).
+    fn worst_needed<B: Ops, T: Element>(
+        &self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        alpha: &Weights<'_>,
+        need: &[Vec<u32>],
+        over: &[bool],
+    ) -> Result<Option<(Plan, Compaction)>> {
+        let g = ctx.geom();
+        let (hq, hkv) = (g.num_q_heads(), g.num_kv_heads());
+        let per = if heads == Heads::PerHead {
+            g.group()
+        } else {
+            1
+        };
+        let Some(Some(st)) = self.layers.get(ctx.layer) else {
+            return Ok(None);
+        };
+        let segs = ctx.kv.segments();
+        let mut sets = Vec::with_capacity(need.len());
+        for (s, rows) in need.iter().enumerate() {
+            if !over[s] {
+                sets.push(IndexSet::default());
+                continue;
+            }
+            let (b, kv) = (s / hkv, s % hkv);
+            let first = if heads == Heads::PerHead {
+                b * hq + kv * per
+            } else {
+                s
+            };
+            let arr = ctx.kv.arrivals(s);
+            let mut worst: Option<(f64, u32)> = None;
+            for &j in rows {
+                let x = Self::row_score(st, alpha, first..first + per, j as usize);
+                let worse = worst
+                    .is_none_or(|(y, w)| x < y || (x == y && arr[j as usize] > arr[w as usize]));
+                if worse {
+                    worst = Some((x, j));
+                }
+            }
+            match worst {
+                Some((x, j)) if x < f64::INFINITY => sets.push(IndexSet::from_unsorted(vec![j])),
+                _ => return Ok(None),
+            }
+        }
+        let list = IndexList::from_sets(Scope::KvHead, &sets)?;
+        let comp = Compaction::from_drop(segs, &list);
+        Ok(Some((Plan::Drop(list), comp)))
+    }
+
+    /// Drops the worst rows by `scores`; the state and the pseudo-output
+    /// numerators follow (the scorer follows the returned compaction).
     fn evict<B: Ops, T: Element>(
         &mut self,
         ctx: &StepCtx<'_, B, T>,
@@ -768,15 +879,30 @@ impl<S> Caote<S> {
         budget: &Budget,
         scores: &[Vec<f64>],
         raw: &[Vec<f64>],
-    ) -> Result<Plan>
+    ) -> Result<(Plan, Option<Compaction>)>
     where
         S: Scorer<B, T>,
     {
         const OP: &str = "Caote";
         let (plan, comp) = evict_by_scores(OP, ctx, budget, scores)?;
         let Some(comp) = comp else {
-            return Ok(plan);
+            return Ok((plan, None));
         };
+        self.follow(ctx, heads, plan, comp, raw)
+    }
+
+    /// The state and the pseudo-output numerators follow an eviction.
+    fn follow<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        plan: Plan,
+        comp: Compaction,
+        raw: &[Vec<f64>],
+    ) -> Result<(Plan, Option<Compaction>)>
+    where
+        S: Scorer<B, T>,
+    {
         let g = *ctx.geom();
         let (hq, hkv, d) = (g.num_q_heads(), g.num_kv_heads(), g.head_dim());
         let per = if heads == Heads::PerHead {
@@ -827,8 +953,7 @@ impl<S> Caote<S> {
             st.dist.retain(&comp, hq, hkv);
             st.stamp.retain(&comp, hq, hkv);
         }
-        self.scorer.retain(ctx.layer, &comp)?;
-        Ok(plan)
+        Ok((plan, Some(comp)))
     }
 }
 

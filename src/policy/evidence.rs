@@ -12,16 +12,18 @@ use crate::layout::{IndexList, IndexSet, Ragged, Scope, Segments};
 use crate::ops;
 
 /// Evidence blocks on the host: block `i` (per query head or per KV head,
-/// see [`Heads`]) holds `rows × len` values.
+/// see [`Heads`]) holds `rows × len` values. On backends whose memory is the
+/// host's ([`Backend::host_view`]) the blocks borrow the evidence buffer
+/// itself; elsewhere they own a downloaded copy.
 #[derive(Clone, Debug)]
-pub struct HostBlocks {
-    data: Vec<f32>,
+pub struct HostBlocks<'a> {
+    data: std::borrow::Cow<'a, [f32]>,
     blocks: Ragged,
     heads: Heads,
 }
 
-impl HostBlocks {
-    pub(crate) fn new(data: Vec<f32>, blocks: Ragged, heads: Heads) -> Self {
+impl<'a> HostBlocks<'a> {
+    pub(crate) fn new(data: std::borrow::Cow<'a, [f32]>, blocks: Ragged, heads: Heads) -> Self {
         Self {
             data,
             blocks,
@@ -428,8 +430,7 @@ pub(crate) fn split_protected(
     sink: usize,
     recent: usize,
 ) -> (Vec<u32>, Vec<u32>) {
-    let lo = sink.min(u32::MAX as usize) as u32;
-    let hi = seen.saturating_sub(recent).min(u32::MAX as usize) as u32;
+    let (lo, hi) = candidate_arrivals(seen, sink, recent);
     let mut prot = Vec::new();
     let mut cand = Vec::with_capacity(arrivals.len());
     for (r, &a) in arrivals.iter().enumerate() {
@@ -440,6 +441,14 @@ pub(crate) fn split_protected(
         }
     }
     (prot, cand)
+}
+
+/// The arrivals `lo..hi` of the candidates of [`split_protected`]: every
+/// token is protected outside them.
+pub(crate) fn candidate_arrivals(seen: usize, sink: usize, recent: usize) -> (u32, u32) {
+    let lo = sink.min(u32::MAX as usize) as u32;
+    let hi = seen.saturating_sub(recent).min(u32::MAX as usize) as u32;
+    (lo, hi)
 }
 
 /// Score-based eviction: per segment whose length exceeds its budget, drop
@@ -521,17 +530,32 @@ fn worst_one<X: Score>(
     recent: usize,
     excess: usize,
 ) -> Option<Result<Vec<u32>>> {
-    if excess != 1 {
+    worst_one_by(op, scores, |x| x, arrivals, seen, sink, recent, excess)
+}
+
+/// [`worst_one`] ranking `key(scores[r])` instead of the scores themselves
+/// (MorphKV ranks its running sums clamped at 0 without materialising them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn worst_one_by<X: Score>(
+    op: &'static str,
+    scores: &[X],
+    key: impl Fn(X) -> X,
+    arrivals: &[u32],
+    seen: usize,
+    sink: usize,
+    recent: usize,
+    excess: usize,
+) -> Option<Result<Vec<u32>>> {
+    if excess != 1 || scores.len() < arrivals.len() {
         return None;
     }
-    let lo = sink.min(u32::MAX as usize) as u32;
-    let hi = seen.saturating_sub(recent).min(u32::MAX as usize) as u32;
+    let (lo, hi) = candidate_arrivals(seen, sink, recent);
     let (mut best, mut n) = (None::<u32>, 0usize);
     for (r, &a) in arrivals.iter().enumerate() {
         if a < lo || a >= hi {
             continue;
         }
-        let x = scores[r];
+        let x = key(scores[r]);
         // NaN is the only value unequal to itself (also for f32).
         #[allow(clippy::eq_op)]
         if x != x {
@@ -544,7 +568,7 @@ fn worst_one<X: Score>(
         let worse = match best {
             None => true,
             Some(w) => {
-                let y = scores[w as usize];
+                let y = key(scores[w as usize]);
                 x < y || (x == y && a > arrivals[w as usize])
             }
         };
@@ -619,7 +643,7 @@ pub(crate) fn check_scores<B: Backend, T: Element>(
 }
 
 /// Host rows of a [`HostBlocks`] layout as f64 vectors (one per block).
-pub(crate) fn blocks_f64(h: &HostBlocks) -> Vec<Vec<f64>> {
+pub(crate) fn blocks_f64(h: &HostBlocks<'_>) -> Vec<Vec<f64>> {
     (0..h.num_blocks())
         .map(|i| h.block(i).iter().map(|&x| f64::from(x)).collect())
         .collect()
@@ -653,6 +677,44 @@ mod tests {
         assert_eq!(d, [0, 3, 4]);
         assert_eq!(bottom_k("t", &s, &arr, &[1, 2, 4], 1).unwrap(), [4]);
         assert!(top_k("t", &[f64::NAN, 1.0], &[0, 1], &[0, 1], 1).is_err());
+    }
+
+    /// The one-pass steady state (MorphKV's clamped sums, TOVA's and H2O's
+    /// scores) drops exactly the row the general path drops: random scores
+    /// with ties, negatives and zeros, rows in hole-filled arrival order.
+    #[test]
+    fn worst_one_by_equals_bottom_k_on_the_keyed_scores() {
+        let mut rng = crate::eval::Rng::new(5);
+        for case in 0..400 {
+            let n = 2 + case % 37;
+            let vals = [-1e-17, -0.5, 0.0, 0.25, 0.25, 1.0, 3.0];
+            let scores: Vec<f64> = (0..n)
+                .map(|_| vals[(rng.uniform() * vals.len() as f64) as usize % vals.len()])
+                .collect();
+            // Arrivals: a permutation of 0..n (eviction fills holes from the tail).
+            let mut arr: Vec<u32> = (0..n as u32).collect();
+            for i in (1..n).rev() {
+                arr.swap(i, (rng.uniform() * (i + 1) as f64) as usize % (i + 1));
+            }
+            let (sink, recent) = (case % 3, case % 5);
+            let key = |x: f64| x.max(0.0);
+            let keyed: Vec<f64> = scores.iter().map(|&x| key(x)).collect();
+            let (_, cand) = split_protected(&arr, n, sink, recent);
+            let got = worst_one_by("t", &scores, key, &arr, n, sink, recent, 1);
+            match got {
+                Some(got) => {
+                    assert!(cand.len() >= 2, "case {case}");
+                    let want = bottom_k("t", &keyed, &arr, &cand, 1).unwrap();
+                    assert_eq!(got.unwrap(), want, "case {case}: {scores:?} {arr:?}");
+                }
+                None => assert!(cand.len() < 2, "case {case}"),
+            }
+        }
+        assert!(
+            worst_one_by("t", &[0.0f64, f64::NAN], |x| x, &[0, 1], 2, 0, 0, 1)
+                .unwrap()
+                .is_err()
+        );
     }
 
     #[test]

@@ -99,6 +99,19 @@ impl<B: Ops, T: Element> Scorer<B, T> for H2oScorer {
     fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
         Ok(self.accumulate(ctx, heads)?.rows.clone())
     }
+    /// The sums themselves, without a copy.
+    fn lend(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
+        self.accumulate(ctx, heads)?;
+        let st = self.acc.get_mut(ctx.layer).and_then(Option::as_mut);
+        Ok(st
+            .map(|st| std::mem::take(&mut st.rows))
+            .unwrap_or_default())
+    }
+    fn restore(&mut self, layer: usize, scores: Vec<Vec<f64>>) {
+        if let Some(Some(st)) = self.acc.get_mut(layer) {
+            st.rows = scores;
+        }
+    }
     /// The sums grow by each decode step's weights.
     fn update(&self) -> ScoreUpdate {
         ScoreUpdate::Accumulate

@@ -231,7 +231,7 @@ pub struct StepCtx<'a, B: Backend, T: Element> {
     pub evidence: Evidence<'a, B>,
 }
 
-impl<B: Backend, T: Element> StepCtx<'_, B, T> {
+impl<'a, B: Backend, T: Element> StepCtx<'a, B, T> {
     /// Head geometry.
     pub fn geom(&self) -> &HeadGeometry {
         self.kv.geom()
@@ -244,10 +244,10 @@ impl<B: Backend, T: Element> StepCtx<'_, B, T> {
     fn host(
         &self,
         what: &'static str,
-        buf: Option<&B::Buffer<f32>>,
+        buf: Option<&'a B::Buffer<f32>>,
         heads: Heads,
         rows: &[usize],
-    ) -> Result<HostBlocks> {
+    ) -> Result<HostBlocks<'a>> {
         let buf = buf.ok_or_else(|| {
             crate::error::config(
                 "StepCtx",
@@ -255,7 +255,10 @@ impl<B: Backend, T: Element> StepCtx<'_, B, T> {
             )
         })?;
         let blocks = evidence_blocks(self.geom(), self.kv.segments(), heads, rows)?;
-        let mut data = self.backend.download(buf)?;
+        let data = match self.backend.host_view(buf) {
+            Some(v) => std::borrow::Cow::Borrowed(v),
+            None => std::borrow::Cow::Owned(self.backend.download(buf)?),
+        };
         if data.len() < blocks.total() {
             return Err(shape(
                 "StepCtx",
@@ -266,12 +269,18 @@ impl<B: Backend, T: Element> StepCtx<'_, B, T> {
                 ),
             ));
         }
-        data.truncate(blocks.total());
+        let data = match data {
+            std::borrow::Cow::Borrowed(v) => std::borrow::Cow::Borrowed(&v[..blocks.total()]),
+            std::borrow::Cow::Owned(mut v) => {
+                v.truncate(blocks.total());
+                std::borrow::Cow::Owned(v)
+            }
+        };
         Ok(HostBlocks::new(data, blocks, heads))
     }
 
     /// The decode weights on the host (one row per block).
-    pub fn decode_probs(&self) -> Result<HostBlocks> {
+    pub fn decode_probs(&self) -> Result<HostBlocks<'a>> {
         let heads = self.evidence.probs.map_or(Heads::Sum, |p| p.0);
         let ones = vec![1; self.batch()];
         self.host(
@@ -282,7 +291,7 @@ impl<B: Backend, T: Element> StepCtx<'_, B, T> {
         )
     }
     /// The decode logits on the host (per query head, one row per block).
-    pub fn decode_logits(&self) -> Result<HostBlocks> {
+    pub fn decode_logits(&self) -> Result<HostBlocks<'a>> {
         let ones = vec![1; self.batch()];
         self.host("decode logits", self.evidence.logits, Heads::PerHead, &ones)
     }
@@ -304,7 +313,7 @@ impl<B: Backend, T: Element> StepCtx<'_, B, T> {
         Ok(v)
     }
     /// The prefill column sums on the host (one row per block).
-    pub fn col_sums(&self) -> Result<HostBlocks> {
+    pub fn col_sums(&self) -> Result<HostBlocks<'a>> {
         let heads = self.evidence.col_sums.map_or(Heads::Sum, |p| p.0);
         let ones = vec![1; self.batch()];
         self.host(
@@ -315,7 +324,7 @@ impl<B: Backend, T: Element> StepCtx<'_, B, T> {
         )
     }
     /// The prefill window on the host (blocks of `Window::rows_for` rows).
-    pub fn window(&self) -> Result<(Window, HostBlocks)> {
+    pub fn window(&self) -> Result<(Window, HostBlocks<'a>)> {
         let w = self.evidence.window.map(|p| p.0).unwrap_or(Window {
             queries: 1,
             heads: Heads::Sum,
@@ -386,6 +395,16 @@ pub trait Scorer<B: Backend, T: Element>: Send {
     /// each as long as its segment and indexed by row. Called once per
     /// hook; stateful scorers update their state here.
     fn score(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>>;
+    /// [`Scorer::score`] for a caller that hands the vectors back with
+    /// [`Scorer::restore`] before anything else touches the scorer: a scorer
+    /// whose scores are its own state (H2O's sums) lends that state instead
+    /// of copying it every step. Default: `score`.
+    fn lend(&mut self, ctx: &StepCtx<'_, B, T>, heads: Heads) -> Result<Vec<Vec<f64>>> {
+        self.score(ctx, heads)
+    }
+    /// Takes back the vectors [`Scorer::lend`] gave for `layer` (unchanged).
+    /// Default: drops them.
+    fn restore(&mut self, _layer: usize, _scores: Vec<Vec<f64>>) {}
     /// The cache of `layer` was compacted as `c` says; compact any state.
     fn retain(&mut self, _layer: usize, _c: &Compaction) -> Result<()> {
         Ok(())

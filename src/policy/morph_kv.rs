@@ -35,6 +35,7 @@ use std::collections::VecDeque;
 
 use super::evidence::{
     Compaction, QueryWindow, RowState, bottom_k, keep_list, layer_slot, split_protected,
+    worst_one_by,
 };
 use super::{Capabilities, Heads, KvPolicy, Needs, Plan, StepCtx, Window};
 use crate::backend::Ops;
@@ -149,7 +150,7 @@ impl<B: Ops, T: Element> MorphKv<B, T> {
     }
 
     /// Pushes one query's weights (`block(s)` per segment) into the ring.
-    fn record(&mut self, layer: usize, nseg: usize, block: impl Fn(usize) -> Vec<f32>) {
+    fn record<'a>(&mut self, layer: usize, nseg: usize, block: impl Fn(usize) -> &'a [f32]) {
         let w = self.cfg.window;
         let sum = self.cfg.fusion == Fusion::Sum;
         let st = layer_slot(&mut self.rows, layer);
@@ -164,14 +165,18 @@ impl<B: Ops, T: Element> MorphKv<B, T> {
                 None
             };
             if sum && let Some(acc) = st.sums.as_mut().and_then(|x| x.rows.get_mut(s)) {
-                for (a, &p) in acc.iter_mut().zip(&row) {
+                for (a, &p) in acc.iter_mut().zip(row) {
                     *a += f64::from(p);
                 }
                 for (a, &p) in acc.iter_mut().zip(old.iter().flatten()) {
                     *a -= f64::from(p);
                 }
             }
-            st.ring[s].push_back(row);
+            // The row leaving the window lends its allocation to the new one.
+            let mut r = old.unwrap_or_default();
+            r.clear();
+            r.extend_from_slice(row);
+            st.ring[s].push_back(r);
         }
     }
 
@@ -264,10 +269,39 @@ impl<B: Ops, T: Element> MorphKv<B, T> {
         Ok(out)
     }
 
+    /// The worst old token of segment `s` when exactly one must go, ranked
+    /// by the running sums clamped at 0 as [`Self::ring_scores`] ranks them,
+    /// in one pass without allocating (`None`: the general path applies).
+    fn worst_by_sums(
+        &self,
+        ctx: &StepCtx<'_, B, T>,
+        s: usize,
+        excess: usize,
+    ) -> Option<Result<Vec<u32>>> {
+        if self.cfg.fusion != Fusion::Sum {
+            return None;
+        }
+        let sums = self.rows.get(ctx.layer)?.sums.as_ref()?.rows.get(s)?;
+        let hkv = ctx.geom().num_kv_heads();
+        worst_one_by(
+            "MorphKv",
+            sums,
+            |x| x.max(0.0),
+            ctx.kv.arrivals(s),
+            ctx.kv.seen(s / hkv),
+            0,
+            self.cfg.window,
+            excess,
+        )
+    }
+
     /// Prunes every segment over the capacity; the compaction for the state.
+    /// `one(s, excess)` may answer a segment's drop set directly (the decode
+    /// steady state); otherwise `scores(s, len)` ranks its old tokens.
     fn prune(
         &self,
         ctx: &StepCtx<'_, B, T>,
+        one: &dyn Fn(usize, usize) -> Option<Result<Vec<u32>>>,
         scores: &dyn Fn(usize, usize) -> Vec<f64>,
     ) -> Result<(Plan, Option<Compaction>)> {
         const OP: &str = "MorphKv";
@@ -282,6 +316,10 @@ impl<B: Ops, T: Element> MorphKv<B, T> {
             let len = segs.len_of(s);
             if len <= c {
                 sets.push(Vec::new());
+                continue;
+            }
+            if let Some(drop) = one(s, len - c) {
+                sets.push(drop?);
                 continue;
             }
             let arr = ctx.kv.arrivals(s);
@@ -389,9 +427,12 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for MorphKv<B, T> {
                         }
                     }
                 }
-                self.record(ctx.layer, nseg, |s| probs.block(s).to_vec());
-                let (plan, comp) =
-                    self.prune(ctx, &|s, len| self.ring_scores(ctx.layer, s, len))?;
+                self.record(ctx.layer, nseg, |s| probs.block(s));
+                let (plan, comp) = self.prune(
+                    ctx,
+                    &|s, excess| self.worst_by_sums(ctx, s, excess),
+                    &|s, len| self.ring_scores(ctx.layer, s, len),
+                )?;
                 if let Some(c) = comp {
                     let st = layer_slot(&mut self.rows, ctx.layer);
                     for (s, ring) in st.ring.iter_mut().enumerate() {
@@ -417,7 +458,7 @@ impl<B: Ops, T: Element> KvPolicy<B, T> for MorphKv<B, T> {
                     return Ok(Plan::KeepAll);
                 }
                 let scores = self.rescore(ctx)?;
-                Ok(self.prune(ctx, &|s, _| scores[s].clone())?.0)
+                Ok(self.prune(ctx, &|_, _| None, &|s, _| scores[s].clone())?.0)
             }
         }
     }

@@ -39,6 +39,9 @@ impl Backend for Reference {
     fn zeros<T: Element>(&self, len: usize) -> Result<Vec<T>> {
         crate::error::try_vec("Reference::zeros", "elements", len, T::default())
     }
+    fn host_view<'a, T: Element>(&self, buf: &'a Vec<T>) -> Option<&'a [T]> {
+        Some(buf)
+    }
     fn buffer_len<T: Element>(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }

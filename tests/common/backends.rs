@@ -251,5 +251,5 @@ pub fn sim_runs<B: kvsieve::backend::Backend + ?Sized>(b: &B, key: usize, every:
     if !on_simulator(b) || std::env::var("KVSIEVE_SIM_FULL").is_ok_and(|v| v == "1") {
         return true;
     }
-    key % every.max(1) == 0
+    key.is_multiple_of(every.max(1))
 }
