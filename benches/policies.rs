@@ -10,7 +10,9 @@
 //!    reaches its steady state from a `budget + 512`-token prompt (prefilled
 //!    in chunks of 512) and 32 warm-up steps; medians of 24 timed steps,
 //!    each followed by one timed plain decode (the ratio's denominator, so
-//!    both medians see the same machine). A second line times plain decode
+//!    both medians see the same machine), and the median time of the
+//!    policy's decode hooks within the step (its host work, which more
+//!    attention threads do not shrink). A second line times plain decode
 //!    with and without the group-mean weights alternately (48 pairs).
 //! 2. **prefill**: `prefill_attention_with` at 8K tokens with H2O's column
 //!    sums and with SnapKV's window (32 queries, summed), against the same
@@ -158,22 +160,79 @@ impl Plain {
     }
 }
 
+/// A policy whose decode hooks are timed: the policy's own host work of a
+/// step (the part that does not shrink with more attention threads).
+struct Timed {
+    inner: Box<dyn KvPolicy<Cpu, f16>>,
+    hooks: std::sync::Arc<std::sync::Mutex<f64>>,
+}
+
+impl Timed {
+    fn timed(
+        &mut self,
+        f: impl FnOnce(&mut dyn KvPolicy<Cpu, f16>) -> Result<Plan>,
+    ) -> Result<Plan> {
+        let t = Instant::now();
+        let r = f(self.inner.as_mut());
+        *self.hooks.lock().expect("timer") += t.elapsed().as_secs_f64();
+        r
+    }
+}
+
+impl KvPolicy<Cpu, f16> for Timed {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn needs(&self, layer: usize) -> Needs {
+        self.inner.needs(layer)
+    }
+    fn before_prefill_chunk(&mut self, ctx: &StepCtx<'_, Cpu, f16>) -> Result<Plan> {
+        self.inner.before_prefill_chunk(ctx)
+    }
+    fn on_prefill_chunk(&mut self, ctx: &StepCtx<'_, Cpu, f16>) -> Result<Plan> {
+        self.inner.on_prefill_chunk(ctx)
+    }
+    fn on_prefill_end(&mut self, ctx: &StepCtx<'_, Cpu, f16>) -> Result<Plan> {
+        self.inner.on_prefill_end(ctx)
+    }
+    fn select_for_attention(&mut self, ctx: &StepCtx<'_, Cpu, f16>) -> Result<Plan> {
+        self.timed(|p| p.select_for_attention(ctx))
+    }
+    fn on_decode_step(&mut self, ctx: &StepCtx<'_, Cpu, f16>) -> Result<Plan> {
+        self.timed(|p| p.on_decode_step(ctx))
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.inner.counters()
+    }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+}
+
 fn median(mut t: Vec<f64>) -> f64 {
     t.sort_by(f64::total_cmp);
     t[t.len() / 2]
 }
 
-/// Medians (seconds) of one decode step of `name` at its steady state and
-/// of the plain decode timed right after each step (alternating, so both
-/// see the same machine).
-fn decode_step(cpu: &Cpu, name: &str, plain: &mut Plain) -> (f64, f64) {
+/// Medians (seconds) of one decode step of `name` at its steady state, of
+/// the plain decode timed right after each step (alternating, so both see
+/// the same machine), and of the policy's decode hooks within the step.
+fn decode_step(cpu: &Cpu, name: &str, plain: &mut Plain) -> (f64, f64, f64) {
     let g = geom();
     let mut rng = Rng::new(7);
     let cfg = SessionConfig {
         prefill_chunk: Some(512),
         ..SessionConfig::default()
     };
-    let mut s = Session::new(cpu.clone(), g, 1, 1, policy(name), cfg).expect("session");
+    let hooks = std::sync::Arc::new(std::sync::Mutex::new(0.0));
+    let timed = Timed {
+        inner: policy(name),
+        hooks: hooks.clone(),
+    };
+    let mut s = Session::new(cpu.clone(), g, 1, 1, Box::new(timed), cfg).expect("session");
     let n = BUDGET + 512;
     let (q, k, v) = (
         rand_f16(&mut rng, n * HQ * D),
@@ -202,13 +261,15 @@ fn decode_step(cpu: &Cpu, name: &str, plain: &mut Plain) -> (f64, f64) {
             ]
         })
         .collect();
-    let (mut t, mut tp) = (Vec::new(), Vec::new());
+    let (mut t, mut tp, mut th) = (Vec::new(), Vec::new(), Vec::new());
     for (i, [q, k, v]) in steps.iter().enumerate() {
+        *hooks.lock().expect("timer") = 0.0;
         let start = Instant::now();
         s.decode_layer(0, &LayerInput { q, k, v }).expect("decode");
         s.end_decode_step();
         if i >= 32 {
             t.push(start.elapsed().as_secs_f64());
+            th.push(*hooks.lock().expect("timer"));
             tp.push(plain.time(cpu, false));
         }
     }
@@ -220,7 +281,7 @@ fn decode_step(cpu: &Cpu, name: &str, plain: &mut Plain) -> (f64, f64) {
         name == "full" || name == "snapkv" || name == "ems" || len == BUDGET,
         "{name} holds {len} tokens, not its budget"
     );
-    (median(t), median(tp))
+    (median(t), median(tp), median(th))
 }
 
 /// Medians (seconds) of plain decode with and without the group-mean
@@ -372,12 +433,13 @@ fn main() {
             with_probs / base
         );
         for &name in &policies {
-            let (t, tp) = decode_step(&cpu, name, &mut plain);
+            let (t, tp, th) = decode_step(&cpu, name, &mut plain);
             println!(
-                "kvsieve-policies | decode {threads} thr | {name:<10} step at budget {BUDGET} | {:>8.3} ms | plain between steps {:>8.3} ms | {:>5.2}x plain",
+                "kvsieve-policies | decode {threads} thr | {name:<10} step at budget {BUDGET} | {:>8.3} ms | plain between steps {:>8.3} ms | {:>5.2}x plain | policy hooks {:>6.3} ms",
                 t * 1e3,
                 tp * 1e3,
-                t / tp
+                t / tp,
+                th * 1e3
             );
         }
         if only.is_some() {
