@@ -498,7 +498,8 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element, X: Score, S: AsRef<[X]>>(
         any = true;
         let arr = ctx.kv.arrivals(s);
         let seen = ctx.kv.seen(b);
-        let drop = match worst_one(op, sc, arr, seen, budget.sink, budget.recent, len - bud) {
+        let (sink, recent) = (budget.sink, budget.recent);
+        let drop = match worst_one_by(op, sc, |x| x, arr, seen, sink, recent, len - bud) {
             Some(one) => one?,
             None => {
                 let (prot, cand) = split_protected(arr, seen, budget.sink, budget.recent);
@@ -521,20 +522,8 @@ pub(crate) fn evict_by_scores<B: Backend, T: Element, X: Score, S: AsRef<[X]>>(
 /// allocating: when one token must go and the protected windows leave
 /// at least two candidates, the worst candidate (lowest score, ties to the
 /// later arrival). `None` when the general path applies.
-fn worst_one<X: Score>(
-    op: &'static str,
-    scores: &[X],
-    arrivals: &[u32],
-    seen: usize,
-    sink: usize,
-    recent: usize,
-    excess: usize,
-) -> Option<Result<Vec<u32>>> {
-    worst_one_by(op, scores, |x| x, arrivals, seen, sink, recent, excess)
-}
-
-/// [`worst_one`] ranking `key(scores[r])` instead of the scores themselves
-/// (MorphKV ranks its running sums clamped at 0 without materialising them).
+/// Ranks `key(scores[r])` (the identity for [`evict_by_scores`]; MorphKV
+/// ranks its running sums clamped at 0 without materialising them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn worst_one_by<X: Score>(
     op: &'static str,
