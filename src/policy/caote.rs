@@ -35,7 +35,7 @@
 #![forbid(unsafe_code)]
 
 use super::evidence::{
-    Compaction, RowState, candidate_arrivals, check_scores, evict_by_scores, segment_of,
+    Compaction, RowState, candidate_arrivals, checked_sums, evict_by_scores, segment_of,
 };
 use super::{
     Budget, Capabilities, Heads, KvPolicy, Needs, Phase, Plan, ScoreUpdate, Scorer, StepCtx,
@@ -177,7 +177,7 @@ pub(crate) fn to_simplex(op: &'static str, h: &[f64]) -> Result<Vec<f64>> {
             what: format!("base score {x} (scores must be finite and non-negative)"),
         });
     }
-    let s = sum8(h);
+    let s = simd::sum8_f64(h);
     if s > 0.0 {
         Ok(h.iter().map(|x| x / s).collect())
     } else {
@@ -208,22 +208,6 @@ impl Weights<'_> {
         let s = self.sums[i];
         if s > 0.0 { 1.0 / s } else { 0.0 }
     }
-}
-
-/// `Σ x` over eight interleaved lanes (fixed order, so deterministic; one
-/// running sum would serialise on the add latency).
-pub(crate) fn sum8(x: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut c = x.chunks_exact(8);
-    for ch in &mut c {
-        for l in 0..8 {
-            acc[l] += ch[l];
-        }
-    }
-    for (l, &v) in c.remainder().iter().enumerate() {
-        acc[l] += v;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
 /// CAOTE scores per block of `heads` (per (sequence, query head) for
@@ -582,7 +566,8 @@ impl<S> Caote<S> {
         let segs = ctx.kv.segments();
         let g = *ctx.geom();
         let (hq, hkv, d) = (g.num_q_heads(), g.num_kv_heads(), g.head_dim());
-        check_scores(OP, ctx, heads, raw)?;
+        // Validated (finite, non-negative) and summed in one pass.
+        let sums = checked_sums(OP, ctx, heads, raw)?;
         let mut budget = self.cfg.budget.clone();
         let (sink, recent) = self.scorer.protects();
         budget.sink = budget.sink.max(sink);
@@ -599,8 +584,6 @@ impl<S> Caote<S> {
             )?;
             *o = segs.len_of(s) > bud;
         }
-        // `check_scores` validated the raw scores (finite, non-negative).
-        let sums: Vec<f64> = raw.iter().map(|h| sum8(h)).collect();
         let alpha = Weights { raw, sums: &sums };
         let rule = self.rule::<B, T>();
         let incremental = ctx.phase == Phase::Decode
@@ -1017,7 +1000,7 @@ mod tests {
             vec![0.0, 0.0],
             (0..37).map(f64::from).collect(),
         ];
-        let sums: Vec<f64> = raw.iter().map(|h| sum8(h)).collect();
+        let sums: Vec<f64> = raw.iter().map(|h| simd::sum8_f64(h)).collect();
         let w = Weights {
             raw: &raw,
             sums: &sums,
@@ -1028,7 +1011,7 @@ mod tests {
                 assert_eq!(w.at(i, j), a);
             }
         }
-        assert_eq!(sum8(&raw[2]), (0..37).map(f64::from).sum::<f64>());
+        assert_eq!(simd::sum8_f64(&raw[2]), (0..37).map(f64::from).sum::<f64>());
     }
 
     #[test]

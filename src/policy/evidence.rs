@@ -6,6 +6,7 @@
 use super::{Budget, GqaReduce, Heads, Plan, StepCtx};
 use crate::backend::{Backend, Ops};
 use crate::cache::{KvView, compaction_moves, drop_moves};
+use crate::cpu::simd;
 use crate::dtype::Element;
 use crate::error::{Error, Result, Size, shape};
 use crate::layout::{IndexList, IndexSet, Ragged, Scope, Segments};
@@ -584,14 +585,16 @@ pub(crate) fn layer_slot<S: Default>(v: &mut Vec<S>, layer: usize) -> &mut S {
     &mut v[layer]
 }
 
-/// Checks a scorer's output: one vector per block of `heads`, each as long
-/// as its segment, every score finite and non-negative.
-pub(crate) fn check_scores<B: Backend, T: Element>(
+/// Checks a scorer's output (one vector per block of `heads`, each as long
+/// as its segment, every score finite and non-negative, every sum finite)
+/// and returns each vector's sum, in the one pass of [`simd::sum_checked_f64`] (bitwise
+/// [`simd::sum8_f64`]).
+pub(crate) fn checked_sums<B: Backend, T: Element>(
     op: &'static str,
     ctx: &StepCtx<'_, B, T>,
     heads: Heads,
     scores: &[Vec<f64>],
-) -> Result<()> {
+) -> Result<Vec<f64>> {
     let g = ctx.geom();
     let segs = ctx.kv.segments();
     let want = ctx.batch() * heads.blocks_per_seq(g);
@@ -604,6 +607,8 @@ pub(crate) fn check_scores<B: Backend, T: Element>(
             ),
         ));
     }
+    let isa = crate::cpu::isa::detected();
+    let mut sums = Vec::with_capacity(scores.len());
     for (i, v) in scores.iter().enumerate() {
         let len = segs.len_of(segment_of(i, heads, g.num_q_heads(), g.num_kv_heads()));
         if v.len() != len {
@@ -612,23 +617,21 @@ pub(crate) fn check_scores<B: Backend, T: Element>(
                 format!("scorer vector {i} has {} scores for {len} tokens", v.len()),
             ));
         }
-        // A branch-free count of the scores outside [0, ∞) first (the CPU's
-        // vectorised pass); the search for the message only on failure.
-        let ok = crate::cpu::simd::count_outside_f64(crate::cpu::isa::detected(), v) == 0;
-        if let Some(x) = v
-            .iter()
-            .take(if ok { 0 } else { v.len() })
-            .find(|x| !x.is_finite() || **x < 0.0)
-        {
-            return Err(Error::NonFinite {
-                op,
-                what: format!(
-                    "scorer vector {i} holds {x} (scores must be finite and non-negative)"
-                ),
-            });
+        // A vectorised sum and check (the CPU's pass); the search for the
+        // message only on failure.
+        let (sum, ok) = simd::sum_checked_f64(isa, v);
+        if !ok {
+            let what = match v.iter().find(|x| !x.is_finite() || **x < 0.0) {
+                Some(x) => {
+                    format!("scorer vector {i} holds {x} (scores must be finite and non-negative)")
+                }
+                None => format!("scorer vector {i} sums to {sum}"),
+            };
+            return Err(Error::NonFinite { op, what });
         }
+        sums.push(sum);
     }
-    Ok(())
+    Ok(sums)
 }
 
 /// Host rows of a [`HostBlocks`] layout as f64 vectors (one per block).

@@ -323,8 +323,8 @@ macro_rules! isa_entries {
             body::all_finite(s, x)
         }
         $(#[target_feature(enable = $feat)])?
-        pub(crate) fn count_outside_f64(_s: $tok, x: &[f64]) -> usize {
-            body::count_outside_f64(x)
+        pub(crate) fn sum_checked_f64(_s: $tok, x: &[f64]) -> (f64, bool) {
+            body::sum_checked_f64(x)
         }
         $(#[target_feature(enable = $feat)])?
         pub(crate) fn caote_bounds(
@@ -731,10 +731,20 @@ pub fn all_finite(isa: Isa, x: &[f32]) -> bool {
     dispatch!(isa, all_finite(x))
 }
 
-/// Number of `x[i]` outside `[0, ∞)` (NaN counts; `+∞` counts): the
-/// check that policy scores are finite and non-negative.
-pub fn count_outside_f64(isa: Isa, x: &[f64]) -> usize {
-    dispatch!(isa, count_outside_f64(x))
+/// `(Σ x, ok)` in one pass: the sum of policy scores and the check that
+/// they are finite and non-negative. `ok` is false when some `x[i]` is NaN,
+/// `±∞` or negative, and when the sum overflows to `∞`. The sum runs over eight interleaved lanes, `acc[l] +=
+/// x[8k + l]` with the tail into `acc[0..r]`, joined as
+/// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`: a fixed order, so the
+/// result is bitwise the same on every ISA (and equal to [`sum8_f64`]).
+pub fn sum_checked_f64(isa: Isa, x: &[f64]) -> (f64, bool) {
+    dispatch!(isa, sum_checked_f64(x))
+}
+
+/// `Σ x` in the order of [`sum_checked_f64`], without the check (portable
+/// code, for callers off the hot path).
+pub fn sum8_f64(x: &[f64]) -> f64 {
+    body::sum_checked_f64(x).0
 }
 
 /// One query head's rows for [`caote_bounds`]: per row `j` the last exact
@@ -1400,15 +1410,29 @@ mod body {
         total
     }
 
-    /// See [`super::count_outside_f64`] (NaN fails both comparisons).
-    /// Two comparisons joined by a non-short-circuit `&`, not
-    /// `RangeInclusive::contains` (`&&`): that form vectorises.
+    /// See [`super::sum_checked_f64`]. No comparison tests the class of a
+    /// value (LLVM turns `x >= 0 & x < ∞` into integer class tests that do
+    /// not vectorise): a lane-wise sum and minimum, then NaN and `±∞` show in
+    /// the sum and negatives in the minimum.
     #[inline(always)]
-    #[allow(clippy::manual_range_contains)]
-    pub(crate) fn count_outside_f64(x: &[f64]) -> usize {
-        x.iter()
-            .map(|&x| usize::from(!((x >= 0.0) & (x < f64::INFINITY))))
-            .sum()
+    #[allow(clippy::needless_range_loop)]
+    pub(crate) fn sum_checked_f64(x: &[f64]) -> (f64, bool) {
+        let mut acc = [0.0f64; 8];
+        let mut min = [f64::INFINITY; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                acc[l] += c[l];
+                min[l] = if c[l] < min[l] { c[l] } else { min[l] };
+            }
+        }
+        for (l, &v) in chunks.remainder().iter().enumerate() {
+            acc[l] += v;
+            min[l] = if v < min[l] { v } else { min[l] };
+        }
+        let sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        let low = min.iter().fold(f64::INFINITY, |a, &b| a.min(b));
+        (sum, sum.is_finite() && low >= 0.0)
     }
 
     /// See [`super::caote_bounds`]: written without branches (selects

@@ -687,11 +687,29 @@ fn shift_select_matches_scalar() {
 }
 
 #[test]
-fn count_outside_f64_counts_negative_and_non_finite_scores() {
+fn sum_checked_f64_sums_in_lane_order_and_counts_bad_scores() {
     for isa in available() {
         for &n in LENS {
-            let x: Vec<f64> = (0..n).map(|i| i as f64 * 0.5).collect();
-            assert_eq!(count_outside_f64(isa, &x), 0, "{isa} n={n}");
+            // Values whose sum depends on the order (1e16 absorbs small terms).
+            let x: Vec<f64> = (0..n)
+                .map(|i| {
+                    if i % 5 == 3 {
+                        1e16
+                    } else {
+                        i as f64 * 0.37 + 1.0
+                    }
+                })
+                .collect();
+            let mut acc = [0.0f64; 8];
+            for (i, &v) in x.iter().enumerate() {
+                acc[i % 8] += v;
+            }
+            let want =
+                ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            let (sum, ok) = sum_checked_f64(isa, &x);
+            assert_eq!(sum.to_bits(), want.to_bits(), "{isa} n={n}");
+            assert_eq!(sum8_f64(&x).to_bits(), want.to_bits(), "n={n}");
+            assert!(ok, "{isa} n={n}");
             for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1e-300] {
                 for at in [0, n / 2, n.saturating_sub(1)] {
                     if n == 0 {
@@ -699,10 +717,13 @@ fn count_outside_f64_counts_negative_and_non_finite_scores() {
                     }
                     let mut y = x.clone();
                     y[at] = bad;
-                    assert_eq!(count_outside_f64(isa, &y), 1, "{isa} n={n} {bad} at {at}");
+                    assert!(!sum_checked_f64(isa, &y).1, "{isa} n={n} {bad} at {at}");
                 }
             }
         }
+        // Finite scores whose sum overflows fail; -0 is a non-negative score.
+        assert!(!sum_checked_f64(isa, &[f64::MAX, f64::MAX]).1, "{isa}");
+        assert_eq!(sum_checked_f64(isa, &[-0.0, 2.0]), (2.0, true), "{isa}");
     }
 }
 
