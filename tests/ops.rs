@@ -253,21 +253,24 @@ fn cache_ops_case<B: Ops, T: Element>(b: &B) {
     let width = 65;
     let segs = case_segments(129);
     let src: Vec<T> = normal_vec(&mut rng, segs.rows_needed() * width, 1.0);
-    // gather
-    let idx: Vec<u32> = (0..300)
-        .map(|_| rng.below(segs.rows_needed()) as u32)
-        .collect();
-    let mut expect = vec![T::default(); idx.len() * width];
-    ops::gather_rows(&Reference, width, &idx, &src, &mut expect).unwrap();
-    let mut got = b.zeros::<T>(idx.len() * width).unwrap();
-    ops::gather_rows(b, width, &idx, &up(b, &src), &mut got).unwrap();
-    assert_eq!(
-        down(b, &got),
-        expect,
-        "{}: gather_rows {}",
-        b.name(),
-        T::DTYPE
-    );
+    // gather: a few rows and more than 256 KiB (the CPU backend copies the
+    // first serially, the second in parallel)
+    for count in [300, 2500] {
+        let idx: Vec<u32> = (0..count)
+            .map(|_| rng.below(segs.rows_needed()) as u32)
+            .collect();
+        let mut expect = vec![T::default(); idx.len() * width];
+        ops::gather_rows(&Reference, width, &idx, &src, &mut expect).unwrap();
+        let mut got = b.zeros::<T>(idx.len() * width).unwrap();
+        ops::gather_rows(b, width, &idx, &up(b, &src), &mut got).unwrap();
+        assert_eq!(
+            down(b, &got),
+            expect,
+            "{}: gather_rows {} of {count} rows",
+            b.name(),
+            T::DTYPE
+        );
+    }
     // compact
     let sets: Vec<IndexSet> = (0..segs.num_segments())
         .map(|s| {

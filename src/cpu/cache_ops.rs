@@ -1,6 +1,7 @@
 //! Cache ops: gather, in-place compaction, weighted merge.
 //!
-//! * `gather_rows`: destination rows in parallel, each a plain copy.
+//! * `gather_rows`: destination rows in parallel (serially below 256 KiB),
+//!   each a plain copy.
 //! * `scatter_rows`: source rows copied in place (unique destinations).
 //! * `compact_rows`: the row moves of the compaction (sources and
 //!   destinations disjoint), one copy each — O(moved rows), not O(cache).
@@ -17,6 +18,9 @@ use crate::backend::{CacheOps, CompactMeta, GatherMeta, MergeMeta, ScatterMeta};
 use crate::dtype::Element;
 use crate::error::Result;
 
+/// Bytes below which [`CacheOps::gather_rows`] copies on the calling thread.
+const SERIAL_GATHER: usize = 256 << 10;
+
 impl CacheOps for Cpu {
     fn gather_rows<T: Element>(
         &self,
@@ -25,11 +29,20 @@ impl CacheOps for Cpu {
         dst: &mut Vec<T>,
     ) -> Result<()> {
         let w = meta.width;
-        self.install(|| {
-            dst.par_chunks_mut(w)
-                .zip(meta.indices.par_iter())
-                .for_each(|(d, &s)| d.copy_from_slice(&src[s as usize * w..(s as usize + 1) * w]))
-        });
+        let copy = |(d, &s): (&mut [T], &u32)| {
+            d.copy_from_slice(&src[s as usize * w..(s as usize + 1) * w])
+        };
+        // A small gather (a policy's few rows) costs less than waking the
+        // pool: below `SERIAL_GATHER` bytes it runs on the calling thread.
+        if std::mem::size_of_val(dst.as_slice()) < SERIAL_GATHER {
+            dst.chunks_mut(w).zip(&meta.indices).for_each(copy);
+        } else {
+            self.install(|| {
+                dst.par_chunks_mut(w)
+                    .zip(meta.indices.par_iter())
+                    .for_each(copy)
+            });
+        }
         Ok(())
     }
 
