@@ -679,7 +679,6 @@ impl<S> Caote<S> {
         let inv: Vec<f64> = (0..raw.len()).map(|i| alpha.inv_sum(i)).collect();
         let mut total_cand = 0usize;
         let mut total_need = 0usize;
-        let mut cand = Vec::new();
         // Whether every segment over its budget is in the decode steady
         // state of `evict_by_scores` (one token over, two candidates or more),
         // where the worst exactly scored row is its choice.
@@ -692,35 +691,29 @@ impl<S> Caote<S> {
             let bud = budget.resolve(OP, ctx.layer, ctx.num_layers, kv, hkv, ctx.kv.seen(b))?;
             let arr = ctx.kv.arrivals(s);
             let (lo_a, hi_a) = candidate_arrivals(ctx.kv.seen(b), budget.sink, budget.recent);
-            cand.clear();
-            cand.extend(
-                (0u32..)
-                    .zip(arr)
-                    .filter(|&(_, &a)| a >= lo_a && a < hi_a)
-                    .map(|(j, _)| j),
-            );
-            let prot = arr.len() - cand.len();
-            one_each &= segs.len_of(s) == bud + 1 && cand.len() >= 2;
+            // Upper and lower bounds of every row's score, squared (the group
+            // combination is a root sum of squares; squares order the same),
+            // head by head over contiguous rows so the loop is branch-free.
+            // Rows outside the candidates start at NaN / +∞, which no bound
+            // makes eligible or minimal.
+            let len = segs.len_of(s);
+            lo2.resize(len, 0.0);
+            hi2.resize(len, 0.0);
+            let isa = crate::cpu::isa::detected();
+            let n_cand = simd::caote_mask(isa, arr, lo_a, hi_a, &mut lo2[..len], &mut hi2[..len]);
+            let prot = arr.len() - n_cand;
+            one_each &= segs.len_of(s) == bud + 1 && n_cand >= 2;
             let m = segs.len_of(s) - bud.max(prot).min(segs.len_of(s));
-            let m = m.min(cand.len());
+            let m = m.min(n_cand);
             if m == 0 {
                 continue;
             }
-            total_cand += cand.len();
+            total_cand += n_cand;
             let first = if heads == Heads::PerHead {
                 b * hq + kv * per
             } else {
                 s
             };
-            // Upper and lower bounds of every row's score, squared (the group
-            // combination is a root sum of squares; squares order the same),
-            // head by head over contiguous rows so the loop is branch-free.
-            let len = segs.len_of(s);
-            lo2.clear();
-            lo2.resize(len, 0.0);
-            hi2.clear();
-            hi2.resize(len, 0.0);
-            let isa = crate::cpu::isa::detected();
             for i in first..first + per {
                 let b = simd::CaoteBounds {
                     dist: &st.dist.rows[i][..len],
@@ -732,22 +725,29 @@ impl<S> Caote<S> {
                 };
                 // error(α, d) = r·d with r = α/(1 − α) (α within an ulp of
                 // `Weights::at`: bounds only, whose slack is far larger).
-                simd::caote_bounds(isa, b, &mut lo2, &mut hi2);
+                simd::caote_bounds(isa, b, &mut lo2[..len], &mut hi2[..len]);
             }
+            // The m-th smallest upper bound among the candidates: a row whose
+            // lower bound exceeds it cannot be among the m evicted.
             let t = if m == 1 {
-                cand.iter()
-                    .map(|&j| hi2[j as usize])
-                    .fold(f64::INFINITY, f64::min)
+                simd::min_f64(isa, &hi2[..len])
             } else {
                 sel.clear();
-                sel.extend(cand.iter().map(|&j| hi2[j as usize]));
+                sel.extend(
+                    lo2[..len]
+                        .iter()
+                        .zip(&hi2[..len])
+                        .filter(|(l, _)| !l.is_nan())
+                        .map(|(_, &h)| h),
+                );
                 let (_, x, _) = sel.select_nth_unstable_by(m - 1, |a, b| a.total_cmp(b));
                 *x
             };
-            need[s] = cand
-                .iter()
-                .copied()
-                .filter(|&j| lo2[j as usize] <= t)
+            // NaN (not a candidate) fails `≤`; rows in increasing order.
+            need[s] = (0u32..)
+                .zip(&lo2[..len])
+                .filter(|&(_, &l)| l <= t)
+                .map(|(j, _)| j)
                 .collect();
             total_need += need[s].len();
         }

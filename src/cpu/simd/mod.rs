@@ -327,6 +327,21 @@ macro_rules! isa_entries {
             body::sum_checked_f64(x)
         }
         $(#[target_feature(enable = $feat)])?
+        pub(crate) fn caote_mask(
+            _s: $tok,
+            arr: &[u32],
+            lo_a: u32,
+            hi_a: u32,
+            lo2: &mut [f64],
+            hi2: &mut [f64],
+        ) -> usize {
+            body::caote_mask(arr, lo_a, hi_a, lo2, hi2)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn min_f64(_s: $tok, x: &[f64]) -> f64 {
+            body::min_f64(x)
+        }
+        $(#[target_feature(enable = $feat)])?
         pub(crate) fn caote_bounds(
             _s: $tok,
             b: $crate::cpu::simd::CaoteBounds<'_>,
@@ -745,6 +760,28 @@ pub fn sum_checked_f64(isa: Isa, x: &[f64]) -> (f64, bool) {
 /// code, for callers off the hot path).
 pub fn sum8_f64(x: &[f64]) -> f64 {
     body::sum_checked_f64(x).0
+}
+
+/// Starts [`caote_bounds`]' sums for one segment: row `j` is a candidate
+/// when `lo_a ≤ arr[j] < hi_a`; a candidate's `lo2[j]`, `hi2[j]` are set to
+/// 0, another row's to NaN and `+∞` (so no bound added later makes it
+/// eligible, and it never lowers a minimum of `hi2`). Returns the number of
+/// candidates. Rows: the shortest of the slices.
+pub fn caote_mask(
+    isa: Isa,
+    arr: &[u32],
+    lo_a: u32,
+    hi_a: u32,
+    lo2: &mut [f64],
+    hi2: &mut [f64],
+) -> usize {
+    dispatch!(isa, caote_mask(arr, lo_a, hi_a, lo2, hi2))
+}
+
+/// The smallest non-NaN `x[i]` (`+∞` when there is none); exact, so the
+/// same on every ISA.
+pub fn min_f64(isa: Isa, x: &[f64]) -> f64 {
+    dispatch!(isa, min_f64(x))
 }
 
 /// One query head's rows for [`caote_bounds`]: per row `j` the last exact
@@ -1433,6 +1470,44 @@ mod body {
         let sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         let low = min.iter().fold(f64::INFINITY, |a, &b| a.min(b));
         (sum, sum.is_finite() && low >= 0.0)
+    }
+
+    /// See [`super::caote_mask`]: selects only, so that it vectorises.
+    #[inline(always)]
+    pub(crate) fn caote_mask(
+        arr: &[u32],
+        lo_a: u32,
+        hi_a: u32,
+        lo2: &mut [f64],
+        hi2: &mut [f64],
+    ) -> usize {
+        let mut n = 0usize;
+        for ((l2, h2), &a) in lo2.iter_mut().zip(hi2.iter_mut()).zip(arr) {
+            let c = (a >= lo_a) & (a < hi_a);
+            *l2 = if c { 0.0 } else { f64::NAN };
+            *h2 = if c { 0.0 } else { f64::INFINITY };
+            n += usize::from(c);
+        }
+        n
+    }
+
+    /// See [`super::min_f64`]: eight lane-wise minima by selects (NaN never
+    /// wins `v < m`), then joined.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    pub(crate) fn min_f64(x: &[f64]) -> f64 {
+        let mut m = [f64::INFINITY; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                m[l] = if c[l] < m[l] { c[l] } else { m[l] };
+            }
+        }
+        for (l, &v) in chunks.remainder().iter().enumerate() {
+            m[l] = if v < m[l] { v } else { m[l] };
+        }
+        m.iter()
+            .fold(f64::INFINITY, |a, &b| if b < a { b } else { a })
     }
 
     /// See [`super::caote_bounds`]: written without branches (selects

@@ -727,6 +727,53 @@ fn sum_checked_f64_sums_in_lane_order_and_counts_bad_scores() {
     }
 }
 
+#[test]
+fn caote_mask_marks_candidates_and_min_skips_the_rest() {
+    for isa in available() {
+        for &n in LENS {
+            let arr: Vec<u32> = (0..n as u32)
+                .map(|i| (i * 7919) % (n as u32).max(1))
+                .collect();
+            let (lo_a, hi_a) = (3u32, (n as u32).saturating_sub(5));
+            let (mut lo2, mut hi2) = (vec![1.0; n], vec![1.0; n]);
+            let got = caote_mask(isa, &arr, lo_a, hi_a, &mut lo2, &mut hi2);
+            let want = arr.iter().filter(|&&a| a >= lo_a && a < hi_a).count();
+            assert_eq!(got, want, "{isa} n={n}");
+            for (j, &a) in arr.iter().enumerate() {
+                let c = a >= lo_a && a < hi_a;
+                assert_eq!(lo2[j].is_nan(), !c, "{isa} n={n} j={j}");
+                assert_eq!(hi2[j], if c { 0.0 } else { f64::INFINITY }, "{isa} n={n}");
+            }
+            // The minimum over the values, NaN skipped, for any position of
+            // the smallest one.
+            let x: Vec<f64> = (0..n)
+                .map(|i| {
+                    if i % 3 == 1 {
+                        f64::NAN
+                    } else {
+                        10.0 + i as f64
+                    }
+                })
+                .collect();
+            let want = x
+                .iter()
+                .copied()
+                .filter(|v| !v.is_nan())
+                .fold(f64::INFINITY, f64::min);
+            assert_eq!(min_f64(isa, &x), want, "{isa} n={n}");
+            for at in [0, n / 2, n.saturating_sub(1)] {
+                if n == 0 {
+                    continue;
+                }
+                let mut y = x.clone();
+                y[at] = -1.5;
+                assert_eq!(min_f64(isa, &y), -1.5, "{isa} n={n} at {at}");
+            }
+        }
+        assert_eq!(min_f64(isa, &[]), f64::INFINITY, "{isa}");
+    }
+}
+
 /// The bound pass against its formulas written with branches, bitwise, on
 /// every ISA: stale and never-measured rows, weights 0, near 1, uniform.
 #[test]
