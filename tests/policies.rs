@@ -1962,26 +1962,7 @@ fn caote_incremental_equals_full_pass() {
         }),
     ];
     for (name, mk) in make {
-        let kept = |inc: bool| {
-            let mut all = Vec::new();
-            let mut counters = Vec::new();
-            let outs = run(mk(inc), &t, cfg.clone(), |_, s| {
-                counters = s.policy().counters();
-                let mut step = Vec::new();
-                for layer in 0..2 {
-                    for seg in 0..4 {
-                        let mut p = kept_positions(s, layer, seg);
-                        p.sort_unstable();
-                        step.push(p);
-                    }
-                }
-                all.push(step);
-            })
-            .unwrap();
-            (all, outs, counters)
-        };
-        let (full, full_out, _) = kept(false);
-        let (inc, inc_out, counters) = kept(true);
+        let counters = incremental_equals_full_pass(name, mk, &t, &cfg);
         let count = |k: &str| counters.iter().find(|c| c.0 == k).map_or(0, |c| c.1);
         if !name.contains("tova") || name.contains("fast") {
             // The pseudo-output moves slowly: most steps avoid the full pass.
@@ -1990,9 +1971,104 @@ fn caote_incremental_equals_full_pass() {
                 "{name}: {counters:?}"
             );
         }
-        for (step, (a, b)) in inc.iter().zip(&full).enumerate() {
-            assert_eq!(a, b, "{name}: kept tokens differ at decode step {step}");
+        if name.starts_with("h2o") {
+            // Accumulated scores: most steps are decided inside a horizon.
+            assert!(
+                4 * count("horizon_steps") > count("hooks"),
+                "{name}: {counters:?}"
+            );
         }
-        assert!(inc_out == full_out, "{name}: outputs differ");
+    }
+}
+
+/// Runs `mk(true)` (incremental) and `mk(false)` (a full pass every step)
+/// teacher-forced on `t`; asserts identical kept tokens (every layer and
+/// segment, every step) and outputs; returns the incremental counters.
+fn incremental_equals_full_pass(
+    name: &str,
+    mk: fn(bool) -> Box<dyn KvPolicy<Reference, f32>>,
+    t: &Trace,
+    cfg: &SessionConfig,
+) -> Vec<(&'static str, u64)> {
+    let kept = |inc: bool| {
+        let mut all = Vec::new();
+        let mut counters = Vec::new();
+        let outs = run(mk(inc), t, cfg.clone(), |_, s| {
+            counters = s.policy().counters();
+            let mut step = Vec::new();
+            // Two layers, two sequences x two KV heads (both callers' traces).
+            for layer in 0..2 {
+                for seg in 0..4 {
+                    let mut p = kept_positions(s, layer, seg);
+                    p.sort_unstable();
+                    step.push(p);
+                }
+            }
+            all.push(step);
+        })
+        .unwrap();
+        (all, outs, counters)
+    };
+    let (full, full_out, _) = kept(false);
+    let (inc, inc_out, counters) = kept(true);
+    assert_eq!(inc.len(), full.len(), "{name}");
+    for (step, (a, b)) in inc.iter().zip(&full).enumerate() {
+        assert_eq!(a, b, "{name}: kept tokens differ at decode step {step}");
+    }
+    assert!(inc_out == full_out, "{name}: outputs differ");
+    counters
+}
+
+/// CAOTE(H2O)'s horizon (a multi-step bound that watches the 64 lowest
+/// candidates and skips the bound pass while the worst of them stays below
+/// the floor of the rest) decides as the full pass does, on caches with
+/// more than 64 candidates per segment, both GQA rules, 200 steps.
+#[test]
+fn caote_horizon_equals_full_pass() {
+    let g = geom(4, 2, 8);
+    let t = trace(77, g, &[260, 230], 2, 200, None);
+    let cfg = SessionConfig {
+        prefill_chunk: Some(64),
+        ..SessionConfig::default()
+    };
+    type Mk = fn(bool) -> Box<dyn KvPolicy<Reference, f32>>;
+    let make: [(&str, Mk); 2] = [
+        ("h2o", |inc| {
+            Box::new(
+                Caote::new(
+                    CaoteConfig {
+                        budget: Budget::tokens(160).with_sink(2).with_recent(16),
+                        block: 64,
+                        incremental: inc,
+                        ..CaoteConfig::default()
+                    },
+                    H2oScorer::default(),
+                )
+                .unwrap(),
+            )
+        }),
+        ("h2o mean", |inc| {
+            Box::new(
+                Caote::new(
+                    CaoteConfig {
+                        budget: Budget::tokens(160).with_recent(8),
+                        block: 64,
+                        gqa: CaoteGqa::MeanScores,
+                        incremental: inc,
+                        ..CaoteConfig::default()
+                    },
+                    H2oScorer::default(),
+                )
+                .unwrap(),
+            )
+        }),
+    ];
+    for (name, mk) in make {
+        let counters = incremental_equals_full_pass(name, mk, &t, &cfg);
+        let count = |k: &str| counters.iter().find(|c| c.0 == k).map_or(0, |c| c.1);
+        assert!(
+            2 * count("horizon_steps") > count("hooks"),
+            "{name}: {counters:?}"
+        );
     }
 }

@@ -105,6 +105,8 @@ struct CaoteCounts {
     full_passes: u64,
     /// Rows re-scored exactly on the host by incremental steps.
     rescored: u64,
+    /// Decode steps decided inside a horizon, without the bound pass.
+    horizon_steps: u64,
 }
 
 impl<S> Caote<S> {
@@ -336,6 +338,66 @@ const REFRESH_STEPS: usize = 256;
 /// instead of the ones its bounds cannot rule out.
 const FULL_PASS_SHARE: f64 = 0.25;
 
+/// Decode steps a horizon (see [`Horizon`]) covers at most.
+const HORIZON_STEPS: usize = 32;
+
+/// Rows per segment a horizon keeps under watch.
+const HORIZON_ROWS: usize = 64;
+
+/// A multi-step bound for the [`Rule::Accumulate`] steady state (one row
+/// evicted per over-budget segment per step). At a bound step `t0`, per
+/// row, the score's lower bound valid for every later step while
+/// `Σ_j H_ij ≤ smax_i` and `drift_i ≤ drift_cap_i`: raw scores only grow
+/// (so `α_ij ≥ H_ij(t0) / smax_i`, and `α/(1 − α)` grows with `α`) and the
+/// distance falls at most by the drift. Per segment the `HORIZON_ROWS`
+/// candidates with the lowest such bound are watched (`rows`) and `floor2`
+/// is the smallest squared bound of every other candidate of `t0`. A later
+/// step scores the watched rows and the rows that became candidates since
+/// `t0` (arrival ≥ `hi_a0`) as the bound pass would; when the worst of
+/// them scores strictly below `floor2` it is the row the bound pass would
+/// evict, and the pass is skipped.
+#[derive(Clone, Debug)]
+struct Horizon {
+    /// `LayerState::steps` at `t0`.
+    steps0: usize,
+    /// Per block: the largest score sum the bounds allow.
+    smax: Vec<f64>,
+    /// Per block: the largest drift the bounds allow.
+    drift_cap: Vec<f64>,
+    /// Per segment: watched rows, and the floor of the others.
+    segs: Vec<Option<HorizonSeg>>,
+    /// Steps decided inside this horizon.
+    taken: usize,
+}
+
+#[derive(Clone, Debug)]
+struct HorizonSeg {
+    rows: Vec<u32>,
+    floor2: f64,
+    hi_a0: u32,
+}
+
+impl Horizon {
+    /// The watched rows follow a compaction: a moved row takes its new
+    /// index, a dropped one leaves.
+    fn remap(&mut self, c: &Compaction) {
+        for (s, hs) in self.segs.iter_mut().enumerate() {
+            let (Some(hs), Some(moves), Some(&len)) = (hs.as_mut(), c.moves.get(s), c.lens.get(s))
+            else {
+                continue;
+            };
+            hs.rows.retain_mut(|r| {
+                if let Some(&(dst, _)) = moves.iter().find(|m| m.1 == *r) {
+                    *r = dst;
+                    true
+                } else {
+                    *r < len && !moves.iter().any(|m| m.0 == *r)
+                }
+            });
+        }
+    }
+}
+
 /// How CAOTE's pseudo-output follows a decode step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Rule {
@@ -363,6 +425,23 @@ struct LayerState {
     dist: RowState<f32>,
     stamp: RowState<f64>,
     steps: usize,
+    /// The current multi-step bound, if any.
+    horizon: Option<Horizon>,
+    /// Steps to wait before setting up another horizon (one that was left
+    /// without a single step decided backs off).
+    horizon_wait: usize,
+}
+
+/// The blocks of segment `s` (sequence `s / hkv`, KV head `s % hkv`): its
+/// `per` query heads for [`Heads::PerHead`] (`per` = the group size), else
+/// the segment's own block (`per` = 1).
+fn blocks_of(heads: Heads, hq: usize, hkv: usize, per: usize, s: usize) -> std::ops::Range<usize> {
+    let first = if heads == Heads::PerHead {
+        (s / hkv) * hq + (s % hkv) * per
+    } else {
+        s
+    };
+    first..first + per
 }
 
 fn norm2(a: &[f64], b: &[f64]) -> f64 {
@@ -470,6 +549,8 @@ impl<S> Caote<S> {
             dist: RowState::new(heads),
             stamp: RowState::new(heads),
             steps: 0,
+            horizon: None,
+            horizon_wait: 0,
         };
         st.dist.adopt(ctx, 0.0);
         st.stamp.adopt(ctx, 0.0);
@@ -517,15 +598,9 @@ impl<S> Caote<S> {
         let segs = ctx.kv.segments();
         (0..segs.num_segments())
             .map(|s| {
-                let (b, g) = (s / hkv, s % hkv);
-                let first = if heads == Heads::PerHead {
-                    b * hq + g * per
-                } else {
-                    s
-                };
+                let blocks = blocks_of(heads, hq, hkv, per, s);
                 let mut out = vec![f64::INFINITY; segs.len_of(s)];
-                let mut fill =
-                    |j: usize| out[j] = Self::row_score(st, alpha, first..first + per, j);
+                let mut fill = |j: usize| out[j] = Self::row_score(st, alpha, blocks.clone(), j);
                 match only {
                     Some(rows) => rows[s].iter().for_each(|&j| fill(j as usize)),
                     None => (0..segs.len_of(s)).for_each(&mut fill),
@@ -622,6 +697,7 @@ impl<S> Caote<S> {
         } else {
             1
         };
+        let mut step_drift = vec![0.0; st.o.len()];
         #[allow(clippy::needless_range_loop)]
         for i in 0..st.o.len() {
             let s = segment_of(i, heads, hq, hkv);
@@ -667,12 +743,23 @@ impl<S> Caote<S> {
                     st.u[i].iter().map(|u| u / len).collect()
                 }
             };
-            st.drift[i] += norm2(&new_o, &st.o[i]);
+            step_drift[i] = norm2(&new_o, &st.o[i]);
+            st.drift[i] += step_drift[i];
             st.o[i] = new_o;
         }
+        st.horizon_wait = st.horizon_wait.saturating_sub(1);
         if !over.iter().any(|&o| o) {
             return Ok((Plan::KeepAll, None));
         }
+        if rule == Rule::Accumulate
+            && let Some((plan, comp)) = self.horizon_step(ctx, heads, &budget, &alpha, &over)?
+        {
+            self.counts.horizon_steps += 1;
+            return self.follow(ctx, heads, plan, comp, raw);
+        }
+        let st = self.layers[ctx.layer]
+            .as_mut()
+            .ok_or_else(|| config(OP, "missing state"))?;
         // Bounds per candidate row; the rows that could be evicted.
         let mut need: Vec<Vec<u32>> = vec![Vec::new(); segs.num_segments()];
         let (mut lo2, mut hi2, mut sel) = (Vec::new(), Vec::new(), Vec::new());
@@ -709,12 +796,8 @@ impl<S> Caote<S> {
                 continue;
             }
             total_cand += n_cand;
-            let first = if heads == Heads::PerHead {
-                b * hq + kv * per
-            } else {
-                s
-            };
-            for i in first..first + per {
+            let blocks = blocks_of(heads, hq, hkv, per, s);
+            for i in blocks.clone() {
                 let b = simd::CaoteBounds {
                     dist: &st.dist.rows[i][..len],
                     stamp: &st.stamp.rows[i][..len],
@@ -755,7 +838,35 @@ impl<S> Caote<S> {
             let scores = self.full_pass(ctx, heads, &alpha)?;
             return self.evict(ctx, heads, &budget, &scores, raw);
         }
-        // Exact distances of the rows that could be evicted (host, f64).
+        self.rescore(ctx, heads, &need)?;
+        if one_each
+            && let Some((plan, comp)) = self.worst_needed(ctx, heads, &alpha, &need, &over, None)?
+        {
+            if rule == Rule::Accumulate {
+                self.set_horizon(ctx, heads, &budget, &alpha, &over, &step_drift)?;
+            }
+            return self.follow(ctx, heads, plan, comp, raw);
+        }
+        let scores = self.scores_from_state(ctx, heads, &alpha, Some(&need));
+        self.evict(ctx, heads, &budget, &scores, raw)
+    }
+
+    /// Exact distances (host, f64, stored as f32 with the current drift as
+    /// stamp) of the rows `need[s]` of every segment.
+    fn rescore<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        need: &[Vec<u32>],
+    ) -> Result<()> {
+        let g = *ctx.geom();
+        let (hq, hkv, d) = (g.num_q_heads(), g.num_kv_heads(), g.head_dim());
+        let per = if heads == Heads::PerHead {
+            g.group()
+        } else {
+            1
+        };
+        let segs = ctx.kv.segments();
         let rows: Vec<u32> = (0..segs.num_segments())
             .flat_map(|s| need[s].iter().map(move |&j| (segs.offset(s) as u32) + j))
             .collect();
@@ -763,19 +874,14 @@ impl<S> Caote<S> {
         self.counts.rescored += rows.len() as u64;
         let st = self.layers[ctx.layer]
             .as_mut()
-            .ok_or_else(|| config(OP, "missing state"))?;
+            .ok_or_else(|| config("Caote", "missing state"))?;
         let mut at = 0usize;
         for (s, rows_s) in need.iter().enumerate() {
-            let (b, kv) = (s / hkv, s % hkv);
-            let first = if heads == Heads::PerHead {
-                b * hq + kv * per
-            } else {
-                s
-            };
+            let blocks = blocks_of(heads, hq, hkv, per, s);
             for &j in rows_s {
                 let v = &vh[at * d..(at + 1) * d];
                 at += 1;
-                for i in first..first + per {
+                for i in blocks.clone() {
                     let dj = st.o[i]
                         .iter()
                         .zip(v)
@@ -787,13 +893,225 @@ impl<S> Caote<S> {
                 }
             }
         }
-        if one_each
-            && let Some((plan, comp)) = self.worst_needed(ctx, heads, &alpha, &need, &over)?
-        {
-            return self.follow(ctx, heads, plan, comp, raw);
+        Ok(())
+    }
+
+    /// Sets up a [`Horizon`] at a bound step (after the exact re-scoring):
+    /// per over-budget segment, every candidate's lower bound for the next
+    /// `HORIZON_STEPS` steps, assuming each step adds at most 1.01 to a
+    /// block's score sum (attention weights sum to 1) and moves the
+    /// pseudo-output at most 4x this step's drift. Both are checked at every
+    /// later step; none is set up while `horizon_wait` runs or a sum is 0.
+    fn set_horizon<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        budget: &Budget,
+        alpha: &Weights<'_>,
+        over: &[bool],
+        step_drift: &[f64],
+    ) -> Result<()> {
+        let g = *ctx.geom();
+        let (hq, hkv) = (g.num_q_heads(), g.num_kv_heads());
+        let per = if heads == Heads::PerHead {
+            g.group()
+        } else {
+            1
+        };
+        let segs = ctx.kv.segments();
+        let Some(Some(st)) = self.layers.get_mut(ctx.layer) else {
+            return Ok(());
+        };
+        st.horizon = None;
+        if st.horizon_wait > 0 || alpha.sums.iter().any(|&x| x <= 0.0) {
+            return Ok(());
         }
-        let scores = self.scores_from_state(ctx, heads, &alpha, Some(&need));
-        self.evict(ctx, heads, &budget, &scores, raw)
+        let k = HORIZON_STEPS as f64;
+        let smax: Vec<f64> = alpha.sums.iter().map(|&x| x + 1.01 * k).collect();
+        let drift_cap: Vec<f64> = (0..st.drift.len())
+            .map(|i| st.drift[i] + 4.0 * k * step_drift.get(i).copied().unwrap_or(0.0))
+            .collect();
+        let isa = crate::cpu::isa::detected();
+        let (mut lo2, mut hi2, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut out = Vec::with_capacity(segs.num_segments());
+        for (s, &o) in over.iter().enumerate().take(segs.num_segments()) {
+            if !o {
+                out.push(None);
+                continue;
+            }
+            let b = s / hkv;
+            let len = segs.len_of(s);
+            let (lo_a, hi_a) = candidate_arrivals(ctx.kv.seen(b), budget.sink, budget.recent);
+            lo2.resize(len, 0.0);
+            hi2.resize(len, 0.0);
+            let arr = ctx.kv.arrivals(s);
+            simd::caote_mask(isa, arr, lo_a, hi_a, &mut lo2[..len], &mut hi2[..len]);
+            let blocks = blocks_of(heads, hq, hkv, per, s);
+            for i in blocks.clone() {
+                let bounds = simd::CaoteBounds {
+                    dist: &st.dist.rows[i][..len],
+                    stamp: &st.stamp.rows[i][..len],
+                    h: &alpha.raw[i][..len],
+                    drift: drift_cap[i],
+                    inv: 1.0 / smax[i],
+                    uni: 1.0 / len.max(1) as f64,
+                };
+                simd::caote_bounds(isa, bounds, &mut lo2[..len], &mut hi2[..len]);
+            }
+            pairs.clear();
+            pairs.extend(
+                (0u32..)
+                    .zip(&lo2[..len])
+                    .filter(|(_, l)| !l.is_nan())
+                    .map(|(j, &l)| (l, j)),
+            );
+            let floor2 = if pairs.len() > HORIZON_ROWS {
+                pairs.select_nth_unstable_by(HORIZON_ROWS, |a, b| a.0.total_cmp(&b.0));
+                let f = pairs[HORIZON_ROWS].0;
+                pairs.truncate(HORIZON_ROWS);
+                f
+            } else {
+                f64::INFINITY
+            };
+            out.push(Some(HorizonSeg {
+                rows: pairs.iter().map(|p| p.1).collect(),
+                floor2,
+                hi_a0: hi_a,
+            }));
+        }
+        st.horizon = Some(Horizon {
+            steps0: st.steps,
+            smax,
+            drift_cap,
+            segs: out,
+            taken: 0,
+        });
+        Ok(())
+    }
+
+    /// A decode step inside the current [`Horizon`]: its watched rows and
+    /// the new candidates are bounded and re-scored as the bound pass would
+    /// do; the plan when every over-budget segment's worst of them is below
+    /// its floor. `None` (and the horizon is dropped) when a condition of
+    /// the horizon fails: then the bound pass decides.
+    fn horizon_step<B: Ops, T: Element>(
+        &mut self,
+        ctx: &StepCtx<'_, B, T>,
+        heads: Heads,
+        budget: &Budget,
+        alpha: &Weights<'_>,
+        over: &[bool],
+    ) -> Result<Option<(Plan, Compaction)>> {
+        const OP: &str = "Caote";
+        let g = *ctx.geom();
+        let (hq, hkv) = (g.num_q_heads(), g.num_kv_heads());
+        let per = if heads == Heads::PerHead {
+            g.group()
+        } else {
+            1
+        };
+        let segs = ctx.kv.segments();
+        let nseg = segs.num_segments();
+        let Some(Some(st)) = self.layers.get_mut(ctx.layer) else {
+            return Ok(None);
+        };
+        let Some(h) = st.horizon.take() else {
+            return Ok(None);
+        };
+        let give_up = |st: &mut LayerState, h: Horizon| {
+            if h.taken == 0 {
+                st.horizon_wait = HORIZON_STEPS / 4;
+            }
+        };
+        let valid = st.steps <= h.steps0 + HORIZON_STEPS
+            && h.segs.len() == nseg
+            && h.smax.len() == alpha.sums.len()
+            && h.drift_cap.len() == st.drift.len()
+            && (0..alpha.sums.len()).all(|i| {
+                alpha.sums[i] > 0.0 && alpha.sums[i] <= h.smax[i] && st.drift[i] <= h.drift_cap[i]
+            });
+        if !valid {
+            give_up(st, h);
+            return Ok(None);
+        }
+        let isa = crate::cpu::isa::detected();
+        let mut need: Vec<Vec<u32>> = vec![Vec::new(); nseg];
+        let mut floor2 = vec![f64::INFINITY; nseg];
+        let (mut rows, mut lo2, mut hi2) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut dist, mut stamp, mut hh) = (Vec::new(), Vec::new(), Vec::new());
+        for s in 0..nseg {
+            if !over[s] {
+                continue;
+            }
+            let Some(hs) = &h.segs[s] else {
+                give_up(st, h);
+                return Ok(None);
+            };
+            let (b, kv) = (s / hkv, s % hkv);
+            let bud = budget.resolve(OP, ctx.layer, ctx.num_layers, kv, hkv, ctx.kv.seen(b))?;
+            let len = segs.len_of(s);
+            let (lo_a, hi_a) = candidate_arrivals(ctx.kv.seen(b), budget.sink, budget.recent);
+            // The watched rows, and the rows that became candidates since t0.
+            rows.clear();
+            rows.extend_from_slice(&hs.rows);
+            let mut n_cand = 0usize;
+            for (j, &a) in (0u32..).zip(ctx.kv.arrivals(s)) {
+                let c = (a >= lo_a) & (a < hi_a);
+                n_cand += usize::from(c);
+                if c && a >= hs.hi_a0 {
+                    rows.push(j);
+                }
+            }
+            if len != bud + 1 || n_cand < 2 || rows.iter().any(|&j| j as usize >= len) {
+                give_up(st, h);
+                return Ok(None);
+            }
+            rows.sort_unstable();
+            lo2.clear();
+            lo2.resize(rows.len(), 0.0);
+            hi2.clear();
+            hi2.resize(rows.len(), 0.0);
+            let blocks = blocks_of(heads, hq, hkv, per, s);
+            for i in blocks.clone() {
+                dist.clear();
+                dist.extend(rows.iter().map(|&j| st.dist.rows[i][j as usize]));
+                stamp.clear();
+                stamp.extend(rows.iter().map(|&j| st.stamp.rows[i][j as usize]));
+                hh.clear();
+                hh.extend(rows.iter().map(|&j| alpha.raw[i][j as usize]));
+                let bounds = simd::CaoteBounds {
+                    dist: &dist,
+                    stamp: &stamp,
+                    h: &hh,
+                    drift: st.drift[i],
+                    inv: alpha.inv_sum(i),
+                    uni: 1.0 / len.max(1) as f64,
+                };
+                simd::caote_bounds(isa, bounds, &mut lo2, &mut hi2);
+            }
+            let t = simd::min_f64(isa, &hi2);
+            need[s] = rows
+                .iter()
+                .zip(&lo2)
+                .filter(|&(_, &l)| l <= t)
+                .map(|(&j, _)| j)
+                .collect();
+            floor2[s] = hs.floor2;
+        }
+        st.horizon = Some(h);
+        self.rescore(ctx, heads, &need)?;
+        let r = self.worst_needed(ctx, heads, alpha, &need, over, Some(&floor2))?;
+        if let Some(Some(st)) = self.layers.get_mut(ctx.layer)
+            && let Some(mut h) = st.horizon.take()
+        {
+            if r.is_some() {
+                h.taken += 1;
+                st.horizon = Some(h);
+            } else {
+                give_up(st, h);
+            }
+        }
+        Ok(r)
     }
 
     /// The decode steady state of [`Self::evict`] without a score vector per
@@ -801,7 +1119,8 @@ impl<S> Caote<S> {
     /// `need` (lowest score, ties to the later arrival), which is the row
     /// `evict_by_scores` drops when the scores outside `need` are `+∞`, as
     /// [`Self::scores_from_state`] makes them. `None` when a segment's worst
-    /// is `+∞` (then `evict_by_scores` breaks the tie among every candidate).
+    /// is `+∞` (then `evict_by_scores` breaks the tie among every candidate),
+    /// or (with `floor2`, per segment) not strictly below the floor.
     fn worst_needed<B: Ops, T: Element>(
         &self,
         ctx: &StepCtx<'_, B, T>,
@@ -809,6 +1128,7 @@ impl<S> Caote<S> {
         alpha: &Weights<'_>,
         need: &[Vec<u32>],
         over: &[bool],
+        floor2: Option<&[f64]>,
     ) -> Result<Option<(Plan, Compaction)>> {
         let g = ctx.geom();
         let (hq, hkv) = (g.num_q_heads(), g.num_kv_heads());
@@ -827,24 +1147,25 @@ impl<S> Caote<S> {
                 sets.push(IndexSet::default());
                 continue;
             }
-            let (b, kv) = (s / hkv, s % hkv);
-            let first = if heads == Heads::PerHead {
-                b * hq + kv * per
-            } else {
-                s
-            };
+            let blocks = blocks_of(heads, hq, hkv, per, s);
             let arr = ctx.kv.arrivals(s);
             let mut worst: Option<(f64, u32)> = None;
             for &j in rows {
-                let x = Self::row_score(st, alpha, first..first + per, j as usize);
+                let x = Self::row_score(st, alpha, blocks.clone(), j as usize);
                 let worse = worst
                     .is_none_or(|(y, w)| x < y || (x == y && arr[j as usize] > arr[w as usize]));
                 if worse {
                     worst = Some((x, j));
                 }
             }
+            // Below the floor of every unwatched row, with a relative margin
+            // for the rounding of the root sum of squares.
+            let below =
+                floor2.is_none_or(|f| worst.is_some_and(|(x, _)| x * x * (1.0 + 1e-9) < f[s]));
             match worst {
-                Some((x, j)) if x < f64::INFINITY => sets.push(IndexSet::from_unsorted(vec![j])),
+                Some((x, j)) if x < f64::INFINITY && below => {
+                    sets.push(IndexSet::from_unsorted(vec![j]))
+                }
                 _ => return Ok(None),
             }
         }
@@ -906,16 +1227,11 @@ impl<S> Caote<S> {
             if let Some(Some(st)) = self.layers.get_mut(ctx.layer) {
                 let mut at = 0usize;
                 for s in 0..list.num_lists() {
-                    let (b, kv) = (s / hkv, s % hkv);
-                    let first = if heads == Heads::PerHead {
-                        b * hq + kv * per
-                    } else {
-                        s
-                    };
+                    let blocks = blocks_of(heads, hq, hkv, per, s);
                     for &j in list.list(s) {
                         let v = &vh[at * d..(at + 1) * d];
                         at += 1;
-                        for i in first..first + per {
+                        for i in blocks.clone() {
                             let w = if rule == Rule::MeanValue {
                                 1.0
                             } else {
@@ -935,6 +1251,9 @@ impl<S> Caote<S> {
         if let Some(Some(st)) = self.layers.get_mut(ctx.layer) {
             st.dist.retain(&comp, hq, hkv);
             st.stamp.retain(&comp, hq, hkv);
+            if let Some(h) = st.horizon.as_mut() {
+                h.remap(&comp);
+            }
         }
         Ok((plan, Some(comp)))
     }
@@ -981,6 +1300,7 @@ impl<B: Ops, T: Element, S: Scorer<B, T>> KvPolicy<B, T> for Caote<S> {
             ("hooks", self.counts.hooks),
             ("full_passes", self.counts.full_passes),
             ("rescored_rows", self.counts.rescored),
+            ("horizon_steps", self.counts.horizon_steps),
         ]
     }
     fn reset(&mut self) {
