@@ -1054,14 +1054,8 @@ impl<S> Caote<S> {
             // The watched rows, and the rows that became candidates since t0.
             rows.clear();
             rows.extend_from_slice(&hs.rows);
-            let mut n_cand = 0usize;
-            for (j, &a) in (0u32..).zip(ctx.kv.arrivals(s)) {
-                let c = (a >= lo_a) & (a < hi_a);
-                n_cand += usize::from(c);
-                if c && a >= hs.hi_a0 {
-                    rows.push(j);
-                }
-            }
+            let n_cand =
+                simd::candidate_scan(isa, ctx.kv.arrivals(s), lo_a, hi_a, hs.hi_a0, &mut rows);
             if len != bud + 1 || n_cand < 2 || rows.iter().any(|&j| j as usize >= len) {
                 give_up(st, h);
                 return Ok(None);

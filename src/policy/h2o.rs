@@ -75,10 +75,9 @@ impl H2oScorer {
             _ => None,
         };
         if let Some(ev) = ev {
+            let isa = crate::cpu::isa::detected();
             for (i, a) in st.rows.iter_mut().enumerate() {
-                for (x, &p) in a.iter_mut().zip(ev.block(i)) {
-                    *x += f64::from(p);
-                }
+                crate::cpu::simd::add_widened(isa, a, ev.block(i));
             }
         }
         Ok(st)

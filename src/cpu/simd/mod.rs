@@ -338,6 +338,21 @@ macro_rules! isa_entries {
             body::caote_mask(arr, lo_a, hi_a, lo2, hi2)
         }
         $(#[target_feature(enable = $feat)])?
+        pub(crate) fn add_widened(_s: $tok, acc: &mut [f64], x: &[f32]) {
+            body::add_widened(acc, x)
+        }
+        $(#[target_feature(enable = $feat)])?
+        pub(crate) fn candidate_scan(
+            _s: $tok,
+            arr: &[u32],
+            lo_a: u32,
+            hi_a: u32,
+            new_from: u32,
+            new_rows: &mut Vec<u32>,
+        ) -> usize {
+            body::candidate_scan(arr, lo_a, hi_a, new_from, new_rows)
+        }
+        $(#[target_feature(enable = $feat)])?
         pub(crate) fn min_f64(_s: $tok, x: &[f64]) -> f64 {
             body::min_f64(x)
         }
@@ -776,6 +791,26 @@ pub fn caote_mask(
     hi2: &mut [f64],
 ) -> usize {
     dispatch!(isa, caote_mask(arr, lo_a, hi_a, lo2, hi2))
+}
+
+/// `acc[i] += f64::from(x[i])` (exact widening, one rounding per add; the
+/// same on every ISA). Rows: the shorter of the slices.
+pub fn add_widened(isa: Isa, acc: &mut [f64], x: &[f32]) {
+    dispatch!(isa, add_widened(acc, x))
+}
+
+/// One pass over a segment's arrivals: returns the number of candidates
+/// (`lo_a ≤ arr[j] < hi_a`) and appends to `new_rows`, in increasing order,
+/// the rows `j` of the candidates with `arr[j] ≥ new_from`.
+pub fn candidate_scan(
+    isa: Isa,
+    arr: &[u32],
+    lo_a: u32,
+    hi_a: u32,
+    new_from: u32,
+    new_rows: &mut Vec<u32>,
+) -> usize {
+    dispatch!(isa, candidate_scan(arr, lo_a, hi_a, new_from, new_rows))
 }
 
 /// The smallest non-NaN `x[i]` (`+∞` when there is none); exact, so the
@@ -1487,6 +1522,56 @@ mod body {
             *l2 = if c { 0.0 } else { f64::NAN };
             *h2 = if c { 0.0 } else { f64::INFINITY };
             n += usize::from(c);
+        }
+        n
+    }
+
+    /// See [`super::add_widened`].
+    #[inline(always)]
+    pub(crate) fn add_widened(acc: &mut [f64], x: &[f32]) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a += f64::from(v);
+        }
+    }
+
+    /// See [`super::candidate_scan`]: blocks of 16 arrivals counted without
+    /// branches; a block is searched for new candidates only when one of
+    /// its lanes is one (rare: a few rows per segment).
+    #[inline(always)]
+    pub(crate) fn candidate_scan(
+        arr: &[u32],
+        lo_a: u32,
+        hi_a: u32,
+        new_from: u32,
+        new_rows: &mut Vec<u32>,
+    ) -> usize {
+        let lo_new = lo_a.max(new_from);
+        let mut n = 0usize;
+        let mut base = 0u32;
+        let mut blocks = arr.chunks_exact(16);
+        for blk in &mut blocks {
+            let mut cnt = 0u32;
+            let mut any = 0u32;
+            for &a in blk {
+                cnt += u32::from((a >= lo_a) & (a < hi_a));
+                any |= u32::from((a >= lo_new) & (a < hi_a));
+            }
+            n += cnt as usize;
+            if any != 0 {
+                new_rows.extend(
+                    (base..)
+                        .zip(blk)
+                        .filter(|&(_, &a)| a >= lo_new && a < hi_a)
+                        .map(|(j, _)| j),
+                );
+            }
+            base += 16;
+        }
+        for (j, &a) in (base..).zip(blocks.remainder()) {
+            n += usize::from((a >= lo_a) & (a < hi_a));
+            if a >= lo_new && a < hi_a {
+                new_rows.push(j);
+            }
         }
         n
     }

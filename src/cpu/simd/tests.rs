@@ -774,6 +774,42 @@ fn caote_mask_marks_candidates_and_min_skips_the_rest() {
     }
 }
 
+#[test]
+fn candidate_scan_counts_candidates_and_lists_new_ones() {
+    for isa in available() {
+        for &n in LENS {
+            let arr: Vec<u32> = (0..n as u32)
+                .map(|i| (i * 7919) % (n as u32).max(1))
+                .collect();
+            let m = n as u32;
+            for (lo_a, hi_a, from) in [(2, m.saturating_sub(3), m / 2), (0, m, 0), (5, 4, 0)] {
+                let mut got = vec![99];
+                let count = candidate_scan(isa, &arr, lo_a, hi_a, from, &mut got);
+                let cand = |a: u32| a >= lo_a && a < hi_a;
+                assert_eq!(
+                    count,
+                    arr.iter().filter(|&&a| cand(a)).count(),
+                    "{isa} n={n}"
+                );
+                let want: Vec<u32> = std::iter::once(99)
+                    .chain(
+                        (0u32..)
+                            .zip(&arr)
+                            .filter(|&(_, &a)| cand(a) && a >= from)
+                            .map(|p| p.0),
+                    )
+                    .collect();
+                assert_eq!(got, want, "{isa} n={n} {lo_a} {hi_a} {from}");
+            }
+            let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.3 - 1.0).collect();
+            let mut acc: Vec<f64> = (0..n).map(|i| 1e8 + i as f64).collect();
+            let want: Vec<f64> = acc.iter().zip(&x).map(|(a, &v)| a + f64::from(v)).collect();
+            add_widened(isa, &mut acc, &x);
+            assert_eq!(acc, want, "{isa} n={n}");
+        }
+    }
+}
+
 /// The bound pass against its formulas written with branches, bitwise, on
 /// every ISA: stale and never-measured rows, weights 0, near 1, uniform.
 #[test]
