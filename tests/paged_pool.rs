@@ -237,7 +237,9 @@ fn paged_pool_fork_truncate_remove_keep_every_row<B: Ops>(b: &B) {
             w.check(b, &format!("{what}: append after truncate (COW)"));
             w.check_decode(b, &format!("{what}: decode after COW"));
 
-            // Eviction on the parent into a shared page is refused, nothing moves.
+            // Eviction on the parent into a page shared with the child: the
+            // parent gets its own copy of that page first (copy on write),
+            // the child keeps the original and its rows.
             let nseg = w.hkv;
             let keep = IndexList::new(
                 Scope::KvHead,
@@ -245,14 +247,64 @@ fn paged_pool_fork_truncate_remove_keep_every_row<B: Ops>(b: &B) {
                 (0..nseg).flat_map(|_| 1..10u32).collect(),
             )
             .unwrap();
-            assert!(
-                w.seqs
-                    .compact(b, w.d, &[a], &keep, &mut w.k, &mut w.v)
-                    .is_err(),
-                "{what}: a move into page {} shared with the child",
-                a_pages[0]
+            let shared = w.seqs.pages(c, 0).unwrap()[0];
+            assert_eq!(shared, a_pages[0]);
+            assert_eq!(w.seqs.pool().refs(shared, 0).unwrap(), 2);
+            let free_before = w.seqs.pool().free_pages();
+            w.seqs
+                .compact(b, w.d, &[a], &keep, &mut w.k, &mut w.v)
+                .unwrap();
+            let kept: Vec<u32> = (1..10).collect();
+            for g in 0..w.hkv {
+                let m = &mut w.model_of(a)[g];
+                for (dst, src) in kvsieve::cache::compaction_moves(&kept) {
+                    m[dst as usize] = m[src as usize].clone();
+                }
+                m.truncate(kept.len());
+            }
+            let a_now = w.seqs.pages(a, 0).unwrap().to_vec();
+            assert_ne!(
+                a_now[0], shared,
+                "{what}: the parent's copy of the shared page"
             );
-            w.check(b, &format!("{what}: refused compaction"));
+            assert_eq!(a_now[1..], a_pages[1..], "{what}: private pages stay");
+            assert_eq!(
+                w.seqs.pages(c, 0).unwrap()[0],
+                shared,
+                "{what}: child keeps it"
+            );
+            assert_eq!(w.seqs.pool().refs(shared, 0).unwrap(), 1, "{what}");
+            assert_eq!(
+                w.seqs.pool().free_pages(),
+                free_before - 1,
+                "{what}: one copy"
+            );
+            w.check(b, &format!("{what}: compaction with copy on write"));
+            w.check_decode(b, &format!("{what}: decode after compaction COW"));
+
+            // A copy that finds no free page is an error that changes nothing.
+            let mut full = World::new(b, layout, scope, 4, 2);
+            let p = full.add();
+            full.append(b, p, 8).unwrap();
+            full.fork(b, p).unwrap(); // two full pages: shared, no copy
+            assert_eq!(full.seqs.pool().free_pages(), 0);
+            let keep = IndexList::new(
+                Scope::KvHead,
+                (0..=nseg as u32).map(|i| i * 7).collect(),
+                (0..nseg).flat_map(|_| 1..8u32).collect(),
+            )
+            .unwrap();
+            let before = full.seqs.pages(p, 0).unwrap().to_vec();
+            assert!(
+                matches!(
+                    full.seqs
+                        .compact(b, full.d, &[p], &keep, &mut full.k, &mut full.v),
+                    Err(Error::OutOfPages { .. })
+                ),
+                "{what}: no page for the copy"
+            );
+            assert_eq!(full.seqs.pages(p, 0).unwrap(), &before[..], "{what}");
+            full.check(b, &format!("{what}: copy without a free page"));
 
             // Dropping tokens from the child's own pages works: 13 tokens in
             // pages [a0, copy, n1, n2]; dropping 6 moves two rows into the

@@ -29,7 +29,7 @@
 //! | [`PagedSequences::fork`] | the child retains the parent's `⌊L / P⌋` full pages; its partly filled last page is a fresh copy | the `L mod P` slots copied |
 //! | [`PagedSequences::truncate`] | releases the pages past `⌈L' / P⌉` | none |
 //! | [`PagedSequences::remove`] | releases every page | none |
-//! | [`PagedSequences::compact`], [`PagedSequences::drop_tokens`] | release the pages the shrunk tables no longer name | the compaction's moves; refused when one lands in a shared key |
+//! | [`PagedSequences::compact`], [`PagedSequences::drop_tokens`] | release the pages the shrunk tables no longer name | the compaction's moves, after a copy (on write) of each shared page a move lands in |
 //!
 //! Copies go through [`crate::ops::gather_rows`] and
 //! [`crate::ops::scatter_rows`], so they run on every backend. A failing
@@ -766,19 +766,23 @@ impl PagedSequences {
         Ok(())
     }
 
-    /// Errors when a move of `moves(len, list)` (per segment of the table of
-    /// `ids`) lands in a key another table names.
-    fn check_writes(
+    /// The pages a compaction would write that another table shares: per
+    /// segment of `table`, the page of every move's destination (`moves(len,
+    /// list)`) whose key has more than one reference, as `(table, position
+    /// in the table)`, sorted and without repeats. Errors on lists that do
+    /// not fit `table` (count, order, range).
+    fn shared_writes(
         &self,
         op: &'static str,
         table: &PageTable,
         lists: &IndexList,
         moves: impl Fn(usize, &[u32]) -> Vec<(u32, u32)>,
-    ) -> Result<()> {
+    ) -> Result<Vec<(usize, usize)>> {
         let segs = table.segments();
         let nseg = segs.num_segments();
         crate::paged::check_segment_lists(op, nseg, lists)?;
         let shift = self.page_size.trailing_zeros();
+        let mut out = Vec::new();
         for s in 0..nseg {
             let (list, len) = (lists.list(s), segs.len_of(s));
             if let Some(&last) = list.last()
@@ -793,17 +797,63 @@ impl PagedSequences {
             let h = t % self.tables_per_seq();
             let pages = table.pages_of(t);
             for (dst, _) in moves(len, list) {
-                let page = pages[(dst as usize) >> shift];
-                if self.pool.refs(page, h)? > 1 {
-                    return Err(shape(
-                        op,
-                        format!(
-                            "segment {s} would move a row into page {page}, which another \
-                             table shares (shared pages are read-only: fork or copy first)"
-                        ),
-                    ));
+                let at = (dst as usize) >> shift;
+                if self.pool.refs(pages[at], h)? > 1 {
+                    out.push((t, at));
                 }
             }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Copy on write before a compaction of `ids`: every page of `shared`
+    /// (`(table, position)` of [`PagedSequences::table`]`(ids)`) is
+    /// replaced in its table by a fresh page holding a copy of all its
+    /// slots, and the shared page loses that table's reference. All pages
+    /// are allocated first: [`Error::OutOfPages`] (nothing changed) when the
+    /// pool cannot hold the copies.
+    #[allow(clippy::too_many_arguments)]
+    fn unshare<B: CacheOps, T: Element>(
+        &mut self,
+        op: &'static str,
+        b: &B,
+        head_dim: usize,
+        ids: &[SeqId],
+        table: &PageTable,
+        shared: &[(usize, usize)],
+        (k_pages, v_pages): (&mut B::Buffer<T>, &mut B::Buffer<T>),
+    ) -> Result<()> {
+        if shared.is_empty() {
+            return Ok(());
+        }
+        let tps = self.tables_per_seq();
+        let mut count = vec![0usize; tps];
+        for &(t, _) in shared {
+            count[t % tps] += 1;
+        }
+        let mut fresh = self.alloc_classes(op, &count)?;
+        let copies: Vec<SlotCopy> = shared
+            .iter()
+            .map(|&(t, at)| SlotCopy {
+                head: t % tps,
+                src: table.pages_of(t)[at],
+                dst: fresh[t % tps].pop().unwrap_or(0),
+                slots: self.page_size,
+            })
+            .collect();
+        if let Err(e) = self.copy_slots(b, head_dim, &copies, (k_pages, v_pages)) {
+            for c in &copies {
+                self.release_all(c.head, &[c.dst]);
+            }
+            return Err(e);
+        }
+        for (&(t, at), c) in shared.iter().zip(&copies) {
+            if let Some(Some(seq)) = self.seqs.get_mut(ids[t / tps].index()) {
+                seq[c.head].pages[at] = c.dst;
+            }
+            self.release_all(c.head, &[c.src]);
         }
         Ok(())
     }
@@ -811,9 +861,11 @@ impl PagedSequences {
     /// Evicts: compacts the sequences `ids` to the tokens in `keep` with
     /// [`crate::ops::compact_paged`] (one sorted list per segment of
     /// [`PagedSequences::table`]`(ids)`), then releases the pages the shrunk
-    /// tables no longer name ([`PagedSequences::apply_compaction`]). Refused
-    /// (nothing written) when a row would move into a page another table
-    /// shares.
+    /// tables no longer name ([`PagedSequences::apply_compaction`]). A page
+    /// another table shares (a forked prefix) that a row would move into is
+    /// first copied for these sequences (copy on write; the other tables
+    /// keep theirs); [`Error::OutOfPages`], nothing changed, when no page is
+    /// free for a copy.
     #[allow(clippy::too_many_arguments)]
     pub fn compact<B: CacheOps, T: Element>(
         &mut self,
@@ -826,7 +878,14 @@ impl PagedSequences {
     ) -> Result<PagedCompaction> {
         const OP: &str = "PagedSequences::compact";
         let table = self.table(ids)?;
-        self.check_writes(OP, &table, keep, |_, l| crate::cache::compaction_moves(l))?;
+        let moves = |_: usize, l: &[u32]| crate::cache::compaction_moves(l);
+        let shared = self.shared_writes(OP, &table, keep, moves)?;
+        self.unshare(OP, b, head_dim, ids, &table, &shared, (k_pages, v_pages))?;
+        let table = if shared.is_empty() {
+            table
+        } else {
+            self.table(ids)?
+        };
         let c = crate::ops::compact_paged(b, head_dim, &table, keep, k_pages, v_pages)?;
         self.apply_compaction(ids, &c)?;
         Ok(c)
@@ -846,7 +905,13 @@ impl PagedSequences {
     ) -> Result<PagedCompaction> {
         const OP: &str = "PagedSequences::drop_tokens";
         let table = self.table(ids)?;
-        self.check_writes(OP, &table, drop, crate::cache::drop_moves)?;
+        let shared = self.shared_writes(OP, &table, drop, crate::cache::drop_moves)?;
+        self.unshare(OP, b, head_dim, ids, &table, &shared, (k_pages, v_pages))?;
+        let table = if shared.is_empty() {
+            table
+        } else {
+            self.table(ids)?
+        };
         let c = crate::ops::drop_paged(b, head_dim, &table, drop, k_pages, v_pages)?;
         self.apply_compaction(ids, &c)?;
         Ok(c)
