@@ -348,6 +348,16 @@ fn paged_pool_fork_truncate_remove_keep_every_row<B: Ops>(b: &B) {
             w.model.clear();
             w.check(b, &format!("{what}: remove child"));
             assert_eq!(w.seqs.pool().free_pages(), 12, "{what}");
+
+            // Slots are reused; the removed sequences' handles stay invalid.
+            let n = w.add();
+            assert!(n.index() < 2, "{what}: a removed slot is reused");
+            assert!(n != a && n != c, "{what}: a new handle");
+            assert!(w.seqs.lens(a).is_err() && w.seqs.lens(c).is_err(), "{what}");
+            assert!(w.seqs.remove(a).is_err(), "{what}: stale handle");
+            w.append(b, n, 5).unwrap();
+            w.check(b, &format!("{what}: a sequence in a reused slot"));
+            assert_eq!(w.seqs.num_sequences(), 1, "{what}");
         }
     }
 }

@@ -258,15 +258,27 @@ impl PagePool {
     }
 }
 
-/// A handle to a sequence of [`PagedSequences`] (never reused after
-/// [`PagedSequences::remove`]).
+/// A handle to a sequence of [`PagedSequences`]: the slot it occupies and
+/// that slot's generation. [`PagedSequences::remove`] frees the slot for a
+/// later sequence and bumps its generation, so the removed sequence's
+/// handle stays invalid (until 2³² removals of the same slot wrap it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeqId(u32);
+pub struct SeqId {
+    slot: u32,
+    generation: u32,
+}
 
 impl SeqId {
-    /// The handle's number (sequences are numbered in order of creation).
+    /// The slot (live sequences have distinct slots, below the most
+    /// sequences ever live at once).
     pub fn index(self) -> usize {
-        self.0 as usize
+        self.slot as usize
+    }
+}
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.slot, self.generation)
     }
 }
 
@@ -288,7 +300,12 @@ pub struct PagedSequences {
     pool: PagePool,
     layout: PageLayout,
     page_size: usize,
+    /// Per slot: the live sequence's tables.
     seqs: Vec<Option<Vec<Table>>>,
+    /// Per slot: its generation (bumped on removal).
+    generations: Vec<u32>,
+    /// Slots of removed sequences, for reuse.
+    free_slots: Vec<u32>,
 }
 
 /// A copy of the first `slots` slots of `src` to `dst` for key class `head`.
@@ -316,6 +333,8 @@ impl PagedSequences {
             layout,
             page_size,
             seqs: Vec::new(),
+            generations: Vec::new(),
+            free_slots: Vec::new(),
         };
         // Validates P and the pool size the way the ops will.
         s.table(&[])?;
@@ -347,15 +366,16 @@ impl PagedSequences {
     fn seq(&self, op: &'static str, id: SeqId) -> Result<&Vec<Table>> {
         self.seqs
             .get(id.index())
+            .filter(|_| self.generations[id.index()] == id.generation)
             .and_then(Option::as_ref)
-            .ok_or_else(|| shape(op, format!("sequence {} does not exist", id.0)))
+            .ok_or_else(|| shape(op, format!("sequence {id} does not exist")))
     }
     /// Errors unless `ids` are live and distinct.
     fn check_ids(&self, op: &'static str, ids: &[SeqId]) -> Result<()> {
         let mut sorted = ids.to_vec();
         sorted.sort_unstable();
         if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-            return Err(shape(op, format!("sequence {} is named twice", w[0].0)));
+            return Err(shape(op, format!("sequence {} is named twice", w[0])));
         }
         for &id in ids {
             self.seq(op, id)?;
@@ -363,16 +383,29 @@ impl PagedSequences {
         Ok(())
     }
 
-    /// Adds an empty sequence.
+    /// Adds an empty sequence, in the slot of a removed one when there is
+    /// one.
     pub fn add_sequence(&mut self) -> Result<SeqId> {
-        let id =
-            Size::new("PagedSequences::add_sequence", "sequences", self.seqs.len()).get_u32()?;
         let empty = Table {
             pages: Vec::new(),
             len: 0,
         };
-        self.seqs.push(Some(vec![empty; self.tables_per_seq()]));
-        Ok(SeqId(id))
+        let tables = Some(vec![empty; self.tables_per_seq()]);
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                let slot = Size::new("PagedSequences::add_sequence", "sequences", self.seqs.len())
+                    .get_u32()?;
+                self.seqs.push(None);
+                self.generations.push(0);
+                slot
+            }
+        };
+        self.seqs[slot as usize] = tables;
+        Ok(SeqId {
+            slot,
+            generation: self.generations[slot as usize],
+        })
     }
     /// Tokens of each table of `id` (one entry, or one per KV head).
     pub fn lens(&self, id: SeqId) -> Result<Vec<usize>> {
@@ -735,6 +768,8 @@ impl PagedSequences {
         for (h, t) in tables.iter().enumerate() {
             self.release_all(h, &t.pages);
         }
+        self.generations[id.index()] = id.generation.wrapping_add(1);
+        self.free_slots.push(id.slot);
         Ok(())
     }
 
@@ -747,10 +782,7 @@ impl PagedSequences {
         if len > longest {
             return Err(shape(
                 OP,
-                format!(
-                    "cannot truncate sequence {} of {longest} tokens to {len}",
-                    id.0
-                ),
+                format!("cannot truncate sequence {id} of {longest} tokens to {len}"),
             ));
         }
         let ps = self.page_size;
