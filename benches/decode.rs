@@ -31,7 +31,9 @@
 //! `cargo bench --bench decode -- --warm-up-time 1 --measurement-time 3`
 //!
 //! `KVSIEVE_BENCH_ONLY=paged` runs only the preset checks and the paged
-//! comparison.
+//! comparison; `KVSIEVE_BENCH_ONLY=dense` only the checks and the dense 32K
+//! cases (f32, f16, bf16), each line with its ratio to a streaming read of
+//! 256 MiB timed in the same rotation (issue #18's ceiling).
 
 mod common;
 
@@ -263,8 +265,8 @@ fn bench_case<T: Element>(crit: &mut Criterion, c: &Case, pools: &mut [Pool]) ->
         let cpu = Cpu::with_isa(isa::detected()).pool(pool.clone());
         let name = format!("{}/t{threads}", c.name::<T>());
         let reps = if c.n > 65536 { 5 } else { 15 };
-        let (t, bw) = common::paired(copy, reps, || run(&cpu, c, &inp, &mut out));
-        common::report("decode", &name, bytes, t, bw);
+        let (t, bw, rd) = common::paired_rw(copy, reps, || run(&cpu, c, &inp, &mut out));
+        common::report_rw("decode", &name, bytes, t, bw, rd);
         secs.push(t);
         group.bench_function(BenchmarkId::from_parameter(&name), |b| {
             b.iter(|| run(&cpu, c, &inp, &mut out))
@@ -480,7 +482,8 @@ fn paged_vs_contiguous<T: Element>(crit: &mut Criterion, base: &Case, pools: &mu
 fn benches(crit: &mut Criterion) {
     check_against_reference();
     check_paged_against_reference();
-    let only_paged = std::env::var("KVSIEVE_BENCH_ONLY").is_ok_and(|v| v == "paged");
+    let only = std::env::var("KVSIEVE_BENCH_ONLY").ok();
+    let only_paged = only.as_deref() == Some("paged");
     let mut pools: Vec<Pool> = common::thread_counts()
         .into_iter()
         .map(|n| {
@@ -518,6 +521,13 @@ fn benches(crit: &mut Criterion) {
         pages: true,
         ..sparse
     };
+    // Issue #18: dense 32K decode per dtype against the read ceiling only.
+    if only.as_deref() == Some("dense") {
+        bench_case::<f32>(crit, &base, &mut pools);
+        bench_case::<f16>(crit, &base, &mut pools);
+        bench_case::<bf16>(crit, &base, &mut pools);
+        return;
+    }
     // Issue #14: paged dense decode against contiguous (f16, bf16).
     paged_vs_contiguous::<f16>(crit, &base, &mut pools);
     paged_vs_contiguous::<bf16>(crit, &base, &mut pools);

@@ -81,6 +81,30 @@ impl CopyRef {
         s.elapsed().as_secs_f64()
     }
 
+    /// Seconds of one streaming read of the source buffer (a sum over 16
+    /// independent lanes per thread, far below the read rate in
+    /// arithmetic): the read ceiling a read-only kernel is held to.
+    pub fn read_once(&mut self) -> f64 {
+        let chunk = self.src.len() / self.pool.current_num_threads();
+        let src = &self.src;
+        let s = Instant::now();
+        let total: f32 = self.pool.install(|| {
+            src.par_chunks(chunk)
+                .map(|c| {
+                    let mut acc = [0.0f32; 16];
+                    for b in black_box(c).chunks_exact(16) {
+                        for (a, &x) in acc.iter_mut().zip(b) {
+                            *a += x;
+                        }
+                    }
+                    acc.iter().sum::<f32>()
+                })
+                .sum()
+        });
+        black_box(total);
+        s.elapsed().as_secs_f64()
+    }
+
     /// Bytes copied per second: the median of 7 copies after a warm-up.
     pub fn bandwidth(&mut self) -> f64 {
         self.once();
@@ -111,6 +135,40 @@ pub fn paired(copy: &mut CopyRef, reps: usize, mut f: impl FnMut()) -> (f64, f64
         tc.push(copy.once());
     }
     (median(&mut tf), COPY_BYTES as f64 / median(&mut tc))
+}
+
+/// [`paired`] with a streaming read ([`CopyRef::read_once`]) timed in the
+/// same rotation: `(median seconds of f, copy bytes/s, read bytes/s)`.
+pub fn paired_rw(copy: &mut CopyRef, reps: usize, mut f: impl FnMut()) -> (f64, f64, f64) {
+    f();
+    copy.once();
+    copy.read_once();
+    let (mut tf, mut tc, mut tr) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let s = Instant::now();
+        f();
+        tf.push(s.elapsed().as_secs_f64());
+        tc.push(copy.once());
+        tr.push(copy.read_once());
+    }
+    let bytes = COPY_BYTES as f64;
+    (
+        median(&mut tf),
+        bytes / median(&mut tc),
+        bytes / median(&mut tr),
+    )
+}
+
+/// [`report`] with the ratio to a same-run streaming read beside the copy.
+pub fn report_rw(bench: &str, name: &str, bytes: f64, secs: f64, copy: f64, read: f64) {
+    let gbs = bytes / secs / 1e9;
+    println!(
+        "kvsieve-{bench} | {name:<44} | {:>9.3} ms | {gbs:>7.2} GB/s | {:>5.1}% of copy | {:>5.1}% of read ({:.2} GB/s)",
+        secs * 1e3,
+        100.0 * bytes / secs / copy,
+        100.0 * bytes / secs / read,
+        read / 1e9
+    );
 }
 
 /// Copy bandwidth (bytes copied per second) of the pool's [`CopyRef`].
