@@ -185,7 +185,7 @@ macro_rules! isa_entries {
             out: &mut [f32],
             stride: usize,
         ) {
-            body::scores_core::<_, T, 0>(s, qs, g, rows.len() / d, d, |j| &rows[j * d..(j + 1) * d], scale, out, stride)
+            body::scores_core::<_, T, { body::RUNS_PREFETCH_BYTES }>(s, qs, g, rows.len() / d, d, |j| &rows[j * d..(j + 1) * d], scale, out, stride)
         }
         $(#[target_feature(enable = $feat)])?
         #[allow(clippy::too_many_arguments)]
@@ -996,7 +996,8 @@ mod body {
         if d == 0 {
             return;
         }
-        // PF > 0: gathered rows, prefetched PF bytes ahead.
+        // PF > 0: rows prefetched PF bytes ahead (gathered rows, and the
+        // contiguous rows of `scores_rows_strided`, see RUNS_PREFETCH_BYTES).
         let gather = PF > 0;
         let ahead = prefetch_rows::<T>(d, PF);
         if gather {
@@ -1014,9 +1015,8 @@ mod body {
 
     /// How far ahead (in bytes of rows, at least one row) the gathering
     /// score and weighted-row loops prefetch: latency hiding for scattered
-    /// rows (contiguous rows rely on the hardware prefetcher, which beat
-    /// software prefetch there). 1–4 KiB measured best on the development
-    /// machine (a 1.5x gain over no prefetch; 8 KiB and more is slower).
+    /// rows. 1–4 KiB measured best on the development machine (a 1.5x gain
+    /// over no prefetch; 8 KiB and more is slower).
     pub(crate) const PREFETCH_BYTES: usize = 2048;
 
     /// The prefetch distance of the `*_gather_runs` variants: rows that come
@@ -1026,6 +1026,13 @@ mod body {
     /// the development machine dense paged decode (HND, P = 16 and 64,
     /// shuffled pages, f16) took 0.86–0.92x the contiguous throughput at
     /// 2 KiB, 1.0–1.3x at 4 KiB (load varied) and 1.11–1.14x at 8 KiB.
+    /// The contiguous score pass (`scores_rows_strided`, dense decode) uses
+    /// it too: with the hardware prefetcher alone half of its samples sat
+    /// on the first use of each K row (perf annotate), and 8 KiB ahead cut
+    /// dense 32K decode by 11–18 % on one and two threads, every dtype
+    /// (`KVSIEVE_BENCH_ONLY=dense cargo bench --bench decode`, before and
+    /// after in one session, docs/results.md). The weighted pass keeps its own f32 block
+    /// prefetch (8 KiB ahead there measured within noise).
     pub(crate) const RUNS_PREFETCH_BYTES: usize = 8192;
 
     /// `bytes` in rows of `d` elements of `T` (at least one).
