@@ -872,76 +872,105 @@ mod body {
     use super::{PowMode, Simd};
     use crate::dtype::Element;
 
-    /// Dots of `H` heads (`q: [H, d]`) with `row: [d]`: `H` accumulators,
-    /// the row chunk is loaded once per chunk for all heads.
+    /// Dots of `H` heads (`q: [H, d]`) with each of `R` rows (`[d]` each):
+    /// `R · H` accumulators; each row chunk is loaded (and widened) once for
+    /// all heads, each query chunk once for all rows. Every dot is the same
+    /// chain `acc = fma(q_c, r_c, acc)` over the chunks in order, reduced by
+    /// `reduce_add`'s lane order, whatever `H` and `R` are: the `R` rows
+    /// only give the out-of-order core `R` times the independent chains
+    /// (one row of four heads leaves the fused multiply-add pipes waiting on
+    /// the chain's latency).
     #[inline(always)]
-    fn dot_block<S: Simd, T: Element, const H: usize>(s: S, q: &[f32], row: &[T]) -> [f32; H] {
-        let d = row.len();
+    fn dot_block<S: Simd, T: Element, const H: usize, const R: usize>(
+        s: S,
+        q: &[f32],
+        rows: [&[T]; R],
+    ) -> [[f32; H]; R] {
+        let d = rows[0].len();
         let q = &q[..H * d];
+        let rows = rows.map(|r| &r[..d]);
         let full = d - d % S::L;
-        let mut acc = [s.splat(0.0); H];
+        let mut acc = [[s.splat(0.0); H]; R];
         let mut off = 0;
-        for rc in row[..full].chunks_exact(S::L) {
-            let r = s.load_t(rc);
-            for (h, a) in acc.iter_mut().enumerate() {
+        while off < full {
+            let mut rv = [s.splat(0.0); R];
+            for (v, r) in rv.iter_mut().zip(&rows) {
+                debug_assert!(off + S::L <= r.len());
+                // SAFETY: bounds only. Every row was resliced to `[..d]`
+                // above and `off + L <= full <= d`.
+                *v = s.load_t(unsafe { r.get_unchecked(off..off + S::L) });
+            }
+            for h in 0..H {
                 let at = h * d + off;
                 debug_assert!(at + S::L <= q.len());
                 // SAFETY: bounds only. `q.len() == H * d` (resliced above),
                 // `h < H` and `off + L <= full <= d`, so `at + L <= H * d`.
-                let qc = unsafe { q.get_unchecked(at..at + S::L) };
-                *a = s.fma(s.load(qc), r, *a);
+                let qc = s.load(unsafe { q.get_unchecked(at..at + S::L) });
+                for (a, v) in acc.iter_mut().zip(&rv) {
+                    a[h] = s.fma(qc, *v, a[h]);
+                }
             }
             off += S::L;
         }
         if full < d {
-            let r = s.load_part(&row[full..], 0.0);
-            for (h, a) in acc.iter_mut().enumerate() {
-                *a = s.fma(s.load_part(&q[h * d + full..(h + 1) * d], 0.0), r, *a);
+            let rv = rows.map(|r| s.load_part(&r[full..], 0.0));
+            for h in 0..H {
+                let qc = s.load_part(&q[h * d + full..(h + 1) * d], 0.0);
+                for (a, v) in acc.iter_mut().zip(&rv) {
+                    a[h] = s.fma(qc, *v, a[h]);
+                }
             }
         }
-        let mut out = [0.0f32; H];
-        let mut h = 0;
-        while h + 4 <= H {
-            let r = s.reduce_add4([acc[h], acc[h + 1], acc[h + 2], acc[h + 3]]);
-            out[h..h + 4].copy_from_slice(&r);
-            h += 4;
-        }
-        while h < H {
-            out[h] = s.reduce_add(acc[h]);
-            h += 1;
+        let mut out = [[0.0f32; H]; R];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            let mut h = 0;
+            while h + 4 <= H {
+                let r = s.reduce_add4([a[h], a[h + 1], a[h + 2], a[h + 3]]);
+                o[h..h + 4].copy_from_slice(&r);
+                h += 4;
+            }
+            while h < H {
+                o[h] = s.reduce_add(a[h]);
+                h += 1;
+            }
         }
         out
     }
 
-    /// All `g` heads against one row, in blocks of 8/4/2/1 heads; writes
-    /// `out[i*stride + col] = scale * dot_i`.
+    /// All `g` heads against `R` rows, in blocks of 8/4/2/1 heads (at most
+    /// 4 when `R > 1` on 8-lane ISAs, whose 16 registers hold `4 · R`
+    /// accumulators, 4 query and `R` row vectors); writes
+    /// `out[i*stride + col + r] = scale * q_i · rows[r]`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn dot_group<S: Simd, T: Element>(
+    fn dot_group<S: Simd, T: Element, const R: usize>(
         s: S,
         qs: &[f32],
         g: usize,
-        row: &[T],
+        rows: [&[T]; R],
         out: &mut [f32],
         stride: usize,
         col: usize,
         scale: f32,
     ) {
-        let d = row.len();
+        let d = rows[0].len();
+        let wide = R == 1 || S::L >= 16;
         let mut i = 0;
         macro_rules! block {
             ($h:literal) => {{
-                let r = dot_block::<S, T, $h>(s, &qs[i * d..], row);
-                for (h, v) in r.into_iter().enumerate() {
-                    out[(i + h) * stride + col] = scale * v;
+                let r = dot_block::<S, T, $h, R>(s, &qs[i * d..], rows);
+                for (c, rr) in r.iter().enumerate() {
+                    for (h, v) in rr.iter().enumerate() {
+                        out[(i + h) * stride + col + c] = scale * v;
+                    }
                 }
                 i += $h;
             }};
         }
         while i < g {
             match g - i {
-                8.. => block!(8),
-                4..=7 => block!(4),
+                8.. if wide => block!(8),
+                4.. => block!(4),
                 2..=3 => block!(2),
                 _ => block!(1),
             }
@@ -956,7 +985,7 @@ mod body {
         row: &[T],
         out: &mut [f32],
     ) {
-        dot_group(s, qs, g, row, out, 1, 0, 1.0);
+        dot_group(s, qs, g, [row], out, 1, 0, 1.0);
     }
 
     #[inline(always)]
@@ -973,9 +1002,7 @@ mod body {
             return;
         }
         let n = rows.len() / d;
-        for (j, row) in rows.chunks_exact(d).enumerate() {
-            dot_group(s, qs, g, row, out, n, j, scale);
-        }
+        scores_core::<S, T, 0>(s, qs, g, n, d, |j| &rows[j * d..(j + 1) * d], scale, out, n);
     }
 
     /// Scores of `g` heads against `n` rows given by `row(j)` (each of
@@ -1005,11 +1032,19 @@ mod body {
                 s.prefetch(row(j));
             }
         }
-        for j in 0..n {
-            if gather && j + ahead < n {
-                s.prefetch(row(j + ahead));
+        // Rows in pairs (see `dot_block`), the odd last one alone.
+        let mut j = 0;
+        while j + 2 <= n {
+            if gather {
+                for a in j + ahead..(j + ahead + 2).min(n) {
+                    s.prefetch(row(a));
+                }
             }
-            dot_group(s, qs, g, row(j), out, stride, j, scale);
+            dot_group(s, qs, g, [row(j), row(j + 1)], out, stride, j, scale);
+            j += 2;
+        }
+        if j < n {
+            dot_group(s, qs, g, [row(j)], out, stride, j, scale);
         }
     }
 
@@ -1219,6 +1254,7 @@ mod body {
         let p = &p[..(g - 1) * p_stride + n];
         let full = d - d % S::L;
         let mut sel = [0usize; ROW_BLOCK];
+        let mut sel_rows: [&[T]; ROW_BLOCK] = [&[]; ROW_BLOCK];
         let live = |j: usize| (0..g).any(|i| p[i * p_stride + j] != 0.0);
         // Gathered rows are prefetched a fixed distance ahead of the row
         // being selected (live rows only: a zero-weight row is never
@@ -1228,14 +1264,15 @@ mod body {
         for j in (0..ahead.min(n)).filter(|&j| live(j)) {
             s.prefetch(row(j));
         }
-        // Contiguous f32 rows: each block is swept in column passes, and
-        // with the hardware prefetcher alone the pass is memory-stalled
-        // (f32 rows bring twice the bytes per FMA of 16-bit ones), so the
+        // Contiguous rows: each block is swept in column passes, and with
+        // the hardware prefetcher alone the pass is memory-stalled, so the
         // live rows of this block and of the next are prefetched as they
-        // are selected. Decode bench on the development machine: f32 dense
-        // 32K 21.8 -> 18.5 ms on one thread (docs/results.md); for 16-bit
-        // rows, whose pass is compute-bound, the same prefetch was slower.
-        let pf_block = !gather && std::mem::size_of::<T>() == 4;
+        // are selected. Decode bench, f32 dense 32K: 21.8 -> 18.5 ms on one
+        // thread (Zen 4, docs/results.md). For 16-bit rows the same prefetch
+        // measured slower there while the tile loop still resolved each row
+        // through the closure; with the rows resolved once per block it cut
+        // f16 / bf16 dense 32K by 10-20 % (Zen 3, AVX2; docs/results.md).
+        let pf_block = !gather;
         for j0 in (0..n).step_by(ROW_BLOCK) {
             let mut m = 0;
             for j in j0..(j0 + ROW_BLOCK).min(n) {
@@ -1246,14 +1283,20 @@ mod body {
                     s.prefetch(row(j + ROW_BLOCK));
                 }
                 if live(j) {
+                    let r = &row(j)[..d];
                     if pf_block {
-                        s.prefetch(row(j));
+                        s.prefetch(r);
                     }
                     sel[m] = j;
+                    sel_rows[m] = r;
                     m += 1;
                 }
             }
             let sel = &sel[..m];
+            // The selected rows, resolved once per block (not once per
+            // tile: the closure's index arithmetic and bounds checks cost
+            // as much as the tile's multiply-adds).
+            let rows = &sel_rows[..m];
             if sel.is_empty() {
                 continue;
             }
@@ -1262,23 +1305,24 @@ mod body {
             let mut h0 = 0;
             while h0 < g {
                 let hb = (g - h0).min(4);
+                // The group's weights of the selected rows, gathered once
+                // per block for all its tiles.
+                let mut wsel = [[0.0f32; 4]; ROW_BLOCK];
+                for (w, &j) in wsel.iter_mut().zip(sel) {
+                    for (hh, x) in w[..hb].iter_mut().enumerate() {
+                        *x = p[(h0 + hh) * p_stride + j];
+                    }
+                }
+                let ws = &wsel[..m];
                 let mut c = 0;
                 macro_rules! tiles {
                     ($u:literal) => {
                         while c + $u * S::L <= full {
                             match hb {
-                                4 => weighted_tile::<S, T, 4, $u>(
-                                    s, acc, h0, d, c, p, p_stride, sel, &row,
-                                ),
-                                3 => weighted_tile::<S, T, 3, $u>(
-                                    s, acc, h0, d, c, p, p_stride, sel, &row,
-                                ),
-                                2 => weighted_tile::<S, T, 2, $u>(
-                                    s, acc, h0, d, c, p, p_stride, sel, &row,
-                                ),
-                                _ => weighted_tile::<S, T, 1, $u>(
-                                    s, acc, h0, d, c, p, p_stride, sel, &row,
-                                ),
+                                4 => weighted_tile::<S, T, 4, $u>(s, acc, h0, d, c, ws, rows),
+                                3 => weighted_tile::<S, T, 3, $u>(s, acc, h0, d, c, ws, rows),
+                                2 => weighted_tile::<S, T, 2, $u>(s, acc, h0, d, c, ws, rows),
+                                _ => weighted_tile::<S, T, 1, $u>(s, acc, h0, d, c, ws, rows),
                             }
                             c += $u * S::L;
                         }
@@ -1296,17 +1340,16 @@ mod body {
                     let mut c = c;
                     while c < full {
                         let mut a = s.load(&ah[c..]);
-                        for &j in sel {
-                            let r = &row(j)[c..c + S::L];
-                            a = s.fma(s.splat(ph[j]), s.load_t(r), a);
+                        for (&j, r) in sel.iter().zip(rows) {
+                            a = s.fma(s.splat(ph[j]), s.load_t(&r[c..c + S::L]), a);
                         }
                         s.store(&mut ah[c..], a);
                         c += S::L;
                     }
                     if full < d {
                         let mut a = s.load_part(&ah[full..], 0.0);
-                        for &j in sel {
-                            let r = s.load_part(&row(j)[full..d], 0.0);
+                        for (&j, r) in sel.iter().zip(rows) {
+                            let r = s.load_part(&r[full..d], 0.0);
                             a = s.fma(s.splat(ph[j]), r, a);
                         }
                         s.store_part(&mut ah[full..], a);
@@ -1318,20 +1361,19 @@ mod body {
     }
 
     /// One register tile of `weighted_core`: heads `h0 .. h0 + HB`, columns
-    /// `c .. c + U·L`, over the selected rows in order (each output element
+    /// `c .. c + U·L`, over the selected rows `rows` with their weights `ws`
+    /// (`ws[m][hh]` of head `h0 + hh`) in order (each output element
     /// is the chain `acc = fma(p_ij, row_j[k], acc)` over increasing `j`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn weighted_tile<'a, S: Simd, T: Element, const HB: usize, const U: usize>(
+    fn weighted_tile<S: Simd, T: Element, const HB: usize, const U: usize>(
         s: S,
         acc: &mut [f32],
         h0: usize,
         d: usize,
         c: usize,
-        p: &[f32],
-        p_stride: usize,
-        sel: &[usize],
-        row: &impl Fn(usize) -> &'a [T],
+        ws: &[[f32; 4]],
+        rows: &[&[T]],
     ) {
         let mut a = [[s.splat(0.0); U]; HB];
         for (hh, ah) in a.iter_mut().enumerate() {
@@ -1339,14 +1381,14 @@ mod body {
                 *x = s.load(&acc[(h0 + hh) * d + c + u * S::L..]);
             }
         }
-        for &j in sel {
-            let r = &row(j)[c..c + U * S::L];
+        for (w, r) in ws.iter().zip(rows) {
+            let r = &r[c..c + U * S::L];
             let mut rv = [s.splat(0.0); U];
-            for (u, x) in rv.iter_mut().enumerate() {
-                *x = s.load_t(&r[u * S::L..]);
+            for (x, rc) in rv.iter_mut().zip(r.chunks_exact(S::L)) {
+                *x = s.load_t(rc);
             }
-            for (hh, ah) in a.iter_mut().enumerate() {
-                let w = s.splat(p[(h0 + hh) * p_stride + j]);
+            for (ah, &wh) in a.iter_mut().zip(w) {
+                let w = s.splat(wh);
                 for (x, r) in ah.iter_mut().zip(&rv) {
                     *x = s.fma(w, *r, *x);
                 }

@@ -492,7 +492,7 @@ fn results_are_bitwise_reproducible() {
 }
 
 #[test]
-fn dot_does_not_depend_on_group_size() {
+fn dot_does_not_depend_on_group_size_or_row_pairing() {
     let mut rng = Rng(77);
     for isa in available() {
         for d in [3, 64, 65, 128, 1000] {
@@ -501,13 +501,26 @@ fn dot_does_not_depend_on_group_size() {
             let row: Vec<f16> = rng.vec_t(d);
             let mut all = vec![0.0; g];
             dot_multi(isa, &qs, g, &row, &mut all);
-            let mut rows_out = vec![0.0; g];
-            scores_rows(isa, &qs, g, &row, d, 1.0, &mut rows_out);
+            // Three rows: a pair (two rows per pass) and an odd last row.
+            let rows: Vec<f16> = row.iter().copied().chain(rng.vec_t(2 * d)).collect();
+            let mut rows_out = vec![0.0; g * 3];
+            scores_rows(isa, &qs, g, &rows, d, 1.0, &mut rows_out);
             for i in 0..g {
                 let mut one = [0.0];
                 dot_multi(isa, &qs[i * d..(i + 1) * d], 1, &row, &mut one);
                 assert_eq!(one[0].to_bits(), all[i].to_bits(), "{isa} d={d} i={i}");
-                assert_eq!(one[0].to_bits(), rows_out[i].to_bits(), "{isa} d={d} i={i}");
+                for j in 0..3 {
+                    let mut one = [0.0];
+                    dot_multi(
+                        isa,
+                        &qs[i * d..(i + 1) * d],
+                        1,
+                        &rows[j * d..(j + 1) * d],
+                        &mut one,
+                    );
+                    let got = rows_out[i * 3 + j];
+                    assert_eq!(one[0].to_bits(), got.to_bits(), "{isa} d={d} i={i} j={j}");
+                }
             }
         }
     }
