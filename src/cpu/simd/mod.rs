@@ -938,8 +938,8 @@ mod body {
     }
 
     /// All `g` heads against `R` rows, in blocks of 8/4/2/1 heads (at most
-    /// 4 when `R > 1` on 8-lane ISAs, whose 16 registers hold `4 · R`
-    /// accumulators, 4 query and `R` row vectors); writes
+    /// 4 when `R > 1` on ISAs of fewer than 16 lanes: AVX2's 16 registers
+    /// hold `4 · R` accumulators, 4 query and `R` row vectors); writes
     /// `out[i*stride + col + r] = scale * q_i · rows[r]`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -1270,8 +1270,9 @@ mod body {
         // are selected. Decode bench, f32 dense 32K: 21.8 -> 18.5 ms on one
         // thread (Zen 4, docs/results.md). For 16-bit rows the same prefetch
         // measured slower there while the tile loop still resolved each row
-        // through the closure; with the rows resolved once per block it cut
-        // f16 / bf16 dense 32K by 10-20 % (Zen 3, AVX2; docs/results.md).
+        // through the closure; with the rows resolved once per block it was
+        // faster for 16-bit rows too in a scratch A/B on Zen 3 (AVX2); the
+        // numbers of the whole change are in docs/results.md.
         let pf_block = !gather;
         for j0 in (0..n).step_by(ROW_BLOCK) {
             let mut m = 0;
@@ -1335,22 +1336,22 @@ mod body {
                     tiles!(2);
                 }
                 for h in h0..h0 + hb {
-                    let ph = &p[h * p_stride..h * p_stride + n];
+                    let hh = h - h0;
                     let ah = &mut acc[h * d..(h + 1) * d];
                     let mut c = c;
                     while c < full {
                         let mut a = s.load(&ah[c..]);
-                        for (&j, r) in sel.iter().zip(rows) {
-                            a = s.fma(s.splat(ph[j]), s.load_t(&r[c..c + S::L]), a);
+                        for (w, r) in ws.iter().zip(rows) {
+                            a = s.fma(s.splat(w[hh]), s.load_t(&r[c..c + S::L]), a);
                         }
                         s.store(&mut ah[c..], a);
                         c += S::L;
                     }
                     if full < d {
                         let mut a = s.load_part(&ah[full..], 0.0);
-                        for (&j, r) in sel.iter().zip(rows) {
+                        for (w, r) in ws.iter().zip(rows) {
                             let r = s.load_part(&r[full..d], 0.0);
-                            a = s.fma(s.splat(ph[j]), r, a);
+                            a = s.fma(s.splat(w[hh]), r, a);
                         }
                         s.store_part(&mut ah[full..], a);
                     }
